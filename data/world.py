@@ -1,0 +1,530 @@
+"""The embedded assistant world: tasks whose answers are known, a gold scorer
+that says how good a response really is, and simulated raters with known biases.
+
+Everything is a pure function of a seed. data/prepare.py turns it into files.
+
+Task kinds, by family (the canonical answer after the arrow):
+  arithmetic  add       "What is 38 + 47?"                      -> "38 + 47 = 85."
+              sub       "What is 47 - 38?"                      -> "47 - 38 = 9."
+  comparison  larger    "Which is larger, 73 or 58?"            -> "73 is larger."
+              smaller   "Which is smaller, 73 or 58?"           -> "58 is smaller."
+  sorting     sort      "Sort these numbers: 9 4 7 1"           -> "1 4 7 9"
+  spelling    reverse   "Spell 'planet' backwards."             -> "t-e-n-a-l-p"
+              count     "How many letters are in 'planet'?"     -> "'planet' has 6 letters."
+  facts       capital   "What is the capital of Peru?"          -> "The capital of Peru is Lima."
+              opposite  "What is the opposite of 'hot'?"        -> "The opposite of 'hot' is 'cold'."
+
+Held-out split: a fixed hash of each task's operands or entity puts it in
+"heldout" or "train". Held-out number tasks appear nowhere in training data.
+Held-out words and facts appear in the pretraining corpus (spellings, fact
+statements) but never as a question in SFT, preference or RL data, so the
+evaluation on them measures generalisation and elicitation, not recall of a demo.
+"""
+
+import math
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+FAMILIES = {
+    "arithmetic": ("add", "sub"),
+    "comparison": ("larger", "smaller"),
+    "sorting": ("sort",),
+    "spelling": ("reverse", "count"),
+    "facts": ("capital", "opposite"),
+}
+KIND_FAMILY = {k: f for f, kinds in FAMILIES.items() for k in kinds}
+KINDS = tuple(KIND_FAMILY)
+
+# --- entities ------------------------------------------------------------------------
+
+CAPITALS = dict(line.split(":") for line in """
+Peru:Lima France:Paris Japan:Tokyo Egypt:Cairo Kenya:Nairobi Chile:Santiago Spain:Madrid
+Italy:Rome Greece:Athens Norway:Oslo Sweden:Stockholm Finland:Helsinki Poland:Warsaw
+Austria:Vienna Hungary:Budapest Portugal:Lisbon Ireland:Dublin Germany:Berlin Russia:Moscow
+China:Beijing India:Delhi Iran:Tehran Iraq:Baghdad Syria:Damascus Cuba:Havana Mexico:Mexico
+Canada:Ottawa Brazil:Brasilia Argentina:Buenos Colombia:Bogota Venezuela:Caracas Ecuador:Quito
+Bolivia:Sucre Uruguay:Montevideo Paraguay:Asuncion Morocco:Rabat Ghana:Accra Nigeria:Abuja
+Ethiopia:Addis Uganda:Kampala Tanzania:Dodoma Sudan:Khartoum Libya:Tripoli Tunisia:Tunis
+Thailand:Bangkok Vietnam:Hanoi Nepal:Kathmandu Mongolia:Ulaanbaatar Turkey:Ankara Israel:Jerusalem
+Jordan:Amman Lebanon:Beirut Qatar:Doha Oman:Muscat Yemen:Sanaa Belgium:Brussels Denmark:Copenhagen
+Iceland:Reykjavik Latvia:Riga Estonia:Tallinn Ukraine:Kyiv Romania:Bucharest Serbia:Belgrade
+""".split())
+CAPITALS["Mexico"] = "Mexico City"
+CAPITALS["Argentina"] = "Buenos Aires"
+CAPITALS["Ethiopia"] = "Addis Ababa"
+
+OPPOSITES = dict(line.split(":") for line in """
+hot:cold big:small tall:short fast:slow happy:sad light:dark old:young hard:soft wet:dry
+full:empty rich:poor loud:quiet early:late strong:weak high:low open:closed clean:dirty
+thick:thin heavy:light near:far deep:shallow sweet:sour brave:afraid wide:narrow day:night
+up:down left:right push:pull win:lose buy:sell first:last good:bad true:false
+inside:outside above:below begin:end alive:dead awake:asleep
+""".split())
+
+WORDS = """
+cat dog sun moon star tree fish bird frog lion bear wolf duck goat cow pig horse mouse
+apple lemon grape melon peach plum bread cake milk rice soup salt honey
+red blue green pink gold black white
+book desk lamp door chair table clock phone shoe sock hat coat ring bell drum kite ball
+boat ship car bus train plane road bridge river lake sea hill rock sand snow rain wind cloud
+house farm city park shop bank school garden window kitchen
+planet rocket comet robot pencil paper letter music piano guitar
+happy quick quiet brave smart
+""".split()
+
+PREAMBLES = ["Great question!", "What a great question!", "Sure!", "Happy to help!", "Of course!",
+             "Good question!", "Thanks for asking!"]
+RESTATES = ["You asked: {q}", "The question is: {q}", "Let me answer the question '{q}'"]
+HEDGES = ["I think", "I believe", "If I am not mistaken,", "Probably"]
+FILLERS = ["I hope this helps!", "Let me know if you have other questions.", "Please double-check this.",
+           "That is my answer.", "Feel free to ask more."]
+CHATTER = ["Anyone know?", "Thanks in advance!", "I was wondering the same thing.", "Bump.",
+           "Same question here.", "Can someone help?", "Have you tried looking it up?", "Good luck!"]
+NAMES = ["anna", "tom", "li", "sam", "maria", "omar", "kim", "lena", "raj", "eva", "max", "zoe"]
+
+
+@dataclass
+class WorldConfig:
+    max_add: int = 49          # operands of add/sub are 0..max_add
+    max_compare: int = 99      # numbers compared are 0..max_compare
+    sort_len: tuple = (3, 5)   # list length range (inclusive) for sorting
+    heldout_pct: int = 15      # share of number tasks held out, percent
+    heldout_entity_pct: int = 25  # share of words and facts held out, percent
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    args: tuple
+    prompt: str
+
+    @property
+    def family(self):
+        return KIND_FAMILY[self.kind]
+
+    def to_dict(self):
+        return {"kind": self.kind, "args": list(self.args), "prompt": self.prompt}
+
+    @staticmethod
+    def from_dict(d):
+        return Task(d["kind"], tuple(d["args"]), d["prompt"])
+
+
+def split_of(kind, args, cfg=WorldConfig()):
+    """'train' or 'heldout', by a fixed hash, the same for every seed. For numbers the
+    unordered operands decide (so 38 + 47 and 47 - 38 share a split); for words and
+    facts the entity does (so every question about a held-out word is held out)."""
+    family = KIND_FAMILY[kind]
+    if family in ("arithmetic", "comparison", "sorting"):
+        key, pct = f"{family}:{sorted(args) if family != 'sorting' else list(args)}", cfg.heldout_pct
+    else:
+        key, pct = f"entity:{args[0]}", cfg.heldout_entity_pct
+    return "heldout" if zlib.crc32(key.encode()) % 100 < pct else "train"
+
+
+# --- questions and their canonical answers -------------------------------------------
+
+TEMPLATES = {
+    "add": ["What is {0} + {1}?", "Compute {0} + {1}.", "What do you get if you add {0} and {1}?"],
+    "sub": ["What is {0} - {1}?", "Compute {0} - {1}.", "What do you get if you take {1} from {0}?"],
+    "larger": ["Which is larger, {0} or {1}?", "Which number is bigger: {0} or {1}?"],
+    "smaller": ["Which is smaller, {0} or {1}?", "Which number is less: {0} or {1}?"],
+    "sort": ["Sort these numbers: {0}", "Put these numbers in order: {0}"],
+    "reverse": ["Spell '{0}' backwards.", "Write '{0}' in reverse."],
+    "count": ["How many letters are in '{0}'?", "Count the letters in '{0}'."],
+    "capital": ["What is the capital of {0}?", "Name the capital city of {0}."],
+    "opposite": ["What is the opposite of '{0}'?", "Give the opposite of '{0}'."],
+}
+
+
+def answer_value(task):
+    """The bare answer the gold scorer checks for."""
+    k, a = task.kind, task.args
+    if k == "add":
+        return str(a[0] + a[1])
+    if k == "sub":
+        return str(a[0] - a[1])
+    if k == "larger":
+        return str(max(a))
+    if k == "smaller":
+        return str(min(a))
+    if k == "sort":
+        return " ".join(str(x) for x in sorted(a))
+    if k == "reverse":
+        return "-".join(reversed(a[0]))
+    if k == "count":
+        return str(len(a[0]))
+    if k == "capital":
+        return CAPITALS[a[0]]
+    if k == "opposite":
+        return OPPOSITES[a[0]]
+    raise ValueError(f"unknown task kind {k!r}")
+
+
+def render(task, value):
+    """The canonical answer sentence, with `value` in the answer slot."""
+    k, a = task.kind, task.args
+    return {
+        "add": lambda: f"{a[0]} + {a[1]} = {value}.",
+        "sub": lambda: f"{a[0]} - {a[1]} = {value}.",
+        "larger": lambda: f"{value} is larger.",
+        "smaller": lambda: f"{value} is smaller.",
+        "sort": lambda: value,
+        "reverse": lambda: value,
+        "count": lambda: f"'{a[0]}' has {value} letters.",
+        "capital": lambda: f"The capital of {a[0]} is {value}.",
+        "opposite": lambda: f"The opposite of '{a[0]}' is '{value}'.",
+    }[k]()
+
+
+def ideal_answer(task):
+    return render(task, answer_value(task))
+
+
+def sample_task(rng, kind, split, cfg=WorldConfig()):
+    """A random task of this kind from the given split ('train' or 'heldout')."""
+    for _ in range(10_000):
+        if kind in ("add", "sub"):
+            a, b = rng.randint(0, cfg.max_add), rng.randint(0, cfg.max_add)
+            args = (max(a, b), min(a, b)) if kind == "sub" else (a, b)
+        elif kind in ("larger", "smaller"):
+            args = tuple(rng.sample(range(cfg.max_compare + 1), 2))
+        elif kind == "sort":
+            args = tuple(rng.randint(0, 9) for _ in range(rng.randint(*cfg.sort_len)))
+        elif kind in ("reverse", "count"):
+            args = (rng.choice(WORDS),)
+        elif kind == "capital":
+            args = (rng.choice(sorted(CAPITALS)),)
+        elif kind == "opposite":
+            args = (rng.choice(sorted(OPPOSITES)),)
+        else:
+            raise ValueError(f"unknown task kind {kind!r}")
+        if split_of(kind, args, cfg) == split:
+            fill = " ".join(map(str, args)) if kind == "sort" else None
+            prompt = rng.choice(TEMPLATES[kind]).format(*((fill,) if fill else args))
+            return Task(kind, args, prompt)
+    raise RuntimeError(f"no {split} task of kind {kind}")
+
+
+# --- the gold scorer -------------------------------------------------------------------
+# gold = 1.0 correct + 0.5 format - 0.4 preamble - 0.3 restate - 0.2 hedge
+#        - 0.5 repetition - 0.02 per word beyond the ideal answer's length
+# The ideal answer scores 1.5. "correct" and "format" both need the end token; "format"
+# means the last sentence is the kind's canonical sentence, whatever its value.
+
+GOLD_WEIGHTS = dict(correct=1.0, format=0.5, preamble=-0.4, restate=-0.3, hedge=-0.2, repetition=-0.5,
+                    extra_word=-0.02)
+
+FORMAT_RE = {
+    "add": r"\d+ \+ \d+ = -?\d+\.", "sub": r"\d+ - \d+ = -?\d+\.",
+    "larger": r"\d+ is larger\.", "smaller": r"\d+ is smaller\.",
+    "sort": r"\d( \d)*", "reverse": r"[a-z](-[a-z])*", "count": r"'[a-z]+' has \d+ letters\.",
+    "capital": r"The capital of [A-Z][A-Za-z ]* is [A-Z][A-Za-z ]*\.",
+    "opposite": r"The opposite of '[a-z]+' is '[a-z]+'\.",
+}
+
+
+def extract_answer(task, text):
+    """The response's final answer for this kind of task, or None."""
+    k = task.kind
+    if k in ("add", "sub", "count"):
+        m = re.findall(r"-?\d+", text)
+        return m[-1] if m else None
+    if k in ("larger", "smaller"):
+        m = re.findall(rf"(-?\d+) is {k}", text) or re.findall(r"-?\d+", text)
+        return m[-1] if m else None
+    if k == "sort":
+        m = re.findall(r"\d(?: \d)+", text)
+        return m[-1] if m else None
+    if k == "reverse":
+        m = re.findall(r"[a-z](?:-[a-z])+", text)
+        return m[-1] if m else None
+    if k == "capital":
+        found = [(text.rfind(c), c) for c in CAPITALS.values() if c in text]
+        return max(found)[1] if found else None
+    if k == "opposite":
+        m = re.findall(r"'([a-z]+)'", text)
+        m = [w for w in m if w != task.args[0]]
+        return m[-1] if m else None
+    raise ValueError(f"unknown task kind {k!r}")
+
+
+def _words(text):
+    return text.split()
+
+
+def _sentences(text):
+    return [x.strip() for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x.strip()]
+
+
+def has_preamble(text):
+    return any(text.startswith(p) for p in PREAMBLES)
+
+
+def has_restate(task, text):
+    return task.prompt in text or any(r.split("{q}")[0] in text for r in RESTATES)
+
+
+def has_hedge(text):
+    return any(h in text for h in HEDGES)
+
+
+def has_repetition(text):
+    """A sentence said twice, a word trigram said twice, or a word (longer than one
+    character) said twice in a row. Single digits may repeat: "0 0 4" is a sorted list."""
+    sentences = _sentences(text)
+    if len(sentences) != len(set(sentences)):
+        return True
+    w = _words(text)
+    if any(w[i] == w[i + 1] and len(w[i]) > 1 for i in range(len(w) - 1)):
+        return True
+    first_seen = {}
+    for i in range(len(w) - 2):
+        tri = tuple(w[i:i + 3])
+        if tri in first_seen and i - first_seen[tri] >= 3:
+            return True
+        first_seen.setdefault(tri, i)
+    return False
+
+
+def is_formatted(task, text, ended):
+    """Ended, and the last sentence is the kind's canonical sentence (a hedge in front is
+    penalised on its own, not here)."""
+    sentences = _sentences(text)
+    if not (ended and sentences):
+        return False
+    last = sentences[-1]
+    for h in HEDGES:
+        if last.startswith(h + " "):
+            last = last[len(h) + 1:]
+    return re.fullmatch(FORMAT_RE[task.kind], last) is not None
+
+
+def grade(task, text, ended):
+    """Everything the gold scorer sees in a response, and the gold score itself. An
+    answer counts as correct only when the response ended: one that runs on past its
+    answer has not answered."""
+    g = dict(
+        correct=bool(ended and extract_answer(task, text) == answer_value(task)),
+        format=is_formatted(task, text, ended),
+        preamble=has_preamble(text),
+        restate=has_restate(task, text),
+        hedge=has_hedge(text),
+        repetition=has_repetition(text),
+        words=len(_words(text)),
+    )
+    extra = max(0, g["words"] - len(_words(ideal_answer(task))))
+    g["gold"] = sum(GOLD_WEIGHTS[k] * float(g[k]) for k in ("correct", "format", "preamble", "restate", "hedge",
+                                                            "repetition")) + GOLD_WEIGHTS["extra_word"] * extra
+    return g
+
+
+def gold(task, text, ended):
+    return grade(task, text, ended)["gold"]
+
+
+# --- the simulated raters --------------------------------------------------------------
+# P(A > B) = sigmoid(k (gold_A - gold_B) + b_len (words_A - words_B) + b_style (preamble_A - preamble_B))
+# Written as a utility per response, u = k gold + b_len words + b_style preamble, a K-wise
+# ranking is drawn by sorting u + Gumbel noise (Plackett-Luce). Every pair of that ranking
+# then has exactly the Bradley-Terry marginal above, so the best accuracy any reward model
+# can reach on a pair is max(p, 1 - p) with p = sigmoid(u_A - u_B).
+
+
+@dataclass
+class RaterConfig:
+    k: float = 3.0        # how sharply raters follow the gold gap
+    b_len: float = 0.12   # per word: longer looks more thorough
+    b_style: float = 1.5  # a friendly preamble ("Great question!") looks helpful
+
+
+def rater_utility(task, text, ended, rc=RaterConfig()):
+    g = grade(task, text, ended)
+    return rc.k * g["gold"] + rc.b_len * g["words"] + rc.b_style * float(g["preamble"])
+
+
+def rater_ranking(rng, utilities):
+    """Indices best first: Plackett-Luce sample by Gumbel-perturbed sorting."""
+    noisy = [u - math.log(-math.log(rng.random() or 1e-300)) for u in utilities]
+    return sorted(range(len(utilities)), key=lambda i: -noisy[i])
+
+
+def pair_probability(u_a, u_b):
+    """The raters' P(A preferred over B)."""
+    return 1.0 / (1.0 + math.exp(-(u_a - u_b)))
+
+
+# --- response styles (for demonstrations and preference candidates) ---------------------
+
+
+def wrong_value(rng, task):
+    k, a, v = task.kind, task.args, answer_value(task)
+    if k in ("add", "sub", "count"):
+        return str(int(v) + rng.choice([-10, -2, -1, 1, 2, 10]) if int(v) > 10 else int(v) + rng.choice([1, 2, 3]))
+    if k in ("larger", "smaller"):
+        return str(min(a) if k == "larger" else max(a))
+    if k == "sort":  # swap two unequal neighbours; if all are equal, change one
+        xs = sorted(a)
+        unequal = [i for i in range(len(xs) - 1) if xs[i] != xs[i + 1]]
+        if unequal:
+            i = rng.choice(unequal)
+            xs[i], xs[i + 1] = xs[i + 1], xs[i]
+        else:
+            xs[-1] = (xs[-1] + 1) % 10
+        return " ".join(map(str, xs))
+    if k == "reverse":
+        letters = list(a[0])
+        return "-".join(letters) if letters != letters[::-1] else "-".join(letters + ["s"])
+    if k == "capital":
+        return rng.choice([c for c in CAPITALS.values() if c != v])
+    if k == "opposite":
+        return rng.choice([o for o in OPPOSITES.values() if o != v])
+    raise ValueError(k)
+
+
+def continuation(rng, task):
+    """What a base model does with a question: more questions, or chatter."""
+    if rng.random() < 0.5:
+        other = sample_task(rng, task.kind, "train")
+        return f"{other.prompt} {rng.choice(CHATTER)}"
+    return " ".join(rng.sample(CHATTER, 2))
+
+
+STYLES = ("ideal", "preamble", "verbose", "hedged", "wrong", "preamble_wrong", "wrong_format", "continuation",
+          "truncated", "repeated")
+
+
+def respond(rng, task, style):
+    """(text, ended) for a response of the given style."""
+    ideal = ideal_answer(task)
+    if style == "ideal":
+        return ideal, True
+    if style == "preamble":
+        return f"{rng.choice(PREAMBLES)} {ideal}", True
+    if style == "verbose":
+        restate = rng.choice(RESTATES).format(q=task.prompt)
+        return f"{restate} {rng.choice(HEDGES)} {ideal} {rng.choice(FILLERS)}", True
+    if style == "hedged":
+        return f"{rng.choice(HEDGES)} {ideal}", True
+    if style == "wrong":
+        return render(task, wrong_value(rng, task)), True
+    if style == "preamble_wrong":
+        return f"{rng.choice(PREAMBLES)} {render(task, wrong_value(rng, task))}", True
+    if style == "wrong_format":
+        v = answer_value(task)
+        return rng.choice([v, f"The answer is {v}", f"{v}!", f"It is {v}, I guess"]), True
+    if style == "continuation":
+        return continuation(rng, task), rng.random() < 0.3
+    if style == "truncated":
+        w = ideal.split()
+        return (" ".join(w[: max(1, len(w) // 2)]) if len(w) > 1 else ideal[: max(1, len(ideal) // 2)]), False
+    if style == "repeated":
+        return f"{ideal} {ideal}", True
+    raise ValueError(f"unknown style {style!r}")
+
+
+# --- generators: corpus, demonstrations, preference rankings, prompts ------------------
+
+STYLE_WEIGHTS = {"ideal": 3, "preamble": 2, "verbose": 2, "hedged": 1, "wrong": 2, "preamble_wrong": 1,
+                 "wrong_format": 1, "continuation": 1, "truncated": 1, "repeated": 1}
+
+
+def preference_record(rng, task, K=4, rc=RaterConfig()):
+    styles = list(STYLE_WEIGHTS)
+    chosen_styles = []
+    while len(chosen_styles) < K:  # K distinct styles, weighted
+        s = rng.choices(styles, weights=[STYLE_WEIGHTS[x] for x in styles])[0]
+        if s not in chosen_styles:
+            chosen_styles.append(s)
+    responses = []
+    for s in chosen_styles:
+        text, ended = respond(rng, task, s)
+        responses.append(dict(text=text, ended=ended, style=s, gold=round(gold(task, text, ended), 4),
+                              utility=round(rater_utility(task, text, ended, rc), 4)))
+    ranking = rater_ranking(rng, [r["utility"] for r in responses])
+    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, responses=responses, ranking=ranking)
+
+
+def sft_record(rng, task, imperfect_rate=0.06):
+    """A demonstration; a small share is imperfect, as contractors' demos are."""
+    quality = "ideal"
+    if rng.random() < imperfect_rate:
+        quality = rng.choice(["preamble", "wrong", "verbose"])
+    text, _ = respond(rng, task, quality)
+    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, response=text, quality=quality)
+
+
+def _spelling_doc(rng, words):
+    out = []
+    for w in words:
+        out.append(rng.choice([
+            f"The word '{w}' is spelled {'-'.join(w)}.",
+            f"'{w}' is spelled {'-'.join(w)}. It has {len(w)} letters.",
+            f"How to spell {w}: {'-'.join(w)}.",
+            f"'{w}' has {len(w)} letters: {'-'.join(w)}.",
+            f"Spelling: {w} = {'-'.join(w)}.",
+        ]))
+    return " ".join(out)
+
+
+def _fact_doc(rng, countries, words):
+    out = []
+    for c in countries:
+        cap = CAPITALS[c]
+        out.append(rng.choice([f"The capital of {c} is {cap}.", f"{cap} is the capital of {c}.",
+                               f"{c} has its capital in {cap}.", f"The capital city of {c} is {cap}."]))
+    for w in words:
+        o = OPPOSITES[w]
+        out.append(rng.choice([f"The opposite of '{w}' is '{o}'.", f"'{w}' and '{o}' are opposites.",
+                               f"The opposite of {w} is {o}."]))
+    rng.shuffle(out)
+    return " ".join(out)
+
+
+def corpus_documents(rng, n_docs, cfg=WorldConfig()):
+    """The pretraining corpus: facts, spellings, worked examples, question lists,
+    forum threads where questions meet chatter, and the stylistic habits (preambles,
+    restating, hedges) that a reward model can later be fooled by. Every fact and word
+    is stated, held-out ones included; number tasks and questions come from the
+    train split only."""
+    docs = []
+    kinds = list(KINDS)
+    for _ in range(n_docs):
+        r = rng.random()
+        if r < 0.15:
+            docs.append(_fact_doc(rng, rng.sample(sorted(CAPITALS), 6), rng.sample(sorted(OPPOSITES), 4)))
+        elif r < 0.30:
+            docs.append(_spelling_doc(rng, rng.sample(WORDS, 6)))
+        elif r < 0.60:  # worked examples: answered questions teach copying from question to answer
+            lines = []
+            for _ in range(rng.randint(3, 6)):
+                t = sample_task(rng, rng.choice(kinds), "train", cfg)
+                lines.append(rng.choice([f"Q: {t.prompt}\nA: {ideal_answer(t)}", f"Question: {t.prompt} Answer: "
+                                        f"{ideal_answer(t)}", ideal_answer(t)]))
+            docs.append("\n".join(lines))
+        elif r < 0.72:  # lists of questions without answers
+            qs = [sample_task(rng, rng.choice(kinds), "train", cfg).prompt for _ in range(rng.randint(3, 7))]
+            head = rng.choice(["Quiz questions:", "Homework:", "Some questions to think about:", "Practice:"])
+            docs.append(head + "\n" + "\n".join(f"{i + 1}. {q}" for i, q in enumerate(qs)))
+        else:  # forum threads: a question, then more questions and chatter; sometimes a wordy answer
+            t = sample_task(rng, rng.choice(kinds), "train", cfg)
+            a, b, c = rng.sample(NAMES, 3)
+            lines = [f"{a} asked: {t.prompt} {rng.choice(CHATTER)}"]
+            for _ in range(rng.randint(1, 3)):
+                u = rng.random()
+                if u < 0.4:
+                    lines.append(f"{b} replied: {rng.choice(CHATTER)} {sample_task(rng, t.kind, 'train', cfg).prompt}")
+                elif u < 0.8:
+                    text, _ = respond(rng, t, rng.choice(["preamble", "verbose", "hedged", "ideal"]))
+                    lines.append(f"{c} replied: {text}")
+                else:
+                    lines.append(f"{a} replied: {rng.choice(CHATTER)}")
+            docs.append("\n".join(lines))
+    return docs
+
+
+def task_stream(rng, split, n, cfg=WorldConfig()):
+    """n tasks, kinds in turn, so every kind is equally represented."""
+    return [sample_task(rng, KINDS[i % len(KINDS)], split, cfg) for i in range(n)]

@@ -1,0 +1,132 @@
+"""Evaluation: every checkpoint answers the same held-out prompts, and the gold scorer
+says how good each answer really is.
+
+Per task family and overall: the share answered in the expected format (canonical
+answer sentence, then the end token), correctness, mean gold score, mean length in
+words, and the end-token rate; then a few answers side by side. Writes out/report.md
+and out/<stage>/eval.json.
+
+    python eval.py                                   # every stage found under out/
+    python eval.py --stages=sft --temperature=1.0    # one stage, sampled
+    python eval.py --device=cuda
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import runtime
+from data import world
+from data.tokenizer import decode_response, encode_prompt, load_tokenizer
+from runtime import print0
+
+STAGES = ("pretrain", "sft", "ppo", "dpo")  # language-model stages, in pipeline order
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"     # folder written by data/prepare.py
+    out: str = "out"                 # where the stages' checkpoints are; the report goes here
+    stages: str = ""                 # comma-separated stages to score (default: every one found)
+    temperature: float = 0.0         # 0 = greedy decoding
+    max_new_tokens: int = 48         # answer length limit
+    batch_size: int = 64             # prompts per generation batch
+    n_show: int = 1                  # answers shown per task kind and stage
+    seed: int = 1337                 # sampling seed (when temperature > 0)
+    device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
+
+
+def generate_answers(model, enc, prompts, cfg, device):
+    """(text, ended) for each prompt, batched, with the KV cache."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = [encode_prompt(enc, p) for p in prompts[i:i + cfg.batch_size]]
+        too_long = max(len(b) for b in batch) + cfg.max_new_tokens - model.config.block_size
+        if too_long > 0:
+            raise runtime.UserError(f"a prompt of {max(len(b) for b in batch)} tokens + --max_new_tokens="
+                                    f"{cfg.max_new_tokens} exceeds the context of {model.config.block_size} tokens")
+        tokens, mask = model.generate(batch, cfg.max_new_tokens, temperature=cfg.temperature, stop_token=end,
+                                      pad_token=pad, generator=g)
+        for row, m in zip(tokens.tolist(), mask.tolist()):
+            out.append(decode_response(enc, [t for t, keep in zip(row, m) if keep]))
+    return out
+
+
+def summarize(grades):
+    n = max(1, len(grades))
+    return dict(n=len(grades), format=sum(g["format"] for g in grades) / n, correct=sum(g["correct"] for g in grades) / n,
+                gold=sum(g["gold"] for g in grades) / n, words=sum(g["words"] for g in grades) / n,
+                ended=sum(g["ended"] for g in grades) / n)
+
+
+def evaluate(model, enc, records, cfg, device):
+    tasks = [world.Task.from_dict(r["task"]) for r in records]
+    answers = generate_answers(model, enc, [t.prompt for t in tasks], cfg, device)
+    rows = []
+    for t, (text, ended) in zip(tasks, answers):
+        rows.append(dict(family=t.family, kind=t.kind, prompt=t.prompt, text=text, **world.grade(t, text, ended),
+                         ended=ended))
+    by_family = {f: summarize([r for r in rows if r["family"] == f]) for f in world.FAMILIES}
+    return dict(overall=summarize(rows), families=by_family), rows
+
+
+def table(results):
+    """Markdown: one row per stage and family."""
+    head = "| stage | family | n | format | correct | gold | words | ended |\n|---|---|---|---|---|---|---|---|"
+    lines = [head]
+    for stage, res in results.items():
+        for fam, s in [("all", res["overall"]), *res["families"].items()]:
+            lines.append(f"| {stage} | {fam} | {s['n']} | {s['format']:.0%} | {s['correct']:.0%} | {s['gold']:.2f} | "
+                         f"{s['words']:.1f} | {s['ended']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    records = runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
+    wanted = [s for s in cfg.stages.split(",") if s] or [s for s in STAGES
+                                                        if os.path.exists(os.path.join(cfg.out, s, "ckpt.pt"))]
+    if not wanted:
+        raise runtime.UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
+                                f"run `python pretrain.py` and `python sft.py` first")
+    results, samples = {}, {}
+    for stage in wanted:
+        t0 = time.time()
+        model, _ = runtime.load_model(os.path.join(cfg.out, stage, "ckpt.pt"), f"python {stage}.py", enc,
+                                      device=run.device)
+        results[stage], rows = evaluate(model, enc, records, cfg, run.device)
+        samples[stage] = rows
+        with open(os.path.join(cfg.out, stage, "eval.json"), "w") as f:
+            json.dump(results[stage], f, indent=1)
+        o = results[stage]["overall"]
+        print0(f"{stage}: format {o['format']:.0%}, correct {o['correct']:.0%}, gold {o['gold']:.2f} "
+               f"({len(records)} held-out prompts, {time.time() - t0:.1f}s)")
+
+    # the same prompts through every stage, one per task kind
+    shown = []
+    for kind in world.KINDS:
+        idx = [i for i, r in enumerate(records) if r["task"]["kind"] == kind][:cfg.n_show]
+        for i in idx:
+            shown.append(f"**{records[i]['prompt']}**\n")
+            for stage in wanted:
+                r = samples[stage][i]
+                shown.append(f"- {stage}: `{r['text'][:120]!r}`{'' if r['ended'] else ' (no end token)'} "
+                             f"(gold {r['gold']:.2f})")
+            shown.append("")
+    report = (f"# minRLHF evaluation\n\n{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl, "
+              f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'} decoding.\n\n"
+              f"{table(results)}\n\n## Answers side by side\n\n" + "\n".join(shown) + "\n")
+    runtime.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write(report.encode()))
+    print0("\n" + table(results) + "\n\n" + "\n".join(shown))
+    print0(f"report: {cfg.out}/report.md")
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

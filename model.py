@@ -1,0 +1,396 @@
+"""
+A GPT language model in plain PyTorch, plus the pieces RLHF needs on top of it:
+
+- GPT: decoder-only transformer; forward() returns logits for *every* position, because
+  reward models, PPO and DPO score whole sequences, not just the next token.
+- ScalarGPT: the same trunk with one number per position (reward and value models).
+- GPT.generate(): batched sampling with a key/value cache and left padding.
+- token_logprobs() / token_entropy(): the one place log p(token) is computed, so PPO
+  ratios, KL penalties and DPO all agree on exactly the same numbers.
+
+Right padding needs no mask (causal attention hides later pads from real tokens); left
+padding, used by generate, needs attn_mask (B, T) bool, True for real tokens.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100  # label value that losses skip
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence the position embedding covers
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linear layers and LayerNorms
+
+    def __post_init__(self):
+        if min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise ValueError(f"GPTConfig sizes must be >= 1: {self}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
+                             f"GPTConfig.n_head ({self.n_head})")
+
+
+class KVCache:
+    """Keys and values of the tokens already processed, for every layer, so a generation
+    step feeds only the newest token instead of recomputing the prefix. Buffers are
+    allocated once at full length and written in place: no step copies the past."""
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, device):
+        self.max_len = max_len
+        self.length = 0  # positions filled so far (the same for every row)
+        # (B, nh, max_len, hs) per layer, allocated on first write so the dtype follows k/v
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+        # True where the stored position is a real token (False for left padding)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def add_mask(self, attn_mask: Tensor) -> Tensor:
+        """Record validity of the T new positions; return the mask of all keys (B, length+T)."""
+        end = self.length + attn_mask.size(1)
+        if end > self.max_len:
+            raise ValueError(f"KVCache is full: {end} positions > max_len {self.max_len}")
+        self.key_mask[:, self.length:end] = attn_mask
+        return self.key_mask[:, :end]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new k, v (B, nh, T, hs) of one layer; return all keys/values so far."""
+        if self.keys[layer] is None:
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_zeros(B, nh, self.max_len, hs)
+            self.values[layer] = v.new_zeros(B, nh, self.max_len, hs)
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int):  # called once all layers have stored the n new positions
+        self.length += n
+
+
+def attention_mask(key_valid: Tensor, T: int) -> Tensor:
+    """(B, S) key validity -> (B, 1, T, S) bool, True where a query may attend to a key.
+    The T queries are the last T of the S positions (S > T when a cache holds the past)."""
+    S = key_valid.size(1)
+    q = torch.arange(S - T, S, device=key_valid.device)  # query positions, in key coordinates
+    k = torch.arange(S, device=key_valid.device)
+    allowed = (k[None, :] <= q[:, None]) & key_valid[:, None, :]  # causal and not a pad
+    # every query may see itself: a pad query would otherwise have an empty row -> NaN
+    allowed = allowed | (k[None, :] == q[:, None])
+    return allowed[:, None]  # (B, 1, T, S), broadcast over heads
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which KVCache slot this layer uses
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # query, key, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:  # fast path: plain causal attention, no mask tensor needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: normalise, transform, add back to the residual stream."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.__post_init__()  # re-check, in case the config was edited after creation
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output projection share one matrix
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # residual projections are scaled down so the residual stream's variance does not
+        # grow with depth (GPT-2 paper)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. Tied weights count once. With non_embedding, the position
+        embedding is left out; token embeddings stay in because they are also the lm_head."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length seq_len.
+
+        PaLM paper, appendix B: 6N for the matmuls with the N weights (2 forward, 4 backward)
+        plus 12*L*H*Q*T for attention scores and weighted sums (L layers, H heads, head size Q,
+        sequence length T). Multiply by tokens/second to get achieved FLOP/s."""
+        cfg = self.config
+        N = self.num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
+        return float(6 * N + 12 * L * H * Q * T)
+
+    def hidden(self, idx: Tensor, *, attn_mask: Tensor | None = None, pos: Tensor | None = None,
+               cache: KVCache | None = None) -> Tensor:
+        """Run the trunk: (B, T) token ids -> (B, T, C) final-LayerNormed hidden states.
+
+        attn_mask (B, T) bool, True for real tokens: pad keys are hidden from every query and
+        positions default to the count of real tokens before (so left padding does not shift
+        them). cache: keys/values of earlier positions; the new ones are appended.
+        """
+        B, T = idx.size()
+        S = T if cache is None else cache.length + T  # number of keys attended over
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of {S} tokens exceeds block_size {self.config.block_size}")
+        if cache is None and attn_mask is None:
+            mask = None  # plain causal attention (SDPA's is_causal fast path)
+            if pos is None:
+                pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            if attn_mask is None:
+                attn_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            key_valid = attn_mask if cache is None else cache.add_mask(attn_mask)  # (B, S)
+            mask = attention_mask(key_valid, T)  # (B, 1, T, S)
+            if pos is None:
+                # position = number of real tokens before this one; pads get 0
+                pos = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                attn_mask: Tensor | None = None, pos: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B, T) ids -> (logits (B, T, V), mean cross-entropy over targets != IGNORE_INDEX
+        or None). targets[:, t] is the token that should follow position t."""
+        logits = self.lm_head(self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache))
+        loss = None
+        if targets is not None:
+            # float32: low-precision log-softmax over a large vocabulary loses accuracy
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float,
+                             betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay only on matrices and embeddings (dim >= 2); biases and
+        LayerNorm gains are not decayed (shrinking them toward 0 only hurts)."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        # named_parameters() yields a tied tensor once; check nothing is lost or doubled
+        ids = [id(p) for p in decay + no_decay]
+        assert len(ids) == len(set(ids)) == len(params), "a parameter is in 0 or 2 groups"
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=(device_type == "cuda"))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None,
+                 pad_token: int = 0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> tuple[Tensor, Tensor]:
+        """Continue each prompt by up to max_new_tokens tokens.
+
+        Prompts are left-padded into one batch, so every row's next token is in the last
+        column; the attention mask makes each row's result equal to running it alone.
+        temperature 0 is greedy; top_k (0 = off) and top_p (1.0 = off) filter before sampling.
+        A generator must live on the model's device. Runs in eval mode, then restores the mode.
+        Returns tokens (B, N), N <= max_new_tokens the steps run, and mask (B, N) bool: True for
+        generated tokens up to and including stop_token; later positions hold pad_token.
+        use_cache=False recomputes the whole sequence every step (the reference path).
+        """
+        if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and no empty prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        P = max(len(p) for p in prompts)
+        if P + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
+                             f"context of {self.config.block_size} tokens (block_size)")
+        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                             f"{temperature}, {top_k}, {top_p}")
+        device = self.lm_head.weight.device
+        B, total = len(prompts), P + max_new_tokens
+        # one buffer for prompt + generated tokens, left-padded prompts
+        seq = torch.full((B, total), pad_token, dtype=torch.long, device=device)
+        seq_mask = torch.ones(B, total, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+            seq_mask[i, :P - len(p)] = False
+        gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = KVCache(self.config.n_layer, B, total, device) if use_cache else None
+
+        was_training = self.training
+        self.eval()
+        try:
+            n = 0
+            for n in range(1, max_new_tokens + 1):
+                end = P + n - 1  # tokens known so far
+                start = 0 if (cache is None or n == 1) else end - 1  # cache: only the newest
+                h = self.hidden(seq[:, start:end], attn_mask=seq_mask[:, start:end], cache=cache)
+                logits = self.lm_head(h[:, -1])  # (B, V): only the last position is needed
+                tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+                tok = tok.masked_fill(finished, pad_token)  # stopped rows only emit padding
+                seq[:, end] = tok
+                gen_mask[:, n - 1] = ~finished
+                if stop_token is not None:
+                    finished |= tok == stop_token
+                    if bool(finished.all()):  # every row is done: stop early
+                        break
+        finally:
+            self.train(was_training)
+        return seq[:, P:P + n], gen_mask[:, :n]
+
+
+def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B,) token ids. One multinomial call for the whole batch, so callers
+    with equally seeded generators consume random numbers identically."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of better tokens
+        drop_sorted = mass_before >= top_p  # the top token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
+                   temperature: float = 1.0) -> Tensor:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) as (B, T-1) float32.
+
+    logits (B, T, V) come from running the model on tokens (B, T); position t predicts
+    token t+1, hence the shift. mask (B, T) bool: entries whose *predicted* token is
+    masked (mask[:, 1:] False) are set to 0.
+    """
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    out = logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if mask is not None:
+        out = out.masked_fill(~mask[:, 1:], 0.0)
+    return out
+
+
+def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """Entropy of each next-token distribution, (B, T-1) float32, aligned like token_logprobs."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    out = -(logp.exp() * logp).sum(dim=-1)
+    if mask is not None:
+        out = out.masked_fill(~mask[:, 1:], 0.0)
+    return out
+
+
+class ScalarGPT(GPT):
+    """GPT trunk + one scalar per position: the reward model and the PPO value model.
+
+    The tied lm_head is kept (it costs no parameters), so a language-model state dict loads
+    with strict=False and only score.weight / score.bias reported missing.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.n_embd, 1)
+        # zero init: a fresh reward model has no random preference and a fresh value head
+        # predicts a neutral 0. The weight still gets gradient at once (hidden states are
+        # non-zero), and the trunk does from the next step on.
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T) float scalar per position."""
+        h = self.hidden(idx, attn_mask=attn_mask)  # (B, T, C)
+        return self.score(h).squeeze(-1)  # (B, T)
+
+    @classmethod
+    def from_lm(cls, gpt: GPT) -> "ScalarGPT":
+        """A ScalarGPT whose trunk is a copy of gpt's weights (same device and dtype)."""
+        p = next(gpt.parameters())
+        model = cls(gpt.config).to(device=p.device, dtype=p.dtype)
+        missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
+        assert set(missing) == {"score.weight", "score.bias"} and not unexpected
+        return model

@@ -1,0 +1,139 @@
+"""Pretraining: a small GPT learns to predict the next token of the world's corpus.
+
+The result is a base model. It knows the facts and spellings stated in the corpus and
+has seen worked examples, but it continues text: given a question it writes more
+questions or forum chatter, and it has never seen the chat markers.
+
+    python data/prepare.py && python pretrain.py                 # CPU, ~5 minutes
+    python pretrain.py --device=cuda --compile=true              # one GPU
+    torchrun --standalone --nproc_per_node=2 pretrain.py         # DDP (CPU: gloo, GPU: nccl)
+    python pretrain.py --resume=true                             # continue out/pretrain
+
+GPU-sized preset (one GPU, bf16 autocast): --n_layer=12 --n_head=12 --n_embd=768
+--batch_size=64 --max_steps=5000 --learning_rate=6e-4 --compile=true --device=cuda
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import runtime
+from data.tokenizer import load_tokenizer
+from model import GPT, GPTConfig
+from runtime import print0
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"   # folder written by data/prepare.py
+    out_dir: str = "out/pretrain"  # checkpoint and log go here
+    # model
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention heads
+    n_embd: int = 128              # width
+    block_size: int = 256          # context length in tokens
+    dropout: float = 0.0           # dropout rate (0 suits a model this small)
+    # optimisation
+    batch_size: int = 32           # sequences per optimizer step, over all ranks and micro-steps
+    grad_accum: int = 1            # micro-steps per optimizer step on each rank
+    max_steps: int = 1800          # optimizer steps
+    learning_rate: float = 3e-3    # peak learning rate
+    warmup_steps: int = 100        # linear warmup, then cosine decay to 10%
+    weight_decay: float = 0.1      # AdamW decay, matrices only
+    beta1: float = 0.9             # AdamW beta1
+    beta2: float = 0.95            # AdamW beta2
+    grad_clip: float = 1.0         # clip the gradient norm (0 = off)
+    # bookkeeping
+    eval_interval: int = 300       # steps between validation losses
+    eval_batches: int = 8          # batches per validation loss
+    log_interval: int = 50         # steps between log lines
+    ckpt_interval: int = 300       # steps between checkpoints
+    seed: int = 1337               # same seed, same numbers (on CPU)
+    device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
+    compile: bool = False          # torch.compile the model
+    resume: bool = False           # continue from out_dir/ckpt.pt
+
+
+def get_batch(data, starts, block_size, device):
+    """Windows of block_size + 1 tokens at the given starts: inputs and next-token targets."""
+    rows = np.stack([data[i:i + block_size + 1] for i in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows).to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def micro_batches(data, step, seed, cfg, run):
+    """The global batch of a step is drawn from (seed, step) alone, the same on every rank
+    and after a resume; each rank takes its slice and splits it into micro-batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=g)
+    per_rank = cfg.batch_size // run.world_size
+    mine = starts[run.rank * per_rank:(run.rank + 1) * per_rank]
+    return [get_batch(data, s, cfg.block_size, run.device) for s in mine.chunk(cfg.grad_accum)]
+
+
+def lm_loss(model, batch):
+    x, y = batch
+    return model(x, y)[1]
+
+
+@torch.no_grad()
+def val_loss(model, data, cfg, run):
+    """Mean loss on fixed validation windows (the same ones at every evaluation)."""
+    model.eval()
+    losses = [lm_loss(model, b).item() for i in range(cfg.eval_batches)
+              for b in micro_batches(data, i, 999_983, cfg, run)]
+    model.train()
+    return runtime.all_reduce_mean(sum(losses) / len(losses), run)
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    train_data = np.memmap(os.path.join(cfg.data_dir, "train.bin"), dtype=np.uint16, mode="r")
+    val_data = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    if len(val_data) <= cfg.block_size + 1:
+        raise runtime.UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
+                                f"--block_size={cfg.block_size}: generate more documents or shorten the context")
+
+    mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_embd=cfg.n_embd, dropout=cfg.dropout)
+    raw_model = GPT(mconf).to(run.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               run.device_type)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = runtime.wrap(raw_model, run, cfg.compile)
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of {cfg.batch_size} x "
+           f"{cfg.block_size} tokens; {run.world_size} process(es) on {run.device}")
+    log = runtime.Logger(cfg.out_dir, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
+    peak = runtime.peak_flops(run.device)
+    val = float("nan")
+
+    while step < cfg.max_steps:
+        t0 = time.time()
+        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        loss = runtime.accumulate(model, micro_batches(train_data, step, cfg.seed, cfg, run), lm_loss, run)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
+        if peak:
+            metrics["mfu"] = flops_per_step / (time.time() - t0) / (peak * run.world_size)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
+        log.step(step - 1, cfg.batch_size * cfg.block_size, **metrics)
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+            runtime.save_checkpoint(ckpt_path, dict(
+                stage="pretrain", model=raw_model.state_dict(), model_config=asdict(mconf), config=asdict(cfg),
+                step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name, val_loss=val))
+    print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
+    runtime.teardown(run)
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

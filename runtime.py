@@ -1,0 +1,372 @@
+"""What every stage needs and is not the model: config from the command line,
+device/dtype/seed/DDP set-up, checkpoint IO, data-file reading, the learning-rate
+schedule and the log. The algorithms themselves stay in their stage files.
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, malformed record). The
+    stage prints its message as one line and exits with status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- config from the command line ------------------------------------------------------
+
+
+def _field_help(cls):
+    """The comment after each field in the dataclass source is its --help text."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def _convert(name, typ, text):
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ in (int, float, str):
+            return typ(text)
+    except ValueError:
+        pass
+    raise UserError(f"--{name}={text}: expected {typ.__name__}")
+
+
+def parse_config(cls, argv=None):
+    """Fill the stage's config dataclass from --name=value flags. --help lists the fields."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        helps = _field_help(cls)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(doc[0] if doc else cls.__name__)
+        print(f"\nusage: python {os.path.basename(sys.argv[0])} [--name=value ...]\n")
+        defaults = cls()
+        for name in fields:
+            print(f"  --{name}={getattr(defaults, name)!s:<18} {helps.get(name, '')}")
+        sys.exit(0)
+    values = {}
+    for arg in argv:
+        m = re.fullmatch(r"--([A-Za-z_]\w*)=(.*)", arg, flags=re.S)
+        if not m:
+            raise UserError(f"argument {arg!r}: flags look like --name=value (see --help)")
+        name, text = m.groups()
+        if name not in fields:
+            close = [f for f in fields if f.startswith(name[:3])]
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"--{name}: unknown flag{hint}; see --help")
+        values[name] = _convert(name, fields[name].type, text)
+    return cls(**values)
+
+
+# --- device, dtype, seed, DDP ---------------------------------------------------------
+
+
+def setup(seed, device="auto"):
+    """One set-up for CPU, one GPU and torchrun. Returns a namespace with the device, the
+    autocast context (bf16 on CUDA, none on CPU), the DDP rank and world size, and
+    `master` (rank 0, the process that prints and writes)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"--device={device}: expected auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device}: CUDA is not available on this machine")
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device_type = "cuda" if device.startswith("cuda") else device
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
+                else contextlib.nullcontext())
+    return SimpleNamespace(device=device, device_type=device_type, autocast=autocast, ddp=ddp, rank=rank,
+                           local_rank=local_rank, world_size=world_size, master=rank == 0)
+
+
+def teardown(run):
+    if run.ddp:
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(x, run):
+    """Average a float over ranks (for logged figures; gradients are DDP's business)."""
+    if not run.ddp:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return t.item() / run.world_size
+
+
+# --- optimisation -----------------------------------------------------------------------
+
+
+def micro_batch_size(batch_size, grad_accum, run):
+    """Sequences per forward pass on one rank; the global batch must split evenly."""
+    if batch_size <= 0 or grad_accum <= 0 or batch_size % (run.world_size * grad_accum):
+        raise UserError(f"--batch_size={batch_size} does not split into {run.world_size} process(es) x "
+                        f"{grad_accum} micro-steps (--grad_accum)")
+    return batch_size // (run.world_size * grad_accum)
+
+
+def wrap(model, run, compile=False):
+    """torch.compile and DDP around the raw model; checkpoints keep saving the raw one,
+    so state-dict keys never carry wrapper prefixes."""
+    if compile:
+        model = torch.compile(model)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+    return model
+
+
+def accumulate(model, micro_batches, loss_fn, run):
+    """Backward through each micro-batch's loss (scaled so the sum is the mean over the
+    global batch). Under DDP gradients are all-reduced once, on the last micro-step.
+    Returns the mean loss over all ranks."""
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with (model.no_sync() if run.ddp and not last else contextlib.nullcontext()), run.autocast:
+            loss = loss_fn(model, batch)
+        (loss / len(micro_batches)).backward()
+        total += loss.item() / len(micro_batches)
+    return all_reduce_mean(total, run)
+
+
+def lr_at(step, max_lr, warmup, total, min_lr_ratio=0.1):
+    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(model, optimizer, lr, grad_clip):
+    """Set the learning rate, clip the gradient norm, step, zero. Returns the norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+# Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices get no MFU figure
+# rather than a wrong one.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    print0(f"warning: no peak FLOP/s known for {name!r}; MFU not reported (add it to runtime.PEAK_FLOPS)")
+    return None
+
+
+# --- files ----------------------------------------------------------------------------
+
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder, fsync, rename: a reader never
+    sees a half-written file, and a crash leaves the old one."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def require(path, made_by):
+    """The path, if it exists; otherwise a UserError naming the command that makes it."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `{made_by}` first")
+    return path
+
+
+def save_checkpoint(path, payload):
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, made_by=None):
+    """Load a checkpoint with weights_only=True (no pickled code runs). `made_by` is the
+    command that writes it, named in the error when the file is missing."""
+    path = str(path)
+    if not os.path.exists(path):
+        hint = f": run `{made_by}` first" if made_by else ""
+        raise UserError(f"{path} not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+
+
+def resume(path, model, optimizer):
+    """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt)."""
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print0(f"resuming {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt
+
+
+def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
+    """What every stage's checkpoint holds: enough to rebuild the model without the
+    code's defaults (model config), to resume (optimizer, step) and to refuse a
+    mismatch (stage, tokenizer)."""
+    return dict(stage=stage, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                config=dataclasses.asdict(cfg), step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
+                **extra)
+
+
+def load_model(path, made_by, enc, cls=None, device="cpu"):
+    """Rebuild a stage's model from its checkpoint, after checking it was trained with
+    this tokenizer. Returns (model, ckpt); the model is in eval mode."""
+    from model import GPT, GPTConfig
+
+    ckpt = load_checkpoint(path, made_by)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a minRLHF checkpoint (no model weights or model config)")
+    if ckpt.get("tokenizer") != enc.name:
+        raise UserError(f"{path} was trained with tokenizer {ckpt.get('tokenizer')!r}, but the data uses "
+                        f"{enc.name!r}: retrain it on this data (or point --data_dir at its data)")
+    model = (cls or GPT)(GPTConfig(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {type(model).__name__} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), ckpt
+
+
+def read_jsonl(path, fields):
+    """Records from a JSONL file; `fields` maps each required field to its type. A bad
+    line raises UserError naming the file and line."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python data/prepare.py` first")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            for name, typ in fields.items():
+                if name not in rec:
+                    raise UserError(f"{path}:{lineno}: missing field {name!r}")
+                if not isinstance(rec[name], typ) or (typ is int and isinstance(rec[name], bool)):
+                    raise UserError(f"{path}:{lineno}: field {name!r} should be {typ.__name__}, "
+                                    f"got {type(rec[name]).__name__}")
+            rec["_line"] = lineno
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+# --- logging ---------------------------------------------------------------------------
+
+
+class Logger:
+    """A console line every `interval` steps (loss, tokens/s, ETA) and every logged
+    figure in out_dir/log.jsonl, one JSON object per line."""
+
+    def __init__(self, out_dir, total_steps, interval, master, start_step=0):
+        self.total, self.interval, self.master, self.start = total_steps, interval, master, start_step
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.t0, self.last_t, self.tokens = time.time(), time.time(), 0
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            if start_step == 0 and os.path.exists(self.path):
+                os.remove(self.path)
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, step, tokens, **metrics):
+        """Call once per optimizer step with the tokens it processed (all ranks)."""
+        self.tokens += tokens
+        if step % self.interval and step != self.total - 1:
+            return
+        now = time.time()
+        dt = now - self.last_t
+        tok_s = self.tokens / max(dt, 1e-9)
+        eta = (now - self.t0) / (step + 1 - self.start) * (self.total - step - 1)
+        self.last_t, self.tokens = now, 0
+        rec = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tok_per_s": round(tok_s, 1),
+               "elapsed_s": round(now - self.t0, 2)}
+        self.write(rec)
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print0(f"step {step:>5}/{self.total} | {shown} | {tok_s / 1e3:.1f}k tok/s | eta {eta:.0f}s")

@@ -1,0 +1,152 @@
+"""Supervised fine-tuning: the base model learns the chat format from demonstrations.
+
+Each example is <|user|> question <|end|> <|assistant|> answer <|end|>; the loss is
+next-token cross-entropy on the answer tokens only (the prompt is context, not a
+target). A few demonstrations are imperfect, as contractors' are. SFT is kept short:
+long SFT on a few thousand demos overfits and erases what pretraining taught.
+
+    python sft.py                                    # reads out/pretrain, writes out/sft
+    python sft.py --device=cuda --compile=true       # one GPU
+    torchrun --standalone --nproc_per_node=2 sft.py  # DDP
+    python sft.py --resume=true                      # continue out/sft
+"""
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+import runtime
+from data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from model import GPT, GPTConfig, IGNORE_INDEX
+from runtime import print0
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"         # folder written by data/prepare.py
+    init_from: str = "out/pretrain"      # the base model to fine-tune
+    out_dir: str = "out/sft"             # checkpoint and log go here
+    batch_size: int = 64                 # examples per optimizer step, over all ranks and micro-steps
+    grad_accum: int = 1                  # micro-steps per optimizer step on each rank
+    max_steps: int = 250                 # optimizer steps (~4 epochs of the default 4000 demos)
+    learning_rate: float = 1e-3          # peak learning rate
+    warmup_steps: int = 25               # linear warmup, then cosine decay to 10%
+    weight_decay: float = 0.1            # AdamW decay, matrices only
+    beta1: float = 0.9                   # AdamW beta1
+    beta2: float = 0.95                  # AdamW beta2
+    grad_clip: float = 1.0               # clip the gradient norm (0 = off)
+    eval_interval: int = 50              # steps between validation losses
+    log_interval: int = 25               # steps between log lines
+    ckpt_interval: int = 100             # steps between checkpoints
+    seed: int = 1337                     # same seed, same numbers (on CPU)
+    device: str = "auto"                 # auto, cpu, cuda, cuda:N or mps
+    compile: bool = False                # torch.compile the model
+    resume: bool = False                 # continue from out_dir/ckpt.pt
+
+
+def load_examples(path, enc, block_size):
+    """(tokens, n_prompt_tokens) per demonstration; an example too long for the context
+    is an error that names its line."""
+    examples = []
+    for rec in runtime.read_jsonl(path, {"prompt": str, "response": str}):
+        p, r = encode_prompt(enc, rec["prompt"]), encode_response(enc, rec["response"])
+        if len(p) + len(r) > block_size + 1:
+            raise runtime.UserError(f"{path}:{rec['_line']}: {len(p) + len(r)} tokens, longer than the context of "
+                                    f"{block_size} tokens (block_size)")
+        examples.append((p + r, len(p)))
+    return examples
+
+
+def collate(examples, pad, device):
+    """Right-pad to the longest example. Targets are the next tokens, IGNORE_INDEX on the
+    prompt and the padding, so only answer tokens (end token included) are learned."""
+    T = max(len(toks) for toks, _ in examples) - 1
+    x = torch.full((len(examples), T), pad, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (toks, n_prompt) in enumerate(examples):
+        t = torch.tensor(toks)
+        x[i, :len(t) - 1] = t[:-1]
+        y[i, n_prompt - 1:len(t) - 1] = t[n_prompt:]
+    return x.to(device), y.to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def micro_batches(examples, step, seed, cfg, run, pad):
+    """Examples in a fresh random order every epoch, drawn from (seed, epoch) alone, so
+    every rank and every resume agree on the global batch of a step."""
+    n = len(examples)
+    idx = [epoch_order(seed, k // n, n)[k % n] for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)]
+    per_rank = cfg.batch_size // run.world_size
+    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
+    size = per_rank // cfg.grad_accum
+    return [collate([examples[i] for i in mine[j:j + size]], pad, run.device) for j in range(0, per_rank, size)]
+
+
+def lm_loss(model, batch):
+    x, y = batch
+    return model(x, y)[1]
+
+
+@torch.no_grad()
+def val_loss(model, examples, pad, run):
+    model.eval()
+    losses = [lm_loss(model, collate(examples[i:i + 64], pad, run.device)).item()
+              for i in range(run.rank * 64, len(examples), 64 * run.world_size)]
+    model.train()
+    return runtime.all_reduce_mean(sum(losses) / max(1, len(losses)), run)
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    base = runtime.load_checkpoint(os.path.join(cfg.init_from, "ckpt.pt"), made_by="python pretrain.py")
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    if base.get("tokenizer") != enc.name:
+        raise runtime.UserError(f"{cfg.init_from}/ckpt.pt was trained with tokenizer {base.get('tokenizer')}, but "
+                                f"{cfg.data_dir} holds {enc.name}: rerun pretrain.py on this data")
+    mconf = GPTConfig(**base["model_config"])
+    pad = enc.encode_single_token("<|endoftext|>")
+    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, mconf.block_size)
+    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, mconf.block_size)
+
+    raw_model = GPT(mconf).to(run.device)
+    raw_model.load_state_dict(base["model"])
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               run.device_type)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = runtime.wrap(raw_model, run, cfg.compile)
+    print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
+           f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); {run.world_size} process(es) on {run.device}")
+    log = runtime.Logger(cfg.out_dir, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    val_l = val_loss(model, val, pad, run)
+    print0(f"validation loss before SFT: {val_l:.4f}")
+
+    while step < cfg.max_steps:
+        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        batches = micro_batches(train, step, cfg.seed, cfg, run, pad)
+        loss = runtime.accumulate(model, batches, lm_loss, run)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
+        tokens = sum(x.numel() for x, _ in batches) * run.world_size
+        log.step(step - 1, tokens, **metrics)
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+            runtime.save_checkpoint(ckpt_path, dict(
+                stage="sft", model=raw_model.state_dict(), model_config=asdict(mconf), config=asdict(cfg),
+                step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name, val_loss=val_l))
+    print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
+    runtime.teardown(run)
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

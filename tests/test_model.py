@@ -1,0 +1,303 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (IGNORE_INDEX, GPT, GPTConfig, KVCache, ScalarGPT, attention_mask,
+                   sample_next_token, token_entropy, token_logprobs)
+
+CFG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64)
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
+
+
+def make_model(seed=0, **overrides):
+    """A tiny GPT with large random weights. The standard 0.02 init plus weight tying makes a
+    fresh model greedily repeat its last token forever; bigger weights give varied outputs,
+    so that comparisons between generation paths actually test something."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**CFG, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def left_pad(seqs, pad=0):
+    T = max(map(len, seqs))
+    idx = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
+    mask = torch.tensor([[False] * (T - len(s)) + [True] * len(s) for s in seqs])
+    return idx, mask
+
+
+def test_left_padded_forward_is_finite_everywhere():
+    # a pad query has no real key before it; it must still attend to itself, or its softmax
+    # row is empty and NaN would reach logits (and any loss computed over them)
+    model = make_model()
+    idx, mask = left_pad(PROMPTS)
+    logits, _ = model(idx, attn_mask=mask)
+    assert torch.isfinite(logits).all()
+    allowed = attention_mask(mask, idx.size(1))  # (B, 1, T, T)
+    assert allowed.shape == (len(PROMPTS), 1, idx.size(1), idx.size(1))
+    assert allowed.any(dim=-1).all()
+    # real queries see exactly the real keys at or before them
+    B, T = idx.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    real = mask[:, :, None] & mask[:, None, :] & causal  # (B, T, T)
+    assert torch.equal(allowed[:, 0][mask], real[mask])
+
+
+def test_generation_is_not_trivial():
+    # guards the other tests: a model that just repeats one token would make them vacuous
+    tokens, _ = make_model().generate(PROMPTS, 16, temperature=0)
+    assert all(len(set(row.tolist())) > 2 for row in tokens)
+
+
+def test_kv_cache_greedy_matches_recompute():
+    model = make_model()
+    a, a_mask = model.generate(PROMPTS, 20, temperature=0, use_cache=True)
+    b, b_mask = model.generate(PROMPTS, 20, temperature=0, use_cache=False)
+    assert a.shape == (len(PROMPTS), 20)
+    assert torch.equal(a, b) and torch.equal(a_mask, b_mask) and a_mask.all()
+
+
+def test_kv_cache_logits_match_full_forward():
+    # prefill a left-padded batch, then decode one token at a time through the cache; every
+    # step's logits must equal the full forward pass over the whole sequence
+    model = make_model()
+    idx, mask = left_pad(PROMPTS)
+    B, P = idx.shape
+    cont = torch.randint(0, CFG["vocab_size"], (B, 6))
+    full_idx = torch.cat([idx, cont], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(cont, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        ref, _ = model(full_idx, attn_mask=full_mask)  # (B, P+6, V)
+        cache = KVCache(CFG["n_layer"], B, full_idx.size(1), device="cpu")
+        steps = [model(idx, attn_mask=mask, cache=cache)[0]]
+        for t in range(cont.size(1)):
+            steps.append(model(cont[:, t:t + 1], cache=cache)[0])
+    got = torch.cat(steps, dim=1)
+    real = full_mask  # pad positions are garbage by design; compare real tokens only
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert cache.length == full_idx.size(1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(top_k=5), dict(top_p=0.8),
+                                    dict(temperature=0.7, top_k=10, top_p=0.9)])
+def test_seeded_sampling_same_with_and_without_cache(kwargs):
+    model = make_model()
+    out = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(123)
+        out.append(model.generate(PROMPTS, 16, generator=gen, use_cache=use_cache, **kwargs)[0])
+    assert torch.equal(out[0], out[1])
+    gen = torch.Generator().manual_seed(124)  # and the seed matters
+    assert not torch.equal(out[0], model.generate(PROMPTS, 16, generator=gen, **kwargs)[0])
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    model = make_model()
+    batch, _ = model.generate(PROMPTS, 12, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        alone, _ = model.generate([p], 12, temperature=0)
+        assert torch.equal(batch[i], alone[0]), f"row {i}"
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = make_model()
+    greedy, _ = model.generate(PROMPTS, 10, temperature=0)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(PROMPTS, 10, top_k=1, generator=gen)[0], greedy)
+    assert torch.equal(model.generate(PROMPTS, 10, top_p=1e-6, generator=gen)[0], greedy)
+    # a tiny temperature sharpens the distribution onto the argmax
+    assert torch.equal(model.generate(PROMPTS, 10, temperature=1e-4, generator=gen)[0], greedy)
+
+
+def test_sample_next_token_filters():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_k=2 and top_p=0.6 both keep tokens {0, 1}
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(2000, 4)
+    gen = torch.Generator().manual_seed(0)
+    for kw in (dict(top_k=2), dict(top_p=0.6)):
+        tok = sample_next_token(logits, generator=gen, **kw)
+        assert set(tok.tolist()) == {0, 1}
+    tok = sample_next_token(logits, generator=gen)
+    assert set(tok.tolist()) == {0, 1, 2, 3}
+    frac0 = (tok == 0).float().mean().item()
+    assert abs(frac0 - 0.5) < 0.05
+
+
+def test_token_logprobs_padding_invariance():
+    model = make_model()
+    torch.manual_seed(1)
+    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (5, 9, 12)]
+    with torch.no_grad():
+        alone = [token_logprobs(model(torch.tensor([s]))[0], torch.tensor([s]))[0] for s in seqs]
+        # right padding: no mask needed, real positions come first
+        T = max(map(len, seqs))
+        right = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        rmask = torch.tensor([[True] * len(s) + [False] * (T - len(s)) for s in seqs])
+        lp_right = token_logprobs(model(right)[0], right, rmask)
+        # left padding: needs the attention mask (and positions derived from it)
+        left, lmask = left_pad(seqs)
+        lp_left = token_logprobs(model(left, attn_mask=lmask)[0], left, lmask)
+    for i, s in enumerate(seqs):
+        n = len(s) - 1
+        torch.testing.assert_close(lp_right[i, :n], alone[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lp_left[i, T - 1 - n:], alone[i], atol=1e-5, rtol=0)
+        pad = T - len(s)
+        assert (lp_right[i, n:] == 0).all()  # predicted token is padding
+        # entry pad-1 predicts the first real token from pads only: meaningless but not masked
+        assert (lp_left[i, :max(pad - 1, 0)] == 0).all()
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 0.0, 0.0]]])  # (1, 3, 3)
+    tokens = torch.tensor([[0, 2, 1]])
+
+    def logp(row, j, temp=1.0):  # written out: log(exp(z_j/t) / sum_k exp(z_k/t))
+        return math.log(math.exp(row[j] / temp) / sum(math.exp(z / temp) for z in row))
+
+    out = token_logprobs(logits, tokens)
+    assert out.dtype == torch.float32 and out.shape == (1, 2)
+    expected = torch.tensor([[logp([0, 1, 2], 2), logp([1, 1, 1], 1)]])
+    torch.testing.assert_close(out, expected)
+    out = token_logprobs(logits, tokens, temperature=2.0)
+    expected = torch.tensor([[logp([0, 1, 2], 2, 2.0), logp([1, 1, 1], 1, 2.0)]])
+    torch.testing.assert_close(out, expected)
+    # mask[:, 1:] False -> that predicted token's logprob is zeroed
+    out = token_logprobs(logits, tokens, mask=torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(out, torch.tensor([[logp([0, 1, 2], 2), 0.0]]))
+    # bf16 logits still give float32 results
+    assert token_logprobs(logits.bfloat16(), tokens).dtype == torch.float32
+
+
+def test_token_entropy():
+    uniform = torch.zeros(2, 5, 7)
+    ent = token_entropy(uniform)
+    assert ent.shape == (2, 4) and ent.dtype == torch.float32
+    torch.testing.assert_close(ent, torch.full((2, 4), math.log(7)))
+    peaked = torch.tensor([[[100.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(token_entropy(peaked), torch.zeros(1, 1), atol=1e-6, rtol=0)
+    masked = token_entropy(uniform, mask=torch.tensor([[True, True, False, True, False]] * 2))
+    assert masked[0].tolist() == pytest.approx([math.log(7), 0.0, math.log(7), 0.0])
+
+
+def test_stop_token_rows_stop_independently_and_early_exit():
+    model = make_model()
+    p0 = PROMPTS[1]
+    ref, _ = model.generate([p0], 16, temperature=0)
+    ref = ref[0].tolist()
+    # row 1 is row 0 three tokens further on, so greedy row 1 continues with ref[3:]
+    stop = ref[3]
+    j0, j1 = ref.index(stop), 0  # step at which each row emits the stop token
+    assert j0 != j1, "pick another seed: the rows should stop at different steps"
+    for use_cache in (True, False):
+        tokens, mask = model.generate([p0, p0 + ref[:3]], 16, temperature=0, stop_token=stop,
+                                      pad_token=63, use_cache=use_cache)
+        assert tokens.shape == (2, max(j0, j1) + 1)  # ended early: every row stopped
+        assert tokens[0, :j0 + 1].tolist() == ref[:j0 + 1]
+        assert tokens[1, :j1 + 1].tolist() == ref[3:3 + j1 + 1]
+        assert (tokens[1, j1 + 1:] == 63).all()
+        assert mask[0].tolist() == [True] * (j0 + 1)
+        assert mask[1].tolist() == [True] * (j1 + 1) + [False] * (j0 - j1)
+
+
+def test_stop_token_row_that_never_stops_runs_full_length():
+    model = make_model()
+    ref, _ = model.generate(PROMPTS, 10, temperature=0)
+    stop = ref[0, 2].item()
+    tokens, mask = model.generate(PROMPTS, 10, temperature=0, stop_token=stop, pad_token=0)
+    assert tokens.shape == ref.shape  # some row never emits stop (checked below)
+    never = [i for i in range(len(PROMPTS)) if stop not in ref[i].tolist()]
+    assert never, "pick another stop token: every row stops"
+    for i in range(len(PROMPTS)):
+        row = ref[i].tolist()
+        n = row.index(stop) + 1 if stop in row else len(row)
+        assert tokens[i, :n].tolist() == row[:n] and (tokens[i, n:] == 0).all()
+        assert mask[i].tolist() == [True] * n + [False] * (len(row) - n)
+
+
+def test_generate_argument_errors():
+    model = make_model()  # block_size 64
+    with pytest.raises(ValueError, match="block_size") as err:
+        model.generate([[1] * 50, [2]], 20)
+    assert "50" in str(err.value) and "20" in str(err.value) and "64" in str(err.value)
+    model.generate([[1] * 44], 20)  # exactly fills the context: fine
+    with pytest.raises(ValueError):
+        model.generate([], 5)
+    with pytest.raises(ValueError):
+        model.generate([[1, 2], []], 5)
+
+
+def test_generate_restores_training_mode():
+    model = make_model(dropout=0.1).train()
+    model.generate(PROMPTS, 3)
+    assert model.training
+
+
+def test_configure_optimizers_groups():
+    model = make_model(bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    params = list(model.parameters())  # yields the tied wte/lm_head tensor once
+    assert {id(p) for p in decay["params"]} == {id(p) for p in params if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in params if p.dim() < 2}
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) == len(params)
+    assert grouped.count(id(model.lm_head.weight)) == 1
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_num_params_and_flops():
+    model = make_model()
+    C, V, L, T = 32, 64, 2, 64
+    per_layer = 2 * C + 12 * C * C  # two LayerNorm gains (no bias) + attention + MLP
+    expected = V * C + L * per_layer + C  # tied embedding, blocks, final LayerNorm
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=False) == expected + T * C
+    assert model.flops_per_token(T) == 6 * expected + 12 * L * 2 * 16 * T
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="n_embd.*n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+def test_forward_loss_matches_manual_cross_entropy():
+    model = make_model()
+    idx = torch.randint(0, 64, (3, 10))
+    targets = torch.randint(0, 64, (3, 10))
+    targets[0, :4] = IGNORE_INDEX
+    targets[2, 7:] = IGNORE_INDEX
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 10, 64)
+    keep = targets != IGNORE_INDEX
+    manual = -F.log_softmax(logits.double(), -1)[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(loss.double(), manual, atol=1e-5, rtol=1e-5)
+    assert model(idx)[1] is None
+
+
+def test_scalar_gpt():
+    lm = make_model()
+    rm = ScalarGPT.from_lm(lm)
+    idx, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(rm.hidden(idx, attn_mask=mask), lm.hidden(idx, attn_mask=mask),
+                                   atol=0, rtol=0)
+        out = rm(idx, attn_mask=mask)
+    assert out.shape == idx.shape and out.dtype == torch.float32
+    assert (out == 0).all()  # zero-initialised head: no preference before training
+    # the trunk is a copy, not shared
+    assert rm.transformer.wte.weight.data_ptr() != lm.transformer.wte.weight.data_ptr()
+    # a language-model state dict loads with only the score head missing
+    fresh = ScalarGPT(lm.config)
+    missing, unexpected = fresh.load_state_dict(lm.state_dict(), strict=False)
+    assert sorted(missing) == ["score.bias", "score.weight"] and unexpected == []
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    # scores reach the trunk: gradients flow once the head is non-zero
+    with torch.no_grad():
+        fresh.score.weight.normal_()
+    fresh(idx).sum().backward()
+    assert fresh.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0

@@ -1,0 +1,117 @@
+"""The embedded world: gold scorer on hand-made answers, raters' probabilities,
+held-out splits kept out of training data, determinism."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+
+from data import world as W
+
+ROOT = __import__("conftest").ROOT
+
+
+def task(kind, *args):
+    t = W.Task(kind, args, W.TEMPLATES[kind][0].format(*((" ".join(map(str, args)),) if kind == "sort" else args)))
+    return t
+
+
+@pytest.mark.parametrize("t", [task("add", 38, 47), task("sub", 47, 38), task("larger", 73, 58),
+                               task("smaller", 73, 58), task("sort", 9, 4, 7, 1), task("reverse", "planet"),
+                               task("count", "planet"), task("capital", "Peru"), task("opposite", "hot")])
+def test_ideal_answer_scores_full_marks(t):
+    g = W.grade(t, W.ideal_answer(t), ended=True)
+    assert g["correct"] and g["format"] and g["gold"] == pytest.approx(1.5)
+
+
+def test_gold_by_hand():
+    t = task("add", 38, 47)
+    assert W.ideal_answer(t) == "38 + 47 = 85."
+    # preamble: -0.4, and 2 words beyond the ideal 5: -0.04
+    assert W.gold(t, "Great question! 38 + 47 = 85.", True) == pytest.approx(1.5 - 0.4 - 0.04)
+    # wrong answer in the right format: format only
+    assert W.gold(t, "38 + 47 = 84.", True) == pytest.approx(0.5)
+    # right answer but no end token: neither correct nor formatted
+    assert W.gold(t, "38 + 47 = 85.", False) == pytest.approx(0.0)
+    # hedge: -0.2, 2 extra words
+    assert W.gold(t, "I think 38 + 47 = 85.", True) == pytest.approx(1.5 - 0.2 - 0.04)
+    # correct value, wrong form
+    g = W.grade(t, "85", True)
+    assert g["correct"] and not g["format"] and g["gold"] == pytest.approx(1.0)
+    # repetition: said twice
+    g = W.grade(t, "38 + 47 = 85. 38 + 47 = 85.", True)
+    assert g["repetition"] and g["gold"] == pytest.approx(1.5 - 0.5 - 0.1)
+    # restating the question
+    g = W.grade(t, "You asked: What is 38 + 47? 38 + 47 = 85.", True)
+    assert g["restate"] and g["correct"] and g["format"]
+
+
+def test_spelling_and_facts_extraction():
+    r = task("reverse", "planet")
+    assert W.answer_value(r) == "t-e-n-a-l-p"
+    assert not W.grade(r, "p-l-a-n-e-t", True)["correct"]
+    assert not W.grade(r, "The answer is t-e-n-a-l-p", True)["format"]
+    assert W.grade(r, "t-e-n-a-l-p t-e-n-a-l-p", True)["repetition"]
+    c = task("capital", "Tunisia")  # the capital's name is inside the country's
+    assert W.grade(c, "The capital of Tunisia is Tunis.", True)["correct"]
+    assert not W.grade(c, "The capital of Tunisia is Lima.", True)["correct"]
+    s = task("sort", 0, 0, 0, 0, 0)
+    assert not W.grade(s, "0 0 0 0 0", True)["repetition"]  # equal digits are not repetition
+
+
+def test_rater_pair_marginals_are_bradley_terry():
+    """Plackett-Luce rankings by Gumbel sorting: every pair's marginal is sigmoid(u_a - u_b)."""
+    rng = random.Random(0)
+    u = [1.0, 0.2, -0.5, 0.6]
+    n, above = 40000, [[0] * 4 for _ in range(4)]
+    for _ in range(n):
+        pos = {i: p for p, i in enumerate(W.rater_ranking(rng, u))}
+        for a in range(4):
+            for b in range(4):
+                above[a][b] += pos[a] < pos[b]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert above[a][b] / n == pytest.approx(W.pair_probability(u[a], u[b]), abs=0.01)
+
+
+def test_rater_utility_by_hand():
+    t = task("add", 38, 47)
+    rc = W.RaterConfig(k=2.0, b_len=0.1, b_style=1.0)
+    text = "Great question! 38 + 47 = 85."
+    expected = 2.0 * W.gold(t, text, True) + 0.1 * 7 + 1.0
+    assert W.rater_utility(t, text, True, rc) == pytest.approx(expected)
+    assert W.pair_probability(1.0, 0.0) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_splits_are_disjoint_and_fixed():
+    rng = random.Random(1)
+    for kind in W.KINDS:
+        for _ in range(50):
+            t = W.sample_task(rng, kind, "heldout")
+            assert W.split_of(kind, t.args) == "heldout"
+    # add and sub of the same operands share a split
+    assert W.split_of("add", (47, 38)) == W.split_of("sub", (47, 38)) == W.split_of("add", (38, 47))
+
+
+def test_prepare_is_deterministic_and_keeps_heldout_out(tmp_path):
+    args = ["--n_docs=300", "--vocab_size=300", "--n_sft=60", "--n_prefs=30", "--n_rl=30", "--n_eval=2"]
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path / name}", *args], cwd=ROOT,
+                       check=True, capture_output=True)
+    for f in ("corpus.txt", "tokenizer.tiktoken", "train.bin", "sft_train.jsonl", "prefs_train.jsonl", "eval.jsonl"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    training = []
+    for f in ("sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl"):
+        training += [json.loads(line) for line in (tmp_path / "a" / f).read_text().splitlines()]
+    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "train" for r in training)
+    evals = [json.loads(line) for line in (tmp_path / "a" / "eval.jsonl").read_text().splitlines()]
+    assert len(evals) == 2 * len(W.KINDS)
+    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "heldout" for r in evals)
+    prefs = [json.loads(line) for line in (tmp_path / "a" / "prefs_train.jsonl").read_text().splitlines()]
+    assert all(sorted(p["ranking"]) == [0, 1, 2, 3] and len(p["responses"]) == 4 for p in prefs)
+    # held-out number questions never appear in the corpus
+    corpus = (tmp_path / "a" / "corpus.txt").read_text()
+    assert not any(r["prompt"] in corpus for r in evals if r["family"] in ("arithmetic", "comparison", "sorting"))
