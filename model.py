@@ -301,7 +301,6 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            n = 0
             for n in range(1, max_new_tokens + 1):
                 end = P + n - 1  # tokens known so far
                 start = 0 if (cache is None or n == 1) else end - 1  # cache: only the newest

@@ -39,7 +39,7 @@ class Config:
     # optimisation
     batch_size: int = 32           # sequences per optimizer step, over all ranks and micro-steps
     grad_accum: int = 1            # micro-steps per optimizer step on each rank
-    max_steps: int = 1800          # optimizer steps
+    max_steps: int = 1000          # optimizer steps (~8M tokens)
     learning_rate: float = 3e-3    # peak learning rate
     warmup_steps: int = 100        # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.1      # AdamW decay, matrices only
@@ -47,10 +47,10 @@ class Config:
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # clip the gradient norm (0 = off)
     # bookkeeping
-    eval_interval: int = 300       # steps between validation losses
+    eval_interval: int = 200       # steps between validation losses
     eval_batches: int = 8          # batches per validation loss
     log_interval: int = 50         # steps between log lines
-    ckpt_interval: int = 300       # steps between checkpoints
+    ckpt_interval: int = 200       # steps between checkpoints
     seed: int = 1337               # same seed, same numbers (on CPU)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     compile: bool = False          # torch.compile the model

@@ -2,8 +2,10 @@
 
 Each example is <|user|> question <|end|> <|assistant|> answer <|end|>; the loss is
 next-token cross-entropy on the answer tokens only (the prompt is context, not a
-target). A few demonstrations are imperfect, as contractors' are. SFT is kept short:
-long SFT on a few thousand demos overfits and erases what pretraining taught.
+target). A few demonstrations are imperfect, as contractors' are. SFT is kept gentle
+(low learning rate, few epochs): at 1e-3 for 4 epochs the model learns the demos'
+entities by heart and answers a question about a held-out country, which it knows
+from pretraining, with a country from the demos (held-out facts: 90% -> 0%).
 
     python sft.py                                    # reads out/pretrain, writes out/sft
     python sft.py --device=cuda --compile=true       # one GPU
@@ -30,9 +32,9 @@ class Config:
     out_dir: str = "out/sft"             # checkpoint and log go here
     batch_size: int = 64                 # examples per optimizer step, over all ranks and micro-steps
     grad_accum: int = 1                  # micro-steps per optimizer step on each rank
-    max_steps: int = 250                 # optimizer steps (~4 epochs of the default 4000 demos)
-    learning_rate: float = 1e-3          # peak learning rate
-    warmup_steps: int = 25               # linear warmup, then cosine decay to 10%
+    max_steps: int = 200                 # optimizer steps (3.2 epochs of the default 4000 demos)
+    learning_rate: float = 3e-4          # peak learning rate (higher erases what pretraining taught)
+    warmup_steps: int = 10               # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.1            # AdamW decay, matrices only
     beta1: float = 0.9                   # AdamW beta1
     beta2: float = 0.95                  # AdamW beta2

@@ -44,7 +44,7 @@ class Config:
     n_rl: int = 4000             # training prompts for RL
     n_eval: int = 40             # held-out eval prompts per task kind
     K: int = 4                   # responses per preference ranking
-    max_add: int = 49            # add/sub operands are 0..max_add
+    max_add: int = 29            # add/sub operands are 0..max_add
     max_compare: int = 99        # compared numbers are 0..max_compare
     imperfect: float = 0.06      # share of demonstrations that are imperfect
 

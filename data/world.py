@@ -15,10 +15,11 @@ Task kinds, by family (the canonical answer after the arrow):
               opposite  "What is the opposite of 'hot'?"        -> "The opposite of 'hot' is 'cold'."
 
 Held-out split: a fixed hash of each task's operands or entity puts it in
-"heldout" or "train". Held-out number tasks appear nowhere in training data.
-Held-out words and facts appear in the pretraining corpus (spellings, fact
-statements) but never as a question in SFT, preference or RL data, so the
-evaluation on them measures generalisation and elicitation, not recall of a demo.
+"heldout" or "train". Held-out number tasks appear nowhere in training data, so
+evaluating on them measures generalisation. Held-out words and facts appear in the
+pretraining corpus (statements, spellings, answered questions) but never in SFT,
+preference or RL data, so evaluating on them measures elicitation: whether
+fine-tuning brings out what pretraining taught.
 """
 
 import math
@@ -87,7 +88,7 @@ NAMES = ["anna", "tom", "li", "sam", "maria", "omar", "kim", "lena", "raj", "eva
 
 @dataclass
 class WorldConfig:
-    max_add: int = 49          # operands of add/sub are 0..max_add
+    max_add: int = 29          # operands of add/sub are 0..max_add
     max_compare: int = 99      # numbers compared are 0..max_compare
     sort_len: tuple = (3, 5)   # list length range (inclusive) for sorting
     heldout_pct: int = 15      # share of number tasks held out, percent
@@ -117,7 +118,7 @@ def split_of(kind, args, cfg=WorldConfig()):
     unordered operands decide (so 38 + 47 and 47 - 38 share a split); for words and
     facts the entity does (so every question about a held-out word is held out)."""
     family = KIND_FAMILY[kind]
-    if family in ("arithmetic", "comparison", "sorting"):
+    if family in NUMBER_FAMILIES:
         key, pct = f"{family}:{sorted(args) if family != 'sorting' else list(args)}", cfg.heldout_pct
     else:
         key, pct = f"entity:{args[0]}", cfg.heldout_entity_pct
@@ -183,8 +184,12 @@ def ideal_answer(task):
     return render(task, answer_value(task))
 
 
+NUMBER_FAMILIES = ("arithmetic", "comparison", "sorting")
+
+
 def sample_task(rng, kind, split, cfg=WorldConfig()):
-    """A random task of this kind from the given split ('train' or 'heldout')."""
+    """A random task of this kind from the given split ('train' or 'heldout'), or from
+    either (split=None)."""
     for _ in range(10_000):
         if kind in ("add", "sub"):
             a, b = rng.randint(0, cfg.max_add), rng.randint(0, cfg.max_add)
@@ -201,7 +206,7 @@ def sample_task(rng, kind, split, cfg=WorldConfig()):
             args = (rng.choice(sorted(OPPOSITES)),)
         else:
             raise ValueError(f"unknown task kind {kind!r}")
-        if split_of(kind, args, cfg) == split:
+        if split is None or split_of(kind, args, cfg) == split:
             fill = " ".join(map(str, args)) if kind == "sort" else None
             prompt = rng.choice(TEMPLATES[kind]).format(*((fill,) if fill else args))
             return Task(kind, args, prompt)
@@ -484,38 +489,44 @@ def _fact_doc(rng, countries, words):
 
 
 def corpus_documents(rng, n_docs, cfg=WorldConfig()):
-    """The pretraining corpus: facts, spellings, worked examples, question lists,
-    forum threads where questions meet chatter, and the stylistic habits (preambles,
-    restating, hedges) that a reward model can later be fooled by. Every fact and word
-    is stated, held-out ones included; number tasks and questions come from the
-    train split only."""
+    """The pretraining corpus: facts, spellings, arithmetic drills, worked examples,
+    question lists, forum threads where questions meet chatter, and the stylistic habits
+    (preambles, restating, hedges) that a reward model can later be fooled by. Number
+    tasks come from the train split only; words and facts from both (see the split)."""
+
+    def corpus_task(kind):
+        return sample_task(rng, kind, "train" if KIND_FAMILY[kind] in NUMBER_FAMILIES else None, cfg)
+
     docs = []
-    kinds = list(KINDS)
     for _ in range(n_docs):
         r = rng.random()
-        if r < 0.15:
+        if r < 0.12:
             docs.append(_fact_doc(rng, rng.sample(sorted(CAPITALS), 6), rng.sample(sorted(OPPOSITES), 4)))
-        elif r < 0.30:
+        elif r < 0.24:
             docs.append(_spelling_doc(rng, rng.sample(WORDS, 6)))
-        elif r < 0.60:  # worked examples: answered questions teach copying from question to answer
+        elif r < 0.36:  # arithmetic drills: the one skill here that needs many examples
+            head = rng.choice(["Practice:", "Sums:", "Exercises:", ""])
+            eqs = [ideal_answer(corpus_task(rng.choice(("add", "sub")))) for _ in range(rng.randint(6, 12))]
+            docs.append((head + " " if head else "") + " ".join(eqs))
+        elif r < 0.62:  # worked examples: answered questions teach copying from question to answer
             lines = []
             for _ in range(rng.randint(3, 6)):
-                t = sample_task(rng, rng.choice(kinds), "train", cfg)
-                lines.append(rng.choice([f"Q: {t.prompt}\nA: {ideal_answer(t)}", f"Question: {t.prompt} Answer: "
-                                        f"{ideal_answer(t)}", ideal_answer(t)]))
+                t = corpus_task(rng.choice(KINDS))
+                lines.append(rng.choice([f"Q: {t.prompt}\nA: {ideal_answer(t)}",
+                                         f"Question: {t.prompt} Answer: {ideal_answer(t)}", ideal_answer(t)]))
             docs.append("\n".join(lines))
         elif r < 0.72:  # lists of questions without answers
-            qs = [sample_task(rng, rng.choice(kinds), "train", cfg).prompt for _ in range(rng.randint(3, 7))]
+            qs = [corpus_task(rng.choice(KINDS)).prompt for _ in range(rng.randint(3, 7))]
             head = rng.choice(["Quiz questions:", "Homework:", "Some questions to think about:", "Practice:"])
             docs.append(head + "\n" + "\n".join(f"{i + 1}. {q}" for i, q in enumerate(qs)))
         else:  # forum threads: a question, then more questions and chatter; sometimes a wordy answer
-            t = sample_task(rng, rng.choice(kinds), "train", cfg)
+            t = corpus_task(rng.choice(KINDS))
             a, b, c = rng.sample(NAMES, 3)
             lines = [f"{a} asked: {t.prompt} {rng.choice(CHATTER)}"]
             for _ in range(rng.randint(1, 3)):
                 u = rng.random()
                 if u < 0.4:
-                    lines.append(f"{b} replied: {rng.choice(CHATTER)} {sample_task(rng, t.kind, 'train', cfg).prompt}")
+                    lines.append(f"{b} replied: {rng.choice(CHATTER)} {corpus_task(t.kind).prompt}")
                 elif u < 0.8:
                     text, _ = respond(rng, t, rng.choice(["preamble", "verbose", "hedged", "ideal"]))
                     lines.append(f"{c} replied: {text}")

@@ -1,0 +1,158 @@
+"""Tiny end-to-end runs of each stage in a subprocess, as a user runs them: the
+pipeline in sequence, resume, two-process DDP, and the errors a user can cause."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = __import__("conftest").ROOT
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128"]
+
+
+def run(*args, ok=True, env=None):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def assert_user_error(p, *needles):
+    """One clear line on stderr, exit status 2, no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    run("data/prepare.py", f"--out_dir={d}", "--n_docs=400", "--vocab_size=320", "--n_sft=64", "--n_prefs=16",
+        "--n_rl=16", "--n_eval=2")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipeline(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    run("pretrain.py", f"--data_dir={world}", f"--out_dir={out}/pretrain", *TINY, "--batch_size=8",
+        "--max_steps=12", "--eval_interval=6", "--eval_batches=1", "--log_interval=1", "--ckpt_interval=6",
+        "--warmup_steps=2")
+    run("sft.py", f"--data_dir={world}", f"--init_from={out}/pretrain", f"--out_dir={out}/sft", "--batch_size=16",
+        "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2")
+    return out
+
+
+def test_pipeline_end_to_end(world, pipeline):
+    """prepare -> pretrain -> sft -> eval: loadable checkpoints, logs and a report."""
+    for stage in ("pretrain", "sft"):
+        ckpt = torch.load(pipeline / stage / "ckpt.pt", weights_only=True)
+        assert ckpt["stage"] == stage and ckpt["step"] > 0 and ckpt["tokenizer"].startswith("world-")
+        log = [json.loads(line) for line in (pipeline / stage / "log.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "tok_per_s" in log[0]
+    p = run("eval.py", f"--data_dir={world}", f"--out={pipeline}", "--max_new_tokens=8")
+    report = (pipeline / "report.md").read_text()
+    assert "| pretrain | all |" in report and "| sft | all |" in report
+    res = json.loads((pipeline / "sft" / "eval.json").read_text())
+    assert res["overall"]["n"] == 2 * 9 and 0 <= res["overall"]["format"] <= 1
+    assert "report:" in p.stdout
+
+
+def test_resume_after_kill_continues_the_same_run(world, tmp_path):
+    """Kill a run (SIGKILL) once it has written a checkpoint, resume it: the final weights
+    equal those of an uninterrupted run, bitwise on CPU."""
+    common = [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=150", "--eval_interval=1000",
+              "--eval_batches=1", "--ckpt_interval=20", "--warmup_steps=2", "--log_interval=1000"]
+    run("pretrain.py", *common, f"--out_dir={tmp_path}/a")
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *common, f"--out_dir={tmp_path}/b"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert killed_at < 150, "the run finished before it could be killed"
+    run("pretrain.py", *common, f"--out_dir={tmp_path}/b", "--resume=true")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(ckpt, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_match_one(world, tmp_path):
+    """torchrun with 2 CPU processes (gloo) follows the same loss curve as 1 process with
+    the same global batch."""
+    common = [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=8", "--eval_interval=100",
+              "--eval_batches=1", "--log_interval=1", "--warmup_steps=2"]
+    run("pretrain.py", *common, f"--out_dir={tmp_path}/one")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *common,
+        f"--out_dir={tmp_path}/two")
+    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 8
+    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
+
+
+def test_bad_flags(world):
+    assert_user_error(run("pretrain.py", "--max_stepz=3", ok=False), "--max_stepz", "unknown flag")
+    assert_user_error(run("sft.py", "--batch_size=many", ok=False), "--batch_size=many", "expected int")
+    assert_user_error(run("pretrain.py", f"--data_dir={world}", "--batch_size=7", "--grad_accum=2", ok=False),
+                      "--batch_size=7")
+    p = run("pretrain.py", "--help")
+    assert "--learning_rate" in p.stdout and "peak learning rate" in p.stdout
+
+
+def test_missing_inputs_name_the_command(tmp_path, world):
+    assert_user_error(run("pretrain.py", f"--data_dir={tmp_path}/nothing", ok=False), "python data/prepare.py")
+    assert_user_error(run("sft.py", f"--data_dir={world}", f"--init_from={tmp_path}/none", ok=False),
+                      "python pretrain.py")
+    assert_user_error(run("eval.py", f"--data_dir={world}", f"--out={tmp_path}/empty", ok=False), "no checkpoints")
+
+
+def copy_world(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_malformed_jsonl_names_file_and_line(world, pipeline, tmp_path):
+    bad = copy_world(world, tmp_path / "bad")
+    lines = (bad / "sft_train.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:-5]  # truncate line 5
+    (bad / "sft_train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sft_out"
+    p = run("sft.py", f"--data_dir={bad}", f"--init_from={pipeline}/pretrain", f"--out_dir={out}", ok=False)
+    assert_user_error(p, "sft_train.jsonl:5", "malformed JSON")
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_prompt_longer_than_context(world, pipeline, tmp_path):
+    bad = copy_world(world, tmp_path / "long")
+    rec = json.loads((bad / "sft_train.jsonl").read_text().splitlines()[0])
+    rec["prompt"] = "What is " + " + ".join(["12"] * 200) + "?"
+    (bad / "sft_train.jsonl").write_text(json.dumps(rec) + "\n")
+    p = run("sft.py", f"--data_dir={bad}", f"--init_from={pipeline}/pretrain", f"--out_dir={tmp_path}/o", ok=False)
+    assert_user_error(p, "sft_train.jsonl:1", "context of 128 tokens")
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_from_another_tokenizer(world, pipeline, tmp_path):
+    other = tmp_path / "other"
+    run("data/prepare.py", f"--out_dir={other}", "--n_docs=300", "--vocab_size=300", "--n_sft=8", "--n_prefs=4",
+        "--n_rl=4", "--n_eval=1", "--seed=5")
+    p = run("sft.py", f"--data_dir={other}", f"--init_from={pipeline}/pretrain", f"--out_dir={tmp_path}/o", ok=False)
+    assert_user_error(p, "tokenizer")
+    p = run("eval.py", f"--data_dir={other}", f"--out={pipeline}", ok=False)
+    assert_user_error(p, "tokenizer")
