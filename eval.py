@@ -102,8 +102,8 @@ def main(cfg):
                                       device=run.device)
         results[stage], rows = evaluate(model, enc, records, cfg, run.device)
         samples[stage] = rows
-        with open(os.path.join(cfg.out, stage, "eval.json"), "w") as f:
-            json.dump(results[stage], f, indent=1)
+        runtime.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
+                             lambda f: f.write(json.dumps(results[stage], indent=1).encode()))
         o = results[stage]["overall"]
         print0(f"{stage}: format {o['format']:.0%}, correct {o['correct']:.0%}, gold {o['gold']:.2f} "
                f"({len(records)} held-out prompts, {time.time() - t0:.1f}s)")

@@ -167,17 +167,21 @@ def wrap(model, run, compile=False):
     return model
 
 
-def accumulate(model, micro_batches, loss_fn, run):
-    """Backward through each micro-batch's loss (scaled so the sum is the mean over the
-    global batch). Under DDP gradients are all-reduced once, on the last micro-step.
-    Returns the mean loss over all ranks."""
+def accumulate(model, micro_batches, loss_fn, run, weights=None):
+    """Backward through each micro-batch's loss times its weight, so that the gradients
+    summed over micro-steps and averaged over ranks are those of the global batch's mean
+    loss. The default weights 1/len(micro_batches) suit micro-batches of equal token
+    counts; with ragged batches pass each one's share of the global batch's tokens,
+    times the number of ranks (DDP averages over ranks). Gradients are all-reduced once,
+    on the last micro-step. Returns the global batch's mean loss."""
+    weights = weights or [1.0 / len(micro_batches)] * len(micro_batches)
     total = 0.0
-    for i, batch in enumerate(micro_batches):
+    for i, (batch, w) in enumerate(zip(micro_batches, weights)):
         last = i == len(micro_batches) - 1
         with (model.no_sync() if run.ddp and not last else contextlib.nullcontext()), run.autocast:
             loss = loss_fn(model, batch)
-        (loss / len(micro_batches)).backward()
-        total += loss.item() / len(micro_batches)
+        (loss * w).backward()
+        total += loss.item() * w
     return all_reduce_mean(total, run)
 
 

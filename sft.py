@@ -81,13 +81,19 @@ def epoch_order(seed, epoch, n):
 
 def micro_batches(examples, step, seed, cfg, run, pad):
     """Examples in a fresh random order every epoch, drawn from (seed, epoch) alone, so
-    every rank and every resume agree on the global batch of a step."""
+    every rank and every resume agree on the global batch of a step. Returns this rank's
+    micro-batches and their weights: each one's share of the global batch's answer
+    tokens (times the ranks, which DDP averages over), so the loss is the mean over
+    every answer token of the global batch, however the examples are split."""
     n = len(examples)
     idx = [epoch_order(seed, k // n, n)[k % n] for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)]
+    n_targets = sum(len(examples[i][0]) - examples[i][1] for i in idx)
     per_rank = cfg.batch_size // run.world_size
     mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
     size = per_rank // cfg.grad_accum
-    return [collate([examples[i] for i in mine[j:j + size]], pad, run.device) for j in range(0, per_rank, size)]
+    chunks = [[examples[i] for i in mine[j:j + size]] for j in range(0, per_rank, size)]
+    weights = [sum(len(t) - p for t, p in c) / n_targets * run.world_size for c in chunks]
+    return [collate(c, pad, run.device) for c in chunks], weights
 
 
 def lm_loss(model, batch):
@@ -132,8 +138,8 @@ def main(cfg):
 
     while step < cfg.max_steps:
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        batches = micro_batches(train, step, cfg.seed, cfg, run, pad)
-        loss = runtime.accumulate(model, batches, lm_loss, run)
+        batches, weights = micro_batches(train, step, cfg.seed, cfg, run, pad)
+        loss = runtime.accumulate(model, batches, lm_loss, run, weights)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
         step += 1

@@ -104,6 +104,22 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
 
 
+def test_sft_same_curve_for_any_split_of_the_batch(world, pipeline, tmp_path):
+    """SFT batches are ragged; the loss is the mean over the global batch's answer tokens
+    however it is split: 1 process, 2 micro-steps, or 2 processes under torchrun."""
+    common = [f"--data_dir={world}", f"--init_from={pipeline}/pretrain", "--batch_size=16", "--max_steps=5",
+              "--eval_interval=100", "--log_interval=1", "--warmup_steps=2"]
+    run("sft.py", *common, f"--out_dir={tmp_path}/one")
+    run("sft.py", *common, f"--out_dir={tmp_path}/accum", "--grad_accum=2")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common,
+        f"--out_dir={tmp_path}/two")
+    curves = {k: [json.loads(x)["loss"] for x in (tmp_path / k / "log.jsonl").read_text().splitlines()]
+              for k in ("one", "accum", "two")}
+    assert len(curves["one"]) == 5
+    for k in ("accum", "two"):
+        assert max(abs(x - y) for x, y in zip(curves["one"], curves[k])) < 1e-4, curves
+
+
 def test_bad_flags(world):
     assert_user_error(run("pretrain.py", "--max_stepz=3", ok=False), "--max_stepz", "unknown flag")
     assert_user_error(run("sft.py", "--batch_size=many", ok=False), "--batch_size=many", "expected int")
