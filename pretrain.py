@@ -15,7 +15,7 @@ GPU-sized preset (one GPU, bf16 autocast): --n_layer=12 --n_head=12 --n_embd=768
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ def main(cfg):
     model = runtime.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of {cfg.batch_size} x "
            f"{cfg.block_size} tokens; {run.world_size} process(es) on {run.device}")
-    log = runtime.Logger(cfg.out_dir, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
     peak = runtime.peak_flops(run.device)
     val = float("nan")
@@ -127,9 +127,8 @@ def main(cfg):
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
         log.step(step - 1, cfg.batch_size * cfg.block_size, **metrics)
         if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
-            runtime.save_checkpoint(ckpt_path, dict(
-                stage="pretrain", model=raw_model.state_dict(), model_config=asdict(mconf), config=asdict(cfg),
-                step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name, val_loss=val))
+            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("pretrain", raw_model, cfg, step, optimizer,
+                                                                        enc, val_loss=val))
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

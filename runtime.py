@@ -343,9 +343,10 @@ def read_jsonl(path, fields):
 
 class Logger:
     """A console line every `interval` steps (loss, tokens/s, ETA) and every logged
-    figure in out_dir/log.jsonl, one JSON object per line."""
+    figure in out_dir/log.jsonl, one JSON object per line; the first line of a run (and
+    of each resume) is {"config": ...}."""
 
-    def __init__(self, out_dir, total_steps, interval, master, start_step=0):
+    def __init__(self, out_dir, cfg, total_steps, interval, master, start_step=0):
         self.total, self.interval, self.master, self.start = total_steps, interval, master, start_step
         self.path = os.path.join(out_dir, "log.jsonl")
         self.t0, self.last_t, self.tokens = time.time(), time.time(), 0
@@ -353,6 +354,7 @@ class Logger:
             os.makedirs(out_dir, exist_ok=True)
             if start_step == 0 and os.path.exists(self.path):
                 os.remove(self.path)
+        self.write({"config": dataclasses.asdict(cfg), "start_step": start_step})
 
     def write(self, record):
         if self.master:

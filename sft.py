@@ -15,13 +15,13 @@ from pretraining, with a country from the demos (held-out facts: 90% -> 0%).
 
 import functools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 import runtime
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from model import GPT, GPTConfig, IGNORE_INDEX
+from model import IGNORE_INDEX
 from runtime import print0
 
 
@@ -113,18 +113,13 @@ def val_loss(model, examples, pad, run):
 def main(cfg):
     run = runtime.setup(cfg.seed, cfg.device)
     runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    base = runtime.load_checkpoint(os.path.join(cfg.init_from, "ckpt.pt"), made_by="python pretrain.py")
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    if base.get("tokenizer") != enc.name:
-        raise runtime.UserError(f"{cfg.init_from}/ckpt.pt was trained with tokenizer {base.get('tokenizer')}, but "
-                                f"{cfg.data_dir} holds {enc.name}: rerun pretrain.py on this data")
-    mconf = GPTConfig(**base["model_config"])
+    raw_model, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py", enc,
+                                      device=run.device)
+    raw_model.train()
     pad = enc.encode_single_token("<|endoftext|>")
-    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, mconf.block_size)
-    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, mconf.block_size)
-
-    raw_model = GPT(mconf).to(run.device)
-    raw_model.load_state_dict(base["model"])
+    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, raw_model.config.block_size)
+    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, raw_model.config.block_size)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -132,7 +127,7 @@ def main(cfg):
     model = runtime.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
            f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); {run.world_size} process(es) on {run.device}")
-    log = runtime.Logger(cfg.out_dir, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
 
@@ -148,9 +143,8 @@ def main(cfg):
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, **metrics)
         if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
-            runtime.save_checkpoint(ckpt_path, dict(
-                stage="sft", model=raw_model.state_dict(), model_config=asdict(mconf), config=asdict(cfg),
-                step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name, val_loss=val_l))
+            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("sft", raw_model, cfg, step, optimizer, enc,
+                                                                        val_loss=val_l))
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

@@ -23,7 +23,6 @@ fine-tuning brings out what pretraining taught.
 """
 
 import math
-import random
 import re
 import zlib
 from dataclasses import dataclass

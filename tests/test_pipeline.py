@@ -23,6 +23,10 @@ def run(*args, ok=True, env=None):
     return p
 
 
+def losses(log_path):
+    return [r["loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "loss" in r]
+
+
 def assert_user_error(p, *needles):
     """One clear line on stderr, exit status 2, no traceback."""
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
@@ -58,6 +62,8 @@ def test_pipeline_end_to_end(world, pipeline):
         ckpt = torch.load(pipeline / stage / "ckpt.pt", weights_only=True)
         assert ckpt["stage"] == stage and ckpt["step"] > 0 and ckpt["tokenizer"].startswith("world-")
         log = [json.loads(line) for line in (pipeline / stage / "log.jsonl").read_text().splitlines()]
+        assert log[0]["config"]["out_dir"] == str(pipeline / stage)
+        log = log[1:]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "tok_per_s" in log[0]
     p = run("eval.py", f"--data_dir={world}", f"--out={pipeline}", "--max_new_tokens=8")
     report = (pipeline / "report.md").read_text()
@@ -98,8 +104,7 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     run("pretrain.py", *common, f"--out_dir={tmp_path}/one")
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *common,
         f"--out_dir={tmp_path}/two")
-    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
     assert len(one) == len(two) == 8
     assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
 
@@ -113,8 +118,7 @@ def test_sft_same_curve_for_any_split_of_the_batch(world, pipeline, tmp_path):
     run("sft.py", *common, f"--out_dir={tmp_path}/accum", "--grad_accum=2")
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common,
         f"--out_dir={tmp_path}/two")
-    curves = {k: [json.loads(x)["loss"] for x in (tmp_path / k / "log.jsonl").read_text().splitlines()]
-              for k in ("one", "accum", "two")}
+    curves = {k: losses(tmp_path / k / "log.jsonl") for k in ("one", "accum", "two")}
     assert len(curves["one"]) == 5
     for k in ("accum", "two"):
         assert max(abs(x - y) for x, y in zip(curves["one"], curves[k])) < 1e-4, curves
