@@ -24,7 +24,7 @@ import runtime  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PRESETS = {  # name: (model config, sequences per step)
-    "cpu": (GPTConfig(block_size=256, vocab_size=1028, n_layer=4, n_head=4, n_embd=128), 32),
+    "cpu": (GPTConfig(block_size=128, vocab_size=1028, n_layer=4, n_head=4, n_embd=128), 64),
     "gpt2": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768), 16),
     "gpt2-medium": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=24, n_head=16, n_embd=1024), 8),
 }
