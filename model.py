@@ -393,3 +393,38 @@ class ScalarGPT(GPT):
         missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
         assert set(missing) == {"score.weight", "score.bias"} and not unexpected
         return model
+
+
+def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling: str = "last") -> Tensor:
+    """(B, T) per-position scalars of right-padded prompt+response sequences -> (B,).
+    "last": the value at the last real token (the end token when the response ended);
+    "mean": the mean over the response's tokens."""
+    if pooling == "last":
+        return values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+    if pooling == "mean":
+        t = torch.arange(values.size(1), device=values.device)
+        m = (t[None, :] >= prompt_lengths[:, None]) & (t[None, :] < lengths[:, None])  # (B, T) response tokens
+        return (values * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+
+
+class RewardModel(nn.Module):
+    """The trained reward model as its users see it: one or more ScalarGPT members, each
+    normalised by its stored gain and bias (mean 0, std 1 on SFT samples), combined by
+    their mean or, more cautiously, their minimum."""
+
+    def __init__(self, members: list, norms: list, pooling: str = "last", reduce: str = "mean"):
+        super().__init__()
+        if reduce not in ("mean", "min"):
+            raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("norms", torch.tensor(norms, dtype=torch.float32).reshape(-1, 2))  # (M, 2) gain, bias
+        self.pooling, self.reduce = pooling, reduce
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, lengths: Tensor, prompt_lengths: Tensor) -> Tensor:
+        """(B, T) right-padded prompt+response tokens -> (B,) normalised reward."""
+        raw = torch.stack([pool_scores(m(tokens).float(), lengths, prompt_lengths, self.pooling)
+                           for m in self.members])  # (M, B)
+        scores = raw * self.norms[:, :1] + self.norms[:, 1:]
+        return scores.mean(0) if self.reduce == "mean" else scores.min(0).values

@@ -127,6 +127,7 @@ def setup(seed, device="auto"):
 
 def teardown(run):
     if run.ddp:
+        dist.barrier()  # rank 0 may still be writing; a rank that tears down alone aborts gloo
         dist.destroy_process_group()
 
 
@@ -308,6 +309,27 @@ def load_model(path, made_by, enc, cls=None, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def load_reward_model(path, made_by, enc, device="cpu", reduce=None):
+    """The reward model written by reward.py: its members, their normalisation, pooling
+    and (unless overridden) how members are combined. Returns (RewardModel, ckpt)."""
+    from model import GPTConfig, RewardModel, ScalarGPT
+
+    ckpt = load_checkpoint(path, made_by)
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != "reward" or not ckpt.get("members"):
+        raise UserError(f"{path}: not a finished reward-model checkpoint (stage {ckpt.get('stage')!r}): "
+                        f"run `{made_by}`")
+    if ckpt.get("tokenizer") != enc.name:
+        raise UserError(f"{path} was trained with tokenizer {ckpt.get('tokenizer')!r}, but the data uses "
+                        f"{enc.name!r}: retrain it on this data")
+    members = []
+    for sd in ckpt["members"]:
+        m = ScalarGPT(GPTConfig(**ckpt["model_config"]))
+        m.load_state_dict(sd)
+        members.append(m)
+    rm = RewardModel(members, ckpt["norms"], ckpt["config"]["pooling"], reduce or ckpt["config"]["reduce"])
+    return rm.to(device).eval(), ckpt
+
+
 def read_jsonl(path, fields):
     """Records from a JSONL file; `fields` maps each required field to its type. A bad
     line raises UserError naming the file and line."""
@@ -341,25 +363,29 @@ def read_jsonl(path, fields):
 # --- logging ---------------------------------------------------------------------------
 
 
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class Logger:
     """A console line every `interval` steps (loss, tokens/s, ETA) and every logged
     figure in out_dir/log.jsonl, one JSON object per line; the first line of a run (and
     of each resume) is {"config": ...}."""
 
-    def __init__(self, out_dir, cfg, total_steps, interval, master, start_step=0):
+    def __init__(self, out_dir, cfg, total_steps, interval, master, start_step=0, append=False):
         self.total, self.interval, self.master, self.start = total_steps, interval, master, start_step
         self.path = os.path.join(out_dir, "log.jsonl")
         self.t0, self.last_t, self.tokens = time.time(), time.time(), 0
         if master:
             os.makedirs(out_dir, exist_ok=True)
-            if start_step == 0 and os.path.exists(self.path):
+            if start_step == 0 and not append and os.path.exists(self.path):
                 os.remove(self.path)
         self.write({"config": dataclasses.asdict(cfg), "start_step": start_step})
 
     def write(self, record):
         if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, record)
 
     def step(self, step, tokens, **metrics):
         """Call once per optimizer step with the tokens it processed (all ranks)."""

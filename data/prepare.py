@@ -47,6 +47,9 @@ class Config:
     max_add: int = 29            # add/sub operands are 0..max_add
     max_compare: int = 99        # compared numbers are 0..max_compare
     imperfect: float = 0.06      # share of demonstrations that are imperfect
+    rater_k: float = 3.0         # raters: how sharply they follow the gold gap
+    rater_b_len: float = 0.12    # raters: bias per word of length (0 = none)
+    rater_b_style: float = 1.5   # raters: bias for a friendly preamble (0 = none)
 
 
 def write_jsonl(path, records):
@@ -92,7 +95,8 @@ def main(cfg):
         return world.task_stream(rng, "train", n, wc)
 
     sft = [world.sft_record(rng, t, cfg.imperfect) for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
-    prefs = [world.preference_record(rng, t, cfg.K) for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
+    raters = world.RaterConfig(k=cfg.rater_k, b_len=cfg.rater_b_len, b_style=cfg.rater_b_style)
+    prefs = [world.preference_record(rng, t, cfg.K, raters) for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
     write_jsonl(tmp / "sft_train.jsonl", sft[:cfg.n_sft])
     write_jsonl(tmp / "sft_val.jsonl", sft[cfg.n_sft:])
     write_jsonl(tmp / "prefs_train.jsonl", prefs[:cfg.n_prefs])
@@ -116,7 +120,7 @@ def main(cfg):
 
     meta = dict(config=asdict(cfg), tokenizer=enc.name, vocab_size=enc.n_vocab, train_tokens=n_train_tokens,
                 docs=len(docs), sft=cfg.n_sft, prefs=cfg.n_prefs, rl_prompts=cfg.n_rl, eval_prompts=len(evals),
-                raters=asdict(world.RaterConfig()), gold_weights=world.GOLD_WEIGHTS)
+                raters=asdict(raters), gold_weights=world.GOLD_WEIGHTS)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

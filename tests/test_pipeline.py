@@ -53,7 +53,12 @@ def pipeline(world, tmp_path_factory):
         "--warmup_steps=2")
     run("sft.py", f"--data_dir={world}", f"--init_from={out}/pretrain", f"--out_dir={out}/sft", "--batch_size=16",
         "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2")
+    run("reward.py", *REWARD, f"--data_dir={world}", f"--init_from={out}/sft", f"--out_dir={out}/reward")
     return out
+
+
+REWARD = ["--batch_size=4", "--max_steps=4", "--eval_interval=2", "--log_interval=1", "--warmup_steps=1",
+          "--norm_prompts=8", "--max_new_tokens=8"]
 
 
 def test_pipeline_end_to_end(world, pipeline):
@@ -65,12 +70,60 @@ def test_pipeline_end_to_end(world, pipeline):
         assert log[0]["config"]["out_dir"] == str(pipeline / stage)
         log = log[1:]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "tok_per_s" in log[0]
+    rm, ck = load_reward(world, pipeline / "reward" / "ckpt.pt")
+    assert len(ck["members"]) == len(ck["norms"]) == 1 and "optimizer" not in ck
     p = run("eval.py", f"--data_dir={world}", f"--out={pipeline}", "--max_new_tokens=8")
     report = (pipeline / "report.md").read_text()
     assert "| pretrain | all |" in report and "| sft | all |" in report
     res = json.loads((pipeline / "sft" / "eval.json").read_text())
     assert res["overall"]["n"] == 2 * 9 and 0 <= res["overall"]["format"] <= 1
     assert "report:" in p.stdout
+
+
+def load_reward(world, path):
+    import runtime
+    from data.tokenizer import load_tokenizer
+
+    return runtime.load_reward_model(path, "python reward.py", load_tokenizer(world / "tokenizer.tiktoken"))
+
+
+def test_reward_ensemble_and_its_log(world, pipeline, tmp_path):
+    """Two members, combined by their minimum; the log ends with the held-out evaluation."""
+    run("reward.py", *REWARD, f"--data_dir={world}", f"--init_from={pipeline}/sft", f"--out_dir={tmp_path}",
+        "--members=2", "--reduce=min")
+    rm, ck = load_reward(world, tmp_path / "ckpt.pt")
+    assert len(rm.members) == 2 and rm.reduce == "min"
+    assert not torch.equal(ck["members"][0]["score.weight"], ck["members"][1]["score.weight"])  # different seeds
+    final = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["final"]
+    assert 0 <= final["accuracy"] <= 1 and 0.5 <= final["bayes_optimal"] <= 1
+
+
+def test_reward_two_processes_match_one(world, pipeline, tmp_path):
+    common = [*REWARD, f"--data_dir={world}", f"--init_from={pipeline}/sft"]
+    run("reward.py", *common, f"--out_dir={tmp_path}/one")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward.py", *common,
+        f"--out_dir={tmp_path}/two")
+    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
+    assert len(one) == len(two) == 4
+    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r.pop("responses"), "missing field 'responses'"),
+    (lambda r: r.update(ranking=[]), "'ranking' must order all"),
+    (lambda r: r.update(responses=r["responses"][:1], ranking=[0]), "at least 2 responses"),
+    (lambda r: r.update(ranking="0123"), "field 'ranking' should be list"),
+])
+def test_malformed_preference_records(world, pipeline, tmp_path, edit, needle):
+    bad = copy_world(world, tmp_path / "bad")
+    lines = (bad / "prefs_train.jsonl").read_text().splitlines()
+    rec = json.loads(lines[2])
+    edit(rec)
+    lines[2] = json.dumps(rec)
+    (bad / "prefs_train.jsonl").write_text("\n".join(lines) + "\n")
+    p = run("reward.py", f"--data_dir={bad}", f"--init_from={pipeline}/sft", f"--out_dir={tmp_path}/o", ok=False)
+    assert_user_error(p, "prefs_train.jsonl:3", needle)
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_after_kill_continues_the_same_run(world, tmp_path):

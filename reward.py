@@ -1,0 +1,345 @@
+"""Reward model: a Bradley-Terry model of the raters' preferences, from the SFT model.
+
+The SFT trunk gets a scalar head read at the last token of prompt+response (or the
+mean over the response, --pooling=mean). Each ranking of K responses gives all
+K(K-1)/2 pairs, and all K responses go through the model in one batch, so each is
+encoded once (InstructGPT, Ouyang et al. 2022, section 3.5):
+
+    loss = −log σ(r(x, y_chosen) − r(x, y_rejected)), averaged over the pairs.
+
+After training, a gain and bias make the rewards of responses sampled from the SFT
+model on training prompts mean 0 and std 1; PPO and eval apply them when they load
+the model. The evaluation compares held-out pair accuracy with the best any model
+can reach on these labels (the raters are a known Bradley-Terry model), and shows what
+the reward model learned from the raters' biases: its preference for a preamble or
+a longer answer, against the raters' own and against the gold scorer's.
+
+    python reward.py                                  # reads out/sft, writes out/reward
+    python reward.py --members=3 --reduce=min         # an ensemble of 3 seeds, cautious minimum
+    python reward.py --device=cuda
+    torchrun --standalone --nproc_per_node=2 reward.py
+    python reward.py --resume=true
+"""
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import runtime
+from data import world
+from data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from model import ScalarGPT, pool_scores
+from runtime import print0
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"     # folder written by data/prepare.py
+    init_from: str = "out/sft"       # the SFT model: trunk of the reward model, and the policy for normalisation
+    out_dir: str = "out/reward"      # checkpoint and log go here
+    pooling: str = "last"            # last: value at the last token; mean: mean over the response tokens
+    members: int = 1                 # ensemble size: members differ by seed (data order)
+    reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
+    batch_size: int = 32             # rankings per optimizer step (each K responses), over all ranks
+    grad_accum: int = 1              # micro-steps per optimizer step on each rank
+    max_steps: int = 200             # optimizer steps per member
+    learning_rate: float = 3e-4      # peak learning rate
+    warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
+    weight_decay: float = 0.1        # AdamW decay, matrices only
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.95              # AdamW beta2
+    grad_clip: float = 1.0           # clip the gradient norm (0 = off)
+    norm_prompts: int = 256          # SFT samples that set the reward's mean 0 / std 1
+    norm_temperature: float = 1.0    # sampling temperature for those samples (PPO's default)
+    max_new_tokens: int = 48         # length limit of those samples
+    eval_interval: int = 50          # steps between validation accuracies
+    log_interval: int = 25           # steps between log lines
+    ckpt_interval: int = 100         # steps between checkpoints
+    seed: int = 1337                 # same seed, same numbers (on CPU)
+    device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
+    compile: bool = False            # torch.compile the model
+    resume: bool = False             # continue from out_dir/ckpt.pt
+
+
+# --- the loss ----------------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """Per pair: −log σ(r_c − r_r), and whether the model ranks the pair right."""
+    margin = r_chosen - r_rejected
+    return -F.logsigmoid(margin), (margin > 0).float()
+
+
+def ranking_pairs(ranking):
+    """Every (chosen, rejected) pair of a ranking given best first."""
+    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def load_rankings(path, enc, block_size):
+    """Each ranking as its K token sequences (prompt + response), the prompt length and
+    the (chosen, rejected) pairs; bad records name their line."""
+    out = []
+    for rec in runtime.read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
+        where = f"{path}:{rec['_line']}"
+        resp, ranking = rec["responses"], rec["ranking"]
+        if len(resp) < 2:
+            raise runtime.UserError(f"{where}: a ranking needs at least 2 responses, got {len(resp)}")
+        if sorted(ranking) != list(range(len(resp))):
+            raise runtime.UserError(f"{where}: 'ranking' must order all {len(resp)} responses (indices 0.."
+                                    f"{len(resp) - 1}, each once), got {ranking}")
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in resp):
+            raise runtime.UserError(f"{where}: every response needs a string field 'text'")
+        p = encode_prompt(enc, rec["prompt"])
+        seqs = [p + encode_response(enc, r["text"], bool(r.get("ended", True))) for r in resp]
+        if max(map(len, seqs)) > block_size:
+            raise runtime.UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context of {block_size}"
+                                    f" tokens (block_size)")
+        out.append(dict(seqs=seqs, prompt_len=len(p), pairs=ranking_pairs(ranking), rec=rec))
+    return out
+
+
+def collate(rankings, pad, device):
+    """All responses of the rankings, right-padded into one batch, with the pairs as
+    indices into it."""
+    seqs = [s for r in rankings for s in r["seqs"]]
+    tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    prompt_lens = torch.tensor([r["prompt_len"] for r in rankings for _ in r["seqs"]])
+    chosen, rejected, offset = [], [], 0
+    for r in rankings:
+        chosen += [offset + c for c, _ in r["pairs"]]
+        rejected += [offset + j for _, j in r["pairs"]]
+        offset += len(r["seqs"])
+    return [t.to(device) for t in (tokens, lengths, prompt_lens, torch.tensor(chosen), torch.tensor(rejected))]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def micro_batches(rankings, step, seed, cfg, run, pad):
+    """Rankings in a fresh order every epoch, from (seed, epoch) alone; this rank's
+    micro-batches and their weights (each one's share of the global batch's pairs)."""
+    n = len(rankings)
+    idx = [epoch_order(seed, k // n, n)[k % n] for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)]
+    n_pairs = sum(len(rankings[i]["pairs"]) for i in idx)
+    per_rank = cfg.batch_size // run.world_size
+    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
+    size = per_rank // cfg.grad_accum
+    chunks = [[rankings[i] for i in mine[j:j + size]] for j in range(0, per_rank, size)]
+    weights = [sum(len(r["pairs"]) for r in c) / n_pairs * run.world_size for c in chunks]
+    return [collate(c, pad, run.device) for c in chunks], weights
+
+
+def scores(model, batch, pooling):
+    tokens, lengths, prompt_lens = batch[:3]
+    return pool_scores(model(tokens).float(), lengths, prompt_lens, pooling)
+
+
+def pair_loss(model, batch, pooling):
+    r = scores(model, batch, pooling)
+    loss, _ = bradley_terry_loss(r[batch[3]], r[batch[4]])
+    return loss.mean()
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def partial_corr(y, x, control):
+    """Correlation of y and x after regressing both on `control` (with an intercept): how
+    much y follows x beyond what the control explains."""
+    A = torch.stack([control, torch.ones_like(control)], 1)
+
+    def resid(v):
+        return v - A @ torch.linalg.lstsq(A, v.unsqueeze(1)).solution.squeeze(1)
+
+    ry, rx = resid(y), resid(x)
+    if ry.norm() <= 1e-3 * (y - y.mean()).norm() or rx.norm() == 0:
+        return 0.0  # the control explains y (up to rounding): nothing is left to follow x
+    return float((ry @ rx) / (ry.norm() * rx.norm()))
+
+
+@torch.no_grad()
+def evaluate(score_fn, rankings, pad, device):
+    """Held-out pair accuracy; when the records carry the world's diagnostics (each
+    response's gold score, the raters' utility and its style), also the raters'
+    Bayes-optimal accuracy on the same pairs, accuracy by what the pair differs in, and
+    what the reward follows besides the gold score."""
+    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)).cpu() for i in range(0, len(rankings), 64)])
+    start = [0]
+    for rk in rankings:
+        start.append(start[-1] + len(rk["seqs"]))
+    pairs = [(start[k] + c, start[k] + j, k) for k, rk in enumerate(rankings) for c, j in rk["pairs"]]
+    right = [float(r[c] > r[j]) for c, j, _ in pairs]
+    out = dict(accuracy=sum(right) / len(right), pairs=len(right))
+    resp = [x for rk in rankings for x in rk["rec"]["responses"]]
+    if not all("gold" in x and "utility" in x and "style" in x for x in resp):
+        return out
+
+    gold = torch.tensor([float(x["gold"]) for x in resp])
+    util = torch.tensor([float(x["utility"]) for x in resp])
+    words = torch.tensor([float(len(x["text"].split())) for x in resp])
+    pre = torch.tensor([float(world.has_preamble(x["text"])) for x in resp])
+    p = torch.sigmoid(util[[c for c, _, _ in pairs]] - util[[j for _, j, _ in pairs]])  # raters' P(chosen wins)
+    is_correct = gold > 0.75  # the gold score counts the answer as right only above this
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    out.update(bayes_optimal=torch.maximum(p, 1 - p).mean().item(), oracle_on_labels=(p > 0.5).float().mean().item(),
+               accuracy_correctness_differs=mean([ok for ok, (c, j, _) in zip(right, pairs)
+                                                  if is_correct[c] != is_correct[j]]),
+               accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs) if is_correct[c] == is_correct[j]]),
+               length_partial_corr=partial_corr(r, words, gold), raters_length_partial_corr=partial_corr(util, words, gold),
+               preamble_partial_corr=partial_corr(r, pre, gold), raters_preamble_partial_corr=partial_corr(util, pre, gold))
+    for style in ("preamble", "verbose"):  # how often such an answer beats the plain ideal one
+        ab = [(a, b) for c, j, _ in pairs for a, b in ((c, j), (j, c))
+              if resp[a]["style"] == style and resp[b]["style"] == "ideal"]
+        out[f"prefers_{style}_over_ideal"] = mean([float(r[a] > r[b]) for a, b in ab])
+        out[f"raters_prefer_{style}_over_ideal"] = mean([torch.sigmoid(util[a] - util[b]).item() for a, b in ab])
+    return out
+
+
+# --- normalisation -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sft_samples(policy, enc, prompts, cfg, device):
+    """Responses sampled from the SFT model, as (tokens, lengths, prompt_lengths) batches."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = []
+    for i in range(0, len(prompts), 64):
+        ps = [encode_prompt(enc, p) for p in prompts[i:i + 64]]
+        out, mask = policy.generate(ps, cfg.max_new_tokens, temperature=cfg.norm_temperature, stop_token=end,
+                                    pad_token=pad, generator=g)
+        seqs = [p + [t for t, k in zip(row, m) if k] for p, row, m in zip(ps, out.tolist(), mask.tolist())]
+        tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            tokens[j, :len(s)] = torch.tensor(s)
+        batches.append([tokens.to(device), torch.tensor(list(map(len, seqs)), device=device),
+                        torch.tensor(list(map(len, ps)), device=device)])
+    return batches
+
+
+# --- training --------------------------------------------------------------------------
+
+
+def train_member(m, sft, train, val, enc, cfg, run, state, save):
+    """Train ensemble member m (its own seed and data order) from the SFT trunk; `state`
+    is what a resumed run restores, `save(step, model, optimizer)` writes a checkpoint."""
+    pad = enc.encode_single_token("<|endoftext|>")
+    seed = cfg.seed + 1000 * m
+    torch.manual_seed(seed)
+    raw = ScalarGPT.from_lm(sft).to(run.device).train()
+    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
+    step = 0
+    if state:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    model = runtime.wrap(raw, run, cfg.compile)
+    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
+                         append=m > 0)  # one log for all members
+    loss_fn = functools.partial(pair_loss, pooling=cfg.pooling)
+    while step < cfg.max_steps:
+        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        batches, weights = micro_batches(train, step, seed, cfg, run, pad)
+        loss = runtime.accumulate(model, batches, loss_fn, run, weights)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            raw.eval()
+            metrics["val_accuracy"] = evaluate(lambda b: scores(raw, b, cfg.pooling), val, pad, run.device)["accuracy"]
+            raw.train()
+        log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, **metrics)
+        if step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+            save(step, raw, optimizer)
+    return raw.eval()
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min") or cfg.members < 1:
+        raise runtime.UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce} --members={cfg.members}: expected "
+                                f"pooling last|mean, reduce mean|min, members >= 1")
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    sft, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    block = sft.config.block_size
+    train = load_rankings(os.path.join(cfg.data_dir, "prefs_train.jsonl"), enc, block)
+    val = load_rankings(os.path.join(cfg.data_dir, "prefs_val.jsonl"), enc, block)
+    prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                                                       {"prompt": str})][:cfg.norm_prompts]
+    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs), {len(val)} held out; "
+           f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings on {run.device}")
+
+    # A checkpoint holds the finished members with their normalisation, and while a member
+    # trains, its weights, optimizer and step.
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    done, norms, state = [], [], None
+    if cfg.resume:
+        ck = runtime.load_checkpoint(ckpt_path)
+        done, norms = list(ck.get("members", [])), [list(x) for x in ck.get("norms", [])]
+        state = ck if "model" in ck else None
+        print0(f"resuming {ckpt_path}: {len(done)} member(s) finished"
+               + (f", member {len(done)} at step {ck['step']}" if state else ""))
+
+    def save(step, raw, optimizer):
+        """raw is the member in training, or None once every member is finished."""
+        if run.master:
+            p = runtime.stage_checkpoint("reward", raw, cfg, step, optimizer, enc) if raw is not None else dict(
+                stage="reward", model_config=asdict(sft.config), config=asdict(cfg), tokenizer=enc.name, step=step)
+            runtime.save_checkpoint(ckpt_path, {**p, "members": done, "norms": norms})
+
+    norm_batches = sft_samples(sft, enc, prompts, cfg, run.device)
+    for m in range(len(done), cfg.members):
+        raw = train_member(m, sft, train, val, enc, cfg, run, state, save)
+        state = None
+        # normalise: rewards of SFT samples get mean 0 and std 1
+        with torch.no_grad():
+            r = torch.cat([scores(raw, b, cfg.pooling) for b in norm_batches])
+        norms.append([1 / r.std().clamp(min=1e-6).item(), -(r.mean() / r.std().clamp(min=1e-6)).item()])
+        done.append(raw.state_dict())
+        print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, std {r.std():.3f}; normalised")
+        save(cfg.max_steps, None, None)
+
+    if run.master:  # the held-out evaluation of the reward model as PPO and eval will load it
+        rm = runtime.load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
+        pad = enc.encode_single_token("<|endoftext|>")
+        res = evaluate(lambda b: rm(*b[:3]), val, pad, run.device)
+        runtime.append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": res})
+        report(res, ckpt_path)
+    runtime.teardown(run)
+
+
+def report(res, ckpt_path):
+    print0(f"held-out pair accuracy {res['accuracy']:.1%} ({res['pairs']} pairs)")
+    if "bayes_optimal" in res:
+        print0(f"  Bayes-optimal accuracy of these labels {res['bayes_optimal']:.1%} (the raters' own utility scores "
+               f"{res['oracle_on_labels']:.1%} on the sampled labels)")
+        print0(f"  pairs differing in correctness {res['accuracy_correctness_differs']:.1%}, in style only "
+               f"{res['accuracy_style_only']:.1%}")
+        print0(f"  beyond the gold score, reward follows length r={res['length_partial_corr']:+.2f} (raters "
+               f"{res['raters_length_partial_corr']:+.2f}) and preamble r={res['preamble_partial_corr']:+.2f} (raters "
+               f"{res['raters_preamble_partial_corr']:+.2f}) (partial correlations, gold held fixed)")
+        for style in ("preamble", "verbose"):
+            print0(f"  a {style} answer preferred over the plain ideal one: reward model "
+                   f"{res[f'prefers_{style}_over_ideal']:.0%}, raters {res[f'raters_prefer_{style}_over_ideal']:.0%}, "
+                   f"gold scorer 0%")
+    print0(f"done: checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

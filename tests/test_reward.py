@@ -1,0 +1,71 @@
+"""The reward model's loss, pairs, pooling, normalisation and diagnostics, on hand-made
+numbers; a tiny end-to-end run and bad preference records are in test_pipeline.py."""
+
+import math
+
+import pytest
+import torch
+
+import reward
+from model import GPTConfig, RewardModel, ScalarGPT, pool_scores
+
+
+def test_bradley_terry_loss_by_hand():
+    loss, right = reward.bradley_terry_loss(torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0]))
+    expected = [math.log(1 + math.exp(-1.0)), math.log(2.0), math.log(1 + math.exp(2.0))]
+    assert loss.tolist() == pytest.approx(expected)
+    assert right.tolist() == [1.0, 0.0, 0.0]  # a tie is not a win
+
+
+def test_ranking_pairs_cover_every_pair_once():
+    assert reward.ranking_pairs([2, 0, 3, 1]) == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
+    assert len(reward.ranking_pairs(list(range(5)))) == 10
+
+
+def test_collate_indexes_pairs_across_rankings():
+    rankings = [dict(seqs=[[1, 2, 3], [1, 2]], prompt_len=1, pairs=[(1, 0)]),
+                dict(seqs=[[4, 5], [4, 5, 6, 7], [4]], prompt_len=1, pairs=[(0, 2), (1, 2)])]
+    tokens, lengths, prompt_lens, chosen, rejected = reward.collate(rankings, pad=0, device="cpu")
+    assert tokens.tolist() == [[1, 2, 3, 0], [1, 2, 0, 0], [4, 5, 0, 0], [4, 5, 6, 7], [4, 0, 0, 0]]
+    assert lengths.tolist() == [3, 2, 2, 4, 1] and prompt_lens.tolist() == [1] * 5
+    assert chosen.tolist() == [1, 2, 3] and rejected.tolist() == [0, 4, 4]
+
+
+def test_pooling():
+    values = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 9.0, 9.0]])
+    lengths, prompt_lens = torch.tensor([3, 2]), torch.tensor([1, 1])
+    assert pool_scores(values, lengths, prompt_lens, "last").tolist() == [3.0, 5.0]
+    assert pool_scores(values, lengths, prompt_lens, "mean").tolist() == [2.5, 5.0]  # response tokens only
+
+
+def test_reward_model_normalises_and_reduces():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
+    members = [ScalarGPT(cfg) for _ in range(2)]
+    for m in members:
+        torch.nn.init.normal_(m.score.weight)
+    tokens = torch.randint(11, (5, 6))
+    lengths, prompt_lens = torch.tensor([6, 5, 4, 6, 3]), torch.tensor([2] * 5)
+    raw = torch.stack([pool_scores(m(tokens), lengths, prompt_lens) for m in members])
+    norms = [[2.0, -1.0], [0.5, 3.0]]
+    expect = raw * torch.tensor([[2.0], [0.5]]) + torch.tensor([[-1.0], [3.0]])
+    rm_mean = RewardModel(members, norms, "last", "mean")
+    rm_min = RewardModel(members, norms, "last", "min")
+    assert torch.allclose(rm_mean(tokens, lengths, prompt_lens), expect.mean(0), atol=1e-5)
+    assert torch.allclose(rm_min(tokens, lengths, prompt_lens), expect.min(0).values, atol=1e-5)
+
+
+def test_partial_correlation_measures_what_it_claims():
+    """A reward that is the gold score plus noise does not follow length beyond gold; one
+    that adds a length bonus does, and strongly."""
+    g = torch.Generator().manual_seed(0)
+    gold = torch.randn(2000, generator=g)
+    words = (5 + 3 * torch.rand(2000, generator=g) - 2 * gold).round()  # longer answers are worse, as in the world
+    unbiased = 3 * gold + 0.3 * torch.randn(2000, generator=g)
+    biased = unbiased + 0.5 * words
+    assert torch.corrcoef(torch.stack([unbiased, words]))[0, 1] < -0.5  # raw correlation is confounded by gold
+    assert abs(reward.partial_corr(unbiased, words, gold)) < 0.05
+    assert reward.partial_corr(biased, words, gold) > 0.8
+    # raters without biases: utility = k * gold up to rounding of the stored figures
+    rounded = (3 * gold * 1e4).round() / 1e4
+    assert reward.partial_corr(rounded, words, (gold * 1e4).round() / 1e4) == 0.0
