@@ -125,7 +125,7 @@ def main(cfg):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
-        log.step(step - 1, cfg.batch_size * cfg.block_size, **metrics)
+        log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
         if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("pretrain", raw_model, cfg, step, optimizer,
                                                                         enc, val_loss=val))

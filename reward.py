@@ -262,7 +262,8 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save):
             raw.eval()
             metrics["val_accuracy"] = evaluate(lambda b: scores(raw, b, cfg.pooling), val, pad, run.device)["accuracy"]
             raw.train()
-        log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, **metrics)
+        tokens = sum(b[0].numel() for b in batches) * run.world_size
+        log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
         if step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
             save(step, raw, optimizer)
     return raw.eval()

@@ -387,10 +387,11 @@ class Logger:
         if self.master:
             append_jsonl(self.path, record)
 
-    def step(self, step, tokens, **metrics):
-        """Call once per optimizer step with the tokens it processed (all ranks)."""
+    def step(self, step, tokens, force=False, **metrics):
+        """Call once per optimizer step with the tokens it processed (all ranks); `force`
+        logs this step off the interval (a step that carries an evaluation)."""
         self.tokens += tokens
-        if step % self.interval and step != self.total - 1:
+        if step % self.interval and step != self.total - 1 and not force:
             return
         now = time.time()
         dt = now - self.last_t

@@ -141,7 +141,7 @@ def main(cfg):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
-        log.step(step - 1, tokens, **metrics)
+        log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
         if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("sft", raw_model, cfg, step, optimizer, enc,
                                                                         val_loss=val_l))

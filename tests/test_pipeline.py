@@ -49,7 +49,7 @@ def world(tmp_path_factory):
 def pipeline(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     run("pretrain.py", f"--data_dir={world}", f"--out_dir={out}/pretrain", *TINY, "--batch_size=8",
-        "--max_steps=12", "--eval_interval=6", "--eval_batches=1", "--log_interval=1", "--ckpt_interval=6",
+        "--max_steps=12", "--eval_interval=6", "--eval_batches=1", "--log_interval=4", "--ckpt_interval=6",
         "--warmup_steps=2")
     run("sft.py", f"--data_dir={world}", f"--init_from={out}/pretrain", f"--out_dir={out}/sft", "--batch_size=16",
         "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2")
@@ -70,6 +70,7 @@ def test_pipeline_end_to_end(world, pipeline):
         assert log[0]["config"]["out_dir"] == str(pipeline / stage)
         log = log[1:]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "tok_per_s" in log[0]
+        assert sum("val_loss" in r for r in log) == 2  # every evaluation is logged, mid-run ones too
     rm, ck = load_reward(world, pipeline / "reward" / "ckpt.pt")
     assert len(ck["members"]) == len(ck["norms"]) == 1 and "optimizer" not in ck
     p = run("eval.py", f"--data_dir={world}", f"--out={pipeline}", "--max_new_tokens=8")
