@@ -69,9 +69,7 @@ def micro_batches(data, step, seed, cfg, run):
     and after a resume; each rank takes its slice and splits it into micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=g)
-    per_rank = cfg.batch_size // run.world_size
-    mine = starts[run.rank * per_rank:(run.rank + 1) * per_rank]
-    return [get_batch(data, s, cfg.block_size, run.device) for s in mine.chunk(cfg.grad_accum)]
+    return [get_batch(data, s, cfg.block_size, run.device) for s in runtime.rank_chunks(starts, run, cfg.grad_accum)]
 
 
 def lm_loss(model, batch):

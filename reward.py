@@ -121,21 +121,12 @@ def collate(rankings, pad, device):
     return [t.to(device) for t in (tokens, lengths, prompt_lens, torch.tensor(chosen), torch.tensor(rejected))]
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
 def micro_batches(rankings, step, seed, cfg, run, pad):
-    """Rankings in a fresh order every epoch, from (seed, epoch) alone; this rank's
-    micro-batches and their weights (each one's share of the global batch's pairs)."""
-    n = len(rankings)
-    idx = [epoch_order(seed, k // n, n)[k % n] for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)]
+    """This rank's micro-batches of the step's global batch of rankings, and their
+    weights (each one's share of the global batch's pairs, times the ranks)."""
+    idx = runtime.global_batch(len(rankings), step, cfg.batch_size, seed)
     n_pairs = sum(len(rankings[i]["pairs"]) for i in idx)
-    per_rank = cfg.batch_size // run.world_size
-    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
-    size = per_rank // cfg.grad_accum
-    chunks = [[rankings[i] for i in mine[j:j + size]] for j in range(0, per_rank, size)]
+    chunks = [[rankings[i] for i in c] for c in runtime.rank_chunks(idx, run, cfg.grad_accum)]
     weights = [sum(len(r["pairs"]) for r in c) / n_pairs * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
 

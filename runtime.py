@@ -5,6 +5,7 @@ schedule and the log. The algorithms themselves stay in their stage files.
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -166,6 +167,25 @@ def wrap(model, run, compile=False):
 
         model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return model
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def global_batch(n, step, batch_size, seed):
+    """Indices of a step's global batch of a data set of n items, in a fresh random order
+    every epoch, drawn from (seed, epoch) alone: every rank and every resume agree."""
+    return [epoch_order(seed, k // n, n)[k % n] for k in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def rank_chunks(items, run, grad_accum):
+    """This rank's slice of a global batch, split into its grad_accum micro-batches."""
+    per_rank = len(items) // run.world_size
+    mine = items[run.rank * per_rank:(run.rank + 1) * per_rank]
+    size = per_rank // grad_accum
+    return [mine[j:j + size] for j in range(0, per_rank, size)]
 
 
 def accumulate(model, micro_batches, loss_fn, run, weights=None):

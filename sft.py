@@ -13,7 +13,6 @@ from pretraining, with a country from the demos (held-out facts: 90% -> 0%).
     python sft.py --resume=true                      # continue out/sft
 """
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -74,24 +73,14 @@ def collate(examples, pad, device):
     return x.to(device), y.to(device)
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def micro_batches(examples, step, seed, cfg, run, pad):
-    """Examples in a fresh random order every epoch, drawn from (seed, epoch) alone, so
-    every rank and every resume agree on the global batch of a step. Returns this rank's
-    micro-batches and their weights: each one's share of the global batch's answer
-    tokens (times the ranks, which DDP averages over), so the loss is the mean over
-    every answer token of the global batch, however the examples are split."""
-    n = len(examples)
-    idx = [epoch_order(seed, k // n, n)[k % n] for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size)]
+def micro_batches(examples, step, cfg, run, pad):
+    """This rank's micro-batches of the step's global batch, and their weights: each
+    one's share of the global batch's answer tokens (times the ranks, which DDP averages
+    over), so the loss is the mean over every answer token of the global batch, however
+    the examples are split."""
+    idx = runtime.global_batch(len(examples), step, cfg.batch_size, cfg.seed)
     n_targets = sum(len(examples[i][0]) - examples[i][1] for i in idx)
-    per_rank = cfg.batch_size // run.world_size
-    mine = idx[run.rank * per_rank:(run.rank + 1) * per_rank]
-    size = per_rank // cfg.grad_accum
-    chunks = [[examples[i] for i in mine[j:j + size]] for j in range(0, per_rank, size)]
+    chunks = [[examples[i] for i in c] for c in runtime.rank_chunks(idx, run, cfg.grad_accum)]
     weights = [sum(len(t) - p for t, p in c) / n_targets * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
 
@@ -133,7 +122,7 @@ def main(cfg):
 
     while step < cfg.max_steps:
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        batches, weights = micro_batches(train, step, cfg.seed, cfg, run, pad)
+        batches, weights = micro_batches(train, step, cfg, run, pad)
         loss = runtime.accumulate(model, batches, lm_loss, run, weights)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
