@@ -23,7 +23,7 @@ from data import world
 from data.tokenizer import decode_response, encode_prompt, load_tokenizer
 from runtime import print0
 
-STAGES = ("pretrain", "sft", "ppo", "dpo")  # language-model stages, in pipeline order
+STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
 
 
 @dataclass
@@ -75,14 +75,22 @@ def evaluate(model, enc, records, cfg, device):
     return dict(overall=summarize(rows), families=by_family), rows
 
 
+def win_rate(rows, base_rows):
+    """Share of prompts where the gold score beats the base stage's answer; ties count half."""
+    wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0 for a, b in zip(rows, base_rows)]
+    return sum(wins) / len(wins)
+
+
 def table(results):
     """Markdown: one row per stage and family."""
-    head = "| stage | family | n | format | correct | gold | words | ended |\n|---|---|---|---|---|---|---|---|"
+    head = ("| stage | family | n | format | correct | gold | words | ended | win vs sft |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for stage, res in results.items():
         for fam, s in [("all", res["overall"]), *res["families"].items()]:
+            win = f"{s['win_vs_sft']:.0%}" if "win_vs_sft" in s else ""
             lines.append(f"| {stage} | {fam} | {s['n']} | {s['format']:.0%} | {s['correct']:.0%} | {s['gold']:.2f} | "
-                         f"{s['words']:.1f} | {s['ended']:.0%} |")
+                         f"{s['words']:.1f} | {s['ended']:.0%} | {win} |")
     return "\n".join(lines)
 
 
@@ -102,11 +110,18 @@ def main(cfg):
                                       device=run.device)
         results[stage], rows = evaluate(model, enc, records, cfg, run.device)
         samples[stage] = rows
-        runtime.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
-                             lambda f: f.write(json.dumps(results[stage], indent=1).encode()))
         o = results[stage]["overall"]
         print0(f"{stage}: format {o['format']:.0%}, correct {o['correct']:.0%}, gold {o['gold']:.2f} "
                f"({len(records)} held-out prompts, {time.time() - t0:.1f}s)")
+
+    if "sft" in samples:  # win rate against SFT under the gold scorer, per family and overall
+        for stage in wanted:
+            rows = samples[stage]
+            results[stage]["overall"]["win_vs_sft"] = win_rate(rows, samples["sft"])
+            for fam in world.FAMILIES:
+                idx = [i for i, r in enumerate(rows) if r["family"] == fam]
+                results[stage]["families"][fam]["win_vs_sft"] = win_rate([rows[i] for i in idx],
+                                                                         [samples["sft"][i] for i in idx])
 
     # the same prompts through every stage, one per task kind
     shown = []
@@ -119,6 +134,9 @@ def main(cfg):
                 shown.append(f"- {stage}: `{r['text'][:120]!r}`{'' if r['ended'] else ' (no end token)'} "
                              f"(gold {r['gold']:.2f})")
             shown.append("")
+    for stage in wanted:
+        runtime.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
+                             lambda f: f.write(json.dumps(results[stage], indent=1).encode()))
     report = (f"# minRLHF evaluation\n\n{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl, "
               f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'} decoding.\n\n"
               f"{table(results)}\n\n## Answers side by side\n\n" + "\n".join(shown) + "\n")

@@ -2,6 +2,7 @@
 pipeline in sequence, resume, two-process DDP, and the errors a user can cause."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,30 @@ def test_pipeline_end_to_end(world, pipeline):
     res = json.loads((pipeline / "sft" / "eval.json").read_text())
     assert res["overall"]["n"] == 2 * 9 and 0 <= res["overall"]["format"] <= 1
     assert "report:" in p.stdout
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "simpo", "orpo", "kto"])
+def test_dpo_family_end_to_end(world, pipeline, tmp_path, loss):
+    run("dpo.py", f"--loss={loss}", f"--data_dir={world}", f"--init_from={pipeline}/sft", f"--out_dir={tmp_path}",
+        "--batch_size=4", "--max_steps=3", "--eval_interval=3", "--log_interval=1", "--warmup_steps=1",
+        "--kl_prompts=4", "--max_new_tokens=8")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == loss and ckpt["step"] == 3
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+    assert math.isfinite(log[-1]["objective/kl"]) and "val/loss" in log[-1]
+
+
+def test_dpo_two_processes_match_one(world, pipeline, tmp_path):
+    """(Not kto: its reference point z0 is a statistic of each micro-batch.)"""
+    common = [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4", "--max_steps=3",
+              "--eval_interval=100", "--log_interval=1", "--warmup_steps=1", "--learning_rate=1e-4"]
+    run("dpo.py", *common, f"--out_dir={tmp_path}/one")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py", *common,
+        f"--out_dir={tmp_path}/two")
+    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
+    assert len(one) == len(two) == 3
+    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
 
 
 def load_reward(world, path):

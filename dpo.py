@@ -1,0 +1,321 @@
+"""Direct preference optimisation and its family, on the raters' rankings.
+
+No reward model and no sampling: the policy (initialised from SFT) is trained on
+pairs from each ranking so that it prefers the chosen response more than the frozen
+SFT reference does. Pick the loss with --loss:
+
+    dpo    −log σ(β·h),  h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))
+           (Rafailov et al. 2023, eq. 7)
+    cdpo   −(1−ε)·log σ(β·h) − ε·log σ(−β·h): labels flipped with probability ε
+           (Mitchell 2023, conservative DPO)
+    ipo    (h − 1/(2β))²: regress the margin to a target instead of pushing it up
+           (Azar et al. 2023, eq. 17)
+    simpo  −log σ(β·(mean log π(y_w) − mean log π(y_l)) − γ): length-normalised, no
+           reference (Meng et al. 2024, eq. 6)
+    orpo   NLL(y_w) + λ·(−log σ(log odds(y_w) − log odds(y_l))), odds = P/(1−P) with P the
+           per-token-average likelihood; no reference (Hong et al. 2024, eqs. 6-7)
+    kto    unpaired: responses in the top half of a ranking are desirable, the bottom half
+           undesirable; 1 − σ(β·(r − z0)) or 1 − σ(β·(z0 − r)), r = log π/π_ref,
+           z0 a detached, non-negative batch estimate of KL(π‖π_ref)
+           (Ethayarajh et al. 2024, eq. 8; the paper estimates z0 on mismatched
+           prompt-response pairs, here on the batch's own responses)
+
+Every pair of each ranking is used, as in reward.py. Reference log-probs are computed
+once with the frozen SFT model and cached; chosen and rejected go through the policy in
+one forward pass. Logged: loss, implicit-reward accuracy, chosen/rejected implicit
+rewards β·(log π − log π_ref) and their margin, the policy's log-probs of chosen and
+rejected (a falling chosen log-prob shows here), and at eval intervals a sampled
+estimate of KL(π‖π_ref) on held-out prompts.
+
+    python dpo.py                          # reads out/sft, writes out/dpo
+    python dpo.py --loss=ipo               # writes out/ipo
+    python dpo.py --device=cuda
+    torchrun --standalone --nproc_per_node=2 dpo.py
+    python dpo.py --resume=true
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import runtime
+from data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from model import token_logprobs
+from runtime import print0
+
+LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
+
+
+@dataclass
+class Config:
+    loss: str = "dpo"                # dpo, cdpo, ipo, simpo, orpo or kto
+    data_dir: str = "data/world"     # folder written by data/prepare.py
+    init_from: str = "out/sft"       # the SFT model: the policy's start and the frozen reference
+    out_dir: str = ""                # default out/<loss>
+    beta: float = 0.1                # strength of the KL anchor (dpo, cdpo, ipo, kto)
+    label_smoothing: float = 0.1     # cdpo: assumed share of flipped labels
+    simpo_beta: float = 2.0          # simpo: reward scale (Meng et al. use 2 to 2.5)
+    simpo_gamma: float = 1.0         # simpo: target reward margin
+    orpo_lambda: float = 0.1         # orpo: weight of the odds-ratio term beside the NLL
+    kto_desirable_weight: float = 1.0    # kto: weight of desirable examples
+    kto_undesirable_weight: float = 1.0  # kto: weight of undesirable examples
+    batch_size: int = 32             # pairs (kto: responses) per optimizer step, over all ranks
+    grad_accum: int = 1              # micro-steps per optimizer step on each rank
+    max_steps: int = 300             # optimizer steps
+    learning_rate: float = 1e-5      # peak learning rate (1e-4 drifts to KL ~4 and learns the raters' preamble bias)
+    warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
+    weight_decay: float = 0.0        # AdamW decay, matrices only (0: the reference is the anchor)
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.95              # AdamW beta2
+    grad_clip: float = 1.0           # clip the gradient norm (0 = off)
+    kl_prompts: int = 64             # held-out prompts for the KL estimate
+    max_new_tokens: int = 48         # length limit of those samples
+    eval_interval: int = 100         # steps between evaluations (validation pairs, KL)
+    log_interval: int = 25           # steps between log lines
+    ckpt_interval: int = 100         # steps between checkpoints
+    seed: int = 1337                 # same seed, same numbers (on CPU)
+    device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
+    compile: bool = False            # torch.compile the model
+    resume: bool = False             # continue from out_dir/ckpt.pt
+
+
+# --- the losses: sequence log-probs in, per-example loss out ------------------------------
+# pc, pr: summed log-probs of chosen / rejected under the policy; rc, rr: under the
+# reference; nc, nr: their response lengths in tokens.
+
+
+def dpo_loss(pc, pr, rc, rr, beta):
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+
+
+def cdpo_loss(pc, pr, rc, rr, beta, eps):
+    h = beta * ((pc - rc) - (pr - rr))
+    return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+
+
+def ipo_loss(pc, pr, rc, rr, beta):
+    return ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(pc, pr, nc, nr, beta, gamma):
+    return -F.logsigmoid(beta * (pc / nc - pr / nr) - gamma)
+
+
+def orpo_loss(pc, pr, nc, nr, lam):
+    """NLL of the chosen response (per token) plus λ times the odds-ratio term."""
+    def log_odds(logp_sum, n):
+        mean = logp_sum / n  # log P, P the per-token-average likelihood
+        return mean - torch.log1p(-torch.exp(mean).clamp(max=1 - 1e-6))  # log(P / (1 − P))
+    return -pc / nc + lam * -F.logsigmoid(log_odds(pc, nc) - log_odds(pr, nr))
+
+
+def kto_loss(p, r, desirable, beta, z0, w_desirable, w_undesirable):
+    """p, r: summed log-probs of each response under policy and reference; desirable: bool."""
+    ratio = p - r
+    v = torch.where(desirable, torch.sigmoid(beta * (ratio - z0)), torch.sigmoid(beta * (z0 - ratio)))
+    w = torch.where(desirable, torch.full_like(p, w_desirable), torch.full_like(p, w_undesirable))
+    return w * (1 - v)
+
+
+def kto_reference_point(p, r):
+    """z0: a detached, non-negative estimate of KL(π‖π_ref) from the batch."""
+    return (p - r).mean().clamp(min=0).detach()
+
+
+# --- data: responses, with the pairs (or kto labels) as indices into them -----------------
+
+
+def load_preferences(path, enc, block_size):
+    """All responses of every ranking as (tokens, prompt length); the (chosen, rejected)
+    pairs of each ranking; each response's kto label (top half of its ranking)."""
+    seqs, pairs, desirable = [], [], []
+    for rec in runtime.read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
+        where, resp, ranking = f"{path}:{rec['_line']}", rec["responses"], rec["ranking"]
+        if len(resp) < 2 or sorted(ranking) != list(range(len(resp))):
+            raise runtime.UserError(f"{where}: 'ranking' must order all of at least 2 responses, got {ranking}")
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in resp):
+            raise runtime.UserError(f"{where}: every response needs a string field 'text'")
+        p = encode_prompt(enc, rec["prompt"])
+        base = len(seqs)
+        for r in resp:
+            s = p + encode_response(enc, r["text"], bool(r.get("ended", True)))
+            if len(s) > block_size:
+                raise runtime.UserError(f"{where}: {len(s)} tokens, longer than the context of {block_size} tokens")
+            seqs.append((s, len(p)))
+        pairs += [(base + ranking[a], base + ranking[b]) for a in range(len(ranking))
+                  for b in range(a + 1, len(ranking))]
+        top = set(ranking[:len(ranking) // 2])
+        desirable += [i in top for i in range(len(resp))]
+    return seqs, pairs, desirable
+
+
+def collate(seqs, pad, device):
+    """Right-padded tokens and the response mask (True on response tokens)."""
+    T = max(len(s) for s, _ in seqs)
+    tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, n_prompt) in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, n_prompt:len(s)] = True
+    return tokens.to(device), mask.to(device)
+
+
+def sequence_logps(model, tokens, mask):
+    """Summed log-probs of the response tokens, and their count, per sequence."""
+    logits, _ = model(tokens)
+    lp = token_logprobs(logits, tokens, mask)  # (B, T-1), 0 off the response
+    return lp.sum(-1), mask[:, 1:].sum(-1).float()
+
+
+@torch.no_grad()
+def reference_logps(ref, seqs, pad, device, batch=128):
+    """The frozen reference's summed log-probs of every response, computed once."""
+    out = [sequence_logps(ref, *collate(seqs[i:i + batch], pad, device))[0] for i in range(0, len(seqs), batch)]
+    return torch.cat(out)
+
+
+# --- one batch: the loss and what to log ---------------------------------------------------
+
+
+def batch_loss(model, batch, cfg):
+    """batch: (tokens, mask, reference log-probs[, kto labels]). Returns (mean loss, metrics)."""
+    tokens, mask, ref = batch[:3]
+    logp, n = sequence_logps(model, tokens, mask)
+    if cfg.loss == "kto":
+        desirable = batch[3]
+        z0 = kto_reference_point(logp, ref)
+        loss = kto_loss(logp, ref, desirable, cfg.beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        reward = cfg.beta * (logp - ref).detach()
+        return loss.mean(), {"kto/z0": z0.item(), "rewards/desirable": reward[desirable].mean().item(),
+                             "rewards/undesirable": reward[~desirable].mean().item()}
+    B = tokens.size(0) // 2  # chosen first, then rejected, in one forward pass
+    pc, pr, rc, rr, nc, nr = logp[:B], logp[B:], ref[:B], ref[B:], n[:B], n[B:]
+    if cfg.loss == "dpo":
+        loss = dpo_loss(pc, pr, rc, rr, cfg.beta)
+    elif cfg.loss == "cdpo":
+        loss = cdpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+    elif cfg.loss == "ipo":
+        loss = ipo_loss(pc, pr, rc, rr, cfg.beta)
+    elif cfg.loss == "simpo":
+        loss = simpo_loss(pc, pr, nc, nr, cfg.simpo_beta, cfg.simpo_gamma)
+    else:
+        loss = orpo_loss(pc, pr, nc, nr, cfg.orpo_lambda)
+    chosen, rejected = cfg.beta * (pc - rc).detach(), cfg.beta * (pr - rr).detach()
+    return loss.mean(), {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+                         "rewards/margin": (chosen - rejected).mean().item(),
+                         "rewards/accuracy": (chosen > rejected).float().mean().item(),
+                         "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+
+
+def make_batch(data, chosen_items, cfg, pad, device):
+    """(tokens, mask, reference log-probs[, kto labels]) for the given pairs (chosen
+    responses first, then rejected) or, for kto, responses."""
+    seqs, items, ref, labels = data
+    if cfg.loss == "kto":
+        rows = [items[i] for i in chosen_items]
+    else:
+        rows = [items[i][0] for i in chosen_items] + [items[i][1] for i in chosen_items]
+    tokens, mask = collate([seqs[j] for j in rows], pad, device)
+    batch = (tokens, mask, ref[rows].to(device))
+    return batch + (torch.tensor([labels[j] for j in rows], device=device),) if cfg.loss == "kto" else batch
+
+
+def make_batches(data, step, cfg, run, pad):
+    """This rank's micro-batches of the step's global batch."""
+    idx = runtime.global_batch(len(data[1]), step, cfg.batch_size, cfg.seed)
+    return [make_batch(data, chunk, cfg, pad, run.device) for chunk in runtime.rank_chunks(idx, run, cfg.grad_accum)]
+
+
+@torch.no_grad()
+def validate(model, data, cfg, pad, device, chunk=256):
+    """The loss and diagnostics over every held-out pair (kto: response)."""
+    n, totals = len(data[1]), {}
+    for i in range(0, n, chunk):
+        items = list(range(i, min(n, i + chunk)))
+        loss, diag = batch_loss(model, make_batch(data, items, cfg, pad, device), cfg)
+        for k, v in {"loss": loss.item(), **diag}.items():
+            totals[k] = totals.get(k, 0.0) + v * len(items) / n
+    return totals
+
+
+@torch.no_grad()
+def kl_to_reference(policy, ref, enc, prompts, cfg, device):
+    """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    ps = [encode_prompt(enc, p) for p in prompts]
+    out, gmask = policy.generate(ps, cfg.max_new_tokens, temperature=1.0, stop_token=end, pad_token=pad,
+                                 generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    seqs = [(p + [t for t, k in zip(row, m) if k], len(p)) for p, row, m in zip(ps, out.tolist(), gmask.tolist())]
+    tokens, mask = collate(seqs, pad, device)
+    return (sequence_logps(policy, tokens, mask)[0] - sequence_logps(ref, tokens, mask)[0]).mean().item()
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    if cfg.loss not in LOSSES:
+        raise runtime.UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
+    out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    sft_path = os.path.join(cfg.init_from, "ckpt.pt")
+    ref, _ = runtime.load_model(sft_path, "python sft.py", enc, device=run.device)
+    raw_model, _ = runtime.load_model(sft_path, "python sft.py", enc, device=run.device)
+    raw_model.train()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    pad = enc.encode_single_token("<|endoftext|>")
+    seqs, pairs, desirable = load_preferences(os.path.join(cfg.data_dir, "prefs_train.jsonl"), enc,
+                                              ref.config.block_size)
+    vseqs, vpairs, vdesirable = load_preferences(os.path.join(cfg.data_dir, "prefs_val.jsonl"), enc,
+                                                 ref.config.block_size)
+    prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
+                                                       {"prompt": str})][:cfg.kl_prompts]
+    # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)
+    ref_lp, vref_lp = reference_logps(ref, seqs, pad, run.device).cpu(), reference_logps(ref, vseqs, pad,
+                                                                                        run.device).cpu()
+    items = list(range(len(seqs))) if cfg.loss == "kto" else pairs
+    vitems = list(range(len(vseqs))) if cfg.loss == "kto" else vpairs
+    data, vdata = (seqs, items, ref_lp, desirable), (vseqs, vitems, vref_lp, vdesirable)
+    print0(f"--loss={cfg.loss}: {len(items)} {'responses' if cfg.loss == 'kto' else 'pairs'} "
+           f"({len(vitems)} held out), {cfg.max_steps} steps of {cfg.batch_size} on {run.device}")
+
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               run.device_type)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = runtime.wrap(raw_model, run, cfg.compile)
+    log = runtime.Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    metrics = {}
+
+    def loss_fn(m, batch):  # keep the last micro-batch's diagnostics for the log
+        loss, diag = batch_loss(m, batch, cfg)
+        metrics.update(diag)
+        return loss
+
+    while step < cfg.max_steps:
+        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        batches = make_batches(data, step, cfg, run, pad)
+        metrics.clear()
+        loss = runtime.accumulate(model, batches, loss_fn, run)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
+        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm)
+        step += 1
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            raw_model.eval()
+            metrics.update({f"val/{k}": v for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
+            metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device)
+            raw_model.train()
+        log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, force="objective/kl" in metrics,
+                 **metrics)
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(cfg.loss, raw_model, cfg, step, optimizer,
+                                                                        enc))
+    print0(f"done: checkpoint {ckpt_path}")
+    runtime.teardown(run)
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))
