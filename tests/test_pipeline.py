@@ -28,6 +28,19 @@ def losses(log_path):
     return [r["loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "loss" in r]
 
 
+def assert_same_curve(script, args, out, steps, variants=(("one", []),)):
+    """The stage's loss curve under torchrun with 2 CPU processes (gloo) equals that of each
+    single-process variant, with the same global batch (to 1e-4)."""
+    for name, extra in variants:
+        run(script, *args, *extra, f"--out_dir={out}/{name}")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args, f"--out_dir={out}/two")
+    two = losses(out / "two" / "log.jsonl")
+    assert len(two) == steps
+    for name, _ in variants:
+        one = losses(out / name / "log.jsonl")
+        assert len(one) == steps and max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (name, one, two)
+
+
 def assert_user_error(p, *needles):
     """One clear line on stderr, exit status 2, no traceback."""
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
@@ -96,14 +109,9 @@ def test_dpo_family_end_to_end(world, pipeline, tmp_path, loss):
 
 def test_dpo_two_processes_match_one(world, pipeline, tmp_path):
     """(Not kto: its reference point z0 is a statistic of each micro-batch.)"""
-    common = [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4", "--max_steps=3",
-              "--eval_interval=100", "--log_interval=1", "--warmup_steps=1", "--learning_rate=1e-4"]
-    run("dpo.py", *common, f"--out_dir={tmp_path}/one")
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py", *common,
-        f"--out_dir={tmp_path}/two")
-    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
-    assert len(one) == len(two) == 3
-    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
+    assert_same_curve("dpo.py", [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4",
+                                 "--max_steps=3", "--eval_interval=100", "--log_interval=1", "--warmup_steps=1",
+                                 "--learning_rate=1e-4"], tmp_path, steps=3)
 
 
 def load_reward(world, path):
@@ -125,13 +133,7 @@ def test_reward_ensemble_and_its_log(world, pipeline, tmp_path):
 
 
 def test_reward_two_processes_match_one(world, pipeline, tmp_path):
-    common = [*REWARD, f"--data_dir={world}", f"--init_from={pipeline}/sft"]
-    run("reward.py", *common, f"--out_dir={tmp_path}/one")
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward.py", *common,
-        f"--out_dir={tmp_path}/two")
-    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
-    assert len(one) == len(two) == 4
-    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
+    assert_same_curve("reward.py", [*REWARD, f"--data_dir={world}", f"--init_from={pipeline}/sft"], tmp_path, steps=4)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -176,31 +178,17 @@ def test_resume_after_kill_continues_the_same_run(world, tmp_path):
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
-    """torchrun with 2 CPU processes (gloo) follows the same loss curve as 1 process with
-    the same global batch."""
-    common = [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=8", "--eval_interval=100",
-              "--eval_batches=1", "--log_interval=1", "--warmup_steps=2"]
-    run("pretrain.py", *common, f"--out_dir={tmp_path}/one")
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *common,
-        f"--out_dir={tmp_path}/two")
-    one, two = (losses(tmp_path / k / "log.jsonl") for k in ("one", "two"))
-    assert len(one) == len(two) == 8
-    assert max(abs(x - y) for x, y in zip(one, two)) < 1e-4, (one, two)
+    assert_same_curve("pretrain.py", [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=8",
+                                      "--eval_interval=100", "--eval_batches=1", "--log_interval=1",
+                                      "--warmup_steps=2"], tmp_path, steps=8)
 
 
 def test_sft_same_curve_for_any_split_of_the_batch(world, pipeline, tmp_path):
     """SFT batches are ragged; the loss is the mean over the global batch's answer tokens
     however it is split: 1 process, 2 micro-steps, or 2 processes under torchrun."""
-    common = [f"--data_dir={world}", f"--init_from={pipeline}/pretrain", "--batch_size=16", "--max_steps=5",
-              "--eval_interval=100", "--log_interval=1", "--warmup_steps=2"]
-    run("sft.py", *common, f"--out_dir={tmp_path}/one")
-    run("sft.py", *common, f"--out_dir={tmp_path}/accum", "--grad_accum=2")
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common,
-        f"--out_dir={tmp_path}/two")
-    curves = {k: losses(tmp_path / k / "log.jsonl") for k in ("one", "accum", "two")}
-    assert len(curves["one"]) == 5
-    for k in ("accum", "two"):
-        assert max(abs(x - y) for x, y in zip(curves["one"], curves[k])) < 1e-4, curves
+    assert_same_curve("sft.py", [f"--data_dir={world}", f"--init_from={pipeline}/pretrain", "--batch_size=16",
+                                 "--max_steps=5", "--eval_interval=100", "--log_interval=1", "--warmup_steps=2"],
+                      tmp_path, steps=5, variants=(("one", []), ("accum", ["--grad_accum=2"])))
 
 
 def test_bad_flags(world):
