@@ -34,6 +34,7 @@ estimate of KL(π‖π_ref) on held-out prompts.
     python dpo.py --resume=true
 """
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -243,12 +244,9 @@ def validate(model, data, cfg, pad, device, chunk=256):
 @torch.no_grad()
 def kl_to_reference(policy, ref, enc, prompts, cfg, device):
     """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
-    ps = [encode_prompt(enc, p) for p in prompts]
-    out, gmask = policy.generate(ps, cfg.max_new_tokens, temperature=1.0, stop_token=end, pad_token=pad,
-                                 generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    seqs = [(p + [t for t, k in zip(row, m) if k], len(p)) for p, row, m in zip(ps, out.tolist(), gmask.tolist())]
-    tokens, mask = collate(seqs, pad, device)
+    samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
+                                       batch_size=len(prompts))
+    tokens, mask = collate([(p + r, len(p)) for p, r in samples], enc.encode_single_token("<|endoftext|>"), device)
     return (sequence_logps(policy, tokens, mask)[0] - sequence_logps(ref, tokens, mask)[0]).mean().item()
 
 
@@ -261,8 +259,7 @@ def main(cfg):
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
     sft_path = os.path.join(cfg.init_from, "ckpt.pt")
     ref, _ = runtime.load_model(sft_path, "python sft.py", enc, device=run.device)
-    raw_model, _ = runtime.load_model(sft_path, "python sft.py", enc, device=run.device)
-    raw_model.train()
+    raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")

@@ -16,11 +16,10 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
 
 import runtime
 from data import world
-from data.tokenizer import decode_response, encode_prompt, load_tokenizer
+from data.tokenizer import decode_response, load_tokenizer
 from runtime import print0
 
 STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
@@ -40,21 +39,10 @@ class Config:
 
 
 def generate_answers(model, enc, prompts, cfg, device):
-    """(text, ended) for each prompt, batched, with the KV cache."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        batch = [encode_prompt(enc, p) for p in prompts[i:i + cfg.batch_size]]
-        too_long = max(len(b) for b in batch) + cfg.max_new_tokens - model.config.block_size
-        if too_long > 0:
-            raise runtime.UserError(f"a prompt of {max(len(b) for b in batch)} tokens + --max_new_tokens="
-                                    f"{cfg.max_new_tokens} exceeds the context of {model.config.block_size} tokens")
-        tokens, mask = model.generate(batch, cfg.max_new_tokens, temperature=cfg.temperature, stop_token=end,
-                                      pad_token=pad, generator=g)
-        for row, m in zip(tokens.tolist(), mask.tolist()):
-            out.append(decode_response(enc, [t for t, keep in zip(row, m) if keep]))
-    return out
+    """(text, ended) for each prompt."""
+    samples = runtime.sample_responses(model, enc, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, device,
+                                       cfg.batch_size)
+    return [decode_response(enc, response) for _, response in samples]
 
 
 def summarize(grades):

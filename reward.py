@@ -203,22 +203,19 @@ def evaluate(score_fn, rankings, pad, device):
 # --- normalisation -----------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sft_samples(policy, enc, prompts, cfg, device):
     """Responses sampled from the SFT model, as (tokens, lengths, prompt_lengths) batches."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    pad = enc.encode_single_token("<|endoftext|>")
+    samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature, cfg.seed,
+                                       device)
     batches = []
-    for i in range(0, len(prompts), 64):
-        ps = [encode_prompt(enc, p) for p in prompts[i:i + 64]]
-        out, mask = policy.generate(ps, cfg.max_new_tokens, temperature=cfg.norm_temperature, stop_token=end,
-                                    pad_token=pad, generator=g)
-        seqs = [p + [t for t, k in zip(row, m) if k] for p, row, m in zip(ps, out.tolist(), mask.tolist())]
+    for i in range(0, len(samples), 64):
+        seqs = [p + r for p, r in samples[i:i + 64]]
         tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
         for j, s in enumerate(seqs):
             tokens[j, :len(s)] = torch.tensor(s)
         batches.append([tokens.to(device), torch.tensor(list(map(len, seqs)), device=device),
-                        torch.tensor(list(map(len, ps)), device=device)])
+                        torch.tensor([len(p) for p, _ in samples[i:i + 64]], device=device)])
     return batches
 
 

@@ -350,6 +350,29 @@ def load_reward_model(path, made_by, enc, device="cpu", reduce=None):
     return rm.to(device).eval(), ckpt
 
 
+@torch.no_grad()
+def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, device, batch_size=64):
+    """Answer each prompt in the chat format with the KV cache, batch by batch, from one
+    generator seeded with `seed`. Returns (prompt tokens, response tokens) per prompt; a
+    response keeps its end token when it emitted one. Every stage that samples from a
+    policy goes through here."""
+    from data.tokenizer import encode_prompt
+
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = [encode_prompt(enc, p) for p in prompts[i:i + batch_size]]
+        longest = max(len(b) for b in batch)
+        if longest + max_new_tokens > model.config.block_size:
+            raise UserError(f"a prompt of {longest} tokens + --max_new_tokens={max_new_tokens} exceeds the context "
+                            f"of {model.config.block_size} tokens")
+        tokens, mask = model.generate(batch, max_new_tokens, temperature=temperature, stop_token=end,
+                                      pad_token=pad, generator=g)
+        out += [(p, [t for t, keep in zip(row, m) if keep]) for p, row, m in zip(batch, tokens.tolist(), mask.tolist())]
+    return out
+
+
 def read_jsonl(path, fields):
     """Records from a JSONL file; `fields` maps each required field to its type. A bad
     line raises UserError naming the file and line."""
