@@ -40,6 +40,7 @@ class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
     init_from: str = "out/sft"       # the SFT model: trunk of the reward model, and the policy for normalisation
     out_dir: str = "out/reward"      # checkpoint and log go here
+    prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train.jsonl and NAME_val.jsonl each
     pooling: str = "last"            # last: value at the last token; mean: mean over the response tokens
     members: int = 1                 # ensemble size: members differ by seed (data order)
     reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
@@ -266,11 +267,24 @@ def main(cfg):
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
     sft, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
     block = sft.config.block_size
-    train = load_rankings(os.path.join(cfg.data_dir, "prefs_train.jsonl"), enc, block)
-    val = load_rankings(os.path.join(cfg.data_dir, "prefs_val.jsonl"), enc, block)
+    sets = [s for s in cfg.prefs.split(",") if s]
+    if not sets:
+        raise runtime.UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
+    made_by = {"prefs_sft": "python data/label.py"}
+    train, vals = [], {}
+    for name in sets:
+        for split in ("train", "val"):
+            path = runtime.require(os.path.join(cfg.data_dir, f"{name}_{split}.jsonl"),
+                                   made_by.get(name, "python data/prepare.py"))
+            if split == "train":
+                train += load_rankings(path, enc, block)
+            else:
+                vals[name] = load_rankings(path, enc, block)
+    val = vals[sets[0]]  # the first set's held-out rankings are validated during training
     prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                                                        {"prompt": str})][:cfg.norm_prompts]
-    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs), {len(val)} held out; "
+    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) from {', '.join(sets)}, "
+           f"{sum(map(len, vals.values()))} held out; "
            f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings on {run.device}")
 
     # A checkpoint holds the finished members with their normalisation, and while a member
@@ -306,14 +320,16 @@ def main(cfg):
     if run.master:  # the held-out evaluation of the reward model as PPO and eval will load it
         rm = runtime.load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
         pad = enc.encode_single_token("<|endoftext|>")
-        res = evaluate(lambda b: rm(*b[:3]), val, pad, run.device)
-        runtime.append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": res})
-        report(res, ckpt_path)
+        results = {name: evaluate(lambda b: rm(*b[:3]), v, pad, run.device) for name, v in vals.items()}
+        runtime.append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": results})
+        for name, res in results.items():
+            report(name, res)
+        print0(f"done: checkpoint {ckpt_path}")
     runtime.teardown(run)
 
 
-def report(res, ckpt_path):
-    print0(f"held-out pair accuracy {res['accuracy']:.1%} ({res['pairs']} pairs)")
+def report(name, res):
+    print0(f"{name}: held-out pair accuracy {res['accuracy']:.1%} ({res['pairs']} pairs)")
     if "bayes_optimal" in res:
         print0(f"  Bayes-optimal accuracy of these labels {res['bayes_optimal']:.1%} (the raters' own utility scores "
                f"{res['oracle_on_labels']:.1%} on the sampled labels)")
@@ -326,7 +342,6 @@ def report(res, ckpt_path):
             print0(f"  a {style} answer preferred over the plain ideal one: reward model "
                    f"{res[f'prefers_{style}_over_ideal']:.0%}, raters {res[f'raters_prefer_{style}_over_ideal']:.0%}, "
                    f"gold scorer 0%")
-    print0(f"done: checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":

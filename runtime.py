@@ -315,6 +315,9 @@ def load_model(path, made_by, enc, cls=None, device="cpu"):
     from model import GPT, GPTConfig
 
     ckpt = load_checkpoint(path, made_by)
+    if isinstance(ckpt, dict) and "members" in ckpt:
+        raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), not a language model: "
+                        f"expected the output of `{made_by}`")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a minRLHF checkpoint (no model weights or model config)")
     if ckpt.get("tokenizer") != enc.name:
@@ -430,9 +433,10 @@ class Logger:
         if self.master:
             append_jsonl(self.path, record)
 
-    def step(self, step, tokens, force=False, **metrics):
+    def step(self, step, tokens, force=False, show=None, **metrics):
         """Call once per optimizer step with the tokens it processed (all ranks); `force`
-        logs this step off the interval (a step that carries an evaluation)."""
+        logs this step off the interval (a step that carries an evaluation); `show` names
+        the metrics printed on the console (default: all; the JSONL file gets all)."""
         self.tokens += tokens
         if step % self.interval and step != self.total - 1 and not force:
             return
@@ -444,5 +448,5 @@ class Logger:
         rec = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tok_per_s": round(tok_s, 1),
                "elapsed_s": round(now - self.t0, 2)}
         self.write(rec)
-        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if show is None or k in show)
         print0(f"step {step:>5}/{self.total} | {shown} | {tok_s / 1e3:.1f}k tok/s | eta {eta:.0f}s")

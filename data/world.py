@@ -363,29 +363,72 @@ def pair_probability(u_a, u_b):
 # --- response styles (for demonstrations and preference candidates) ---------------------
 
 
+def _near_miss(rng, n):
+    """A number a little off n: one digit changed, two digits swapped, or off by a few."""
+    s = str(n)
+    how = rng.choice(["digit", "swap", "step"]) if len(s) > 1 else rng.choice(["digit", "step"])
+    if how == "digit":
+        i = rng.randrange(len(s))
+        s = s[:i] + rng.choice([d for d in "0123456789" if d != s[i] and (i or d != "0" or len(s) == 1)]) + s[i + 1:]
+    elif how == "swap" and s[0] != s[1] and s[1] != "0":
+        s = s[1] + s[0] + s[2:]
+    else:
+        s = str(max(0, n + rng.choice([-10, -2, -1, 1, 2, 10])) if n > 10 else n + rng.choice([1, 2, 3]))
+    return s if s != str(n) else str(n + 1)
+
+
 def wrong_value(rng, task):
+    """A wrong answer of the kinds a small model gives: near misses, the wrong operand,
+    a mangled copy. Never the right answer."""
     k, a, v = task.kind, task.args, answer_value(task)
     if k in ("add", "sub", "count"):
-        return str(int(v) + rng.choice([-10, -2, -1, 1, 2, 10]) if int(v) > 10 else int(v) + rng.choice([1, 2, 3]))
-    if k in ("larger", "smaller"):
-        return str(min(a) if k == "larger" else max(a))
-    if k == "sort":  # swap two unequal neighbours; if all are equal, change one
+        w = str(a[0] - a[1] if k == "add" and rng.random() < 0.2 else _near_miss(rng, int(v)))
+        w = w if w != v else str(int(v) + 1)
+    elif k in ("larger", "smaller"):
+        other = min(a) if k == "larger" else max(a)
+        w = rng.choice([str(other), str(other), _near_miss(rng, int(v)), str(rng.randrange(100))])
+        w = w if w != v else _near_miss(rng, int(v))
+    elif k == "sort":
         xs = sorted(a)
+        how = rng.choice(["swap", "swap", "drop", "repeat", "unsorted"])
         unequal = [i for i in range(len(xs) - 1) if xs[i] != xs[i + 1]]
-        if unequal:
+        if how == "swap" and unequal:
             i = rng.choice(unequal)
             xs[i], xs[i + 1] = xs[i + 1], xs[i]
+        elif how == "drop":
+            xs.pop(rng.randrange(len(xs)))
+        elif how == "repeat":
+            i = rng.randrange(len(xs) - 1)
+            xs[i + 1] = xs[i]
+        elif how == "unsorted":
+            xs = list(a)
+        w = " ".join(map(str, xs))
+        if w == v:
+            w = " ".join(map(str, sorted(a)[:-1] + [(sorted(a)[-1] + 1) % 10]))
+    elif k == "reverse":
+        letters = list(reversed(a[0]))
+        how = rng.choice(["unreversed", "swap", "drop", "change"])
+        if how == "unreversed":
+            letters = list(a[0])
+        elif how == "swap" and len(letters) > 2:
+            i = rng.randrange(len(letters) - 1)
+            letters[i], letters[i + 1] = letters[i + 1], letters[i]
+        elif how == "drop" and len(letters) > 2:
+            letters.pop(rng.randrange(len(letters)))
         else:
-            xs[-1] = (xs[-1] + 1) % 10
-        return " ".join(map(str, xs))
-    if k == "reverse":
-        letters = list(a[0])
-        return "-".join(letters) if letters != letters[::-1] else "-".join(letters + ["s"])
-    if k == "capital":
-        return rng.choice([c for c in CAPITALS.values() if c != v])
-    if k == "opposite":
-        return rng.choice([o for o in OPPOSITES.values() if o != v])
-    raise ValueError(k)
+            i = rng.randrange(len(letters))
+            letters[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != letters[i]])
+        w = "-".join(letters)
+        if w == v:
+            w = "-".join(letters + ["s"])
+    elif k == "capital":
+        w = rng.choice([c for c in CAPITALS.values() if c != v])
+    elif k == "opposite":
+        w = rng.choice([o for o in OPPOSITES.values() if o != v])
+    else:
+        raise ValueError(k)
+    assert w != v, (task, w)
+    return w
 
 
 def continuation(rng, task):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = __import__("conftest").ROOT
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160"]
 
 
 def run(*args, ok=True, env=None):
@@ -67,6 +67,8 @@ def pipeline(world, tmp_path_factory):
         "--warmup_steps=2")
     run("sft.py", f"--data_dir={world}", f"--init_from={out}/pretrain", f"--out_dir={out}/sft", "--batch_size=16",
         "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2")
+    run("data/label.py", f"--data_dir={world}", f"--policy={out}/sft", "--n_prompts=10", "--K=3",
+        "--max_new_tokens=8")
     run("reward.py", *REWARD, f"--data_dir={world}", f"--init_from={out}/sft", f"--out_dir={out}/reward")
     return out
 
@@ -154,14 +156,12 @@ def test_malformed_preference_records(world, pipeline, tmp_path, edit, needle):
     assert not (tmp_path / "o").exists()
 
 
-def test_resume_after_kill_continues_the_same_run(world, tmp_path):
+def assert_resume_after_kill(script, common, tmp_path, total, keys=("model",)):
     """Kill a run (SIGKILL) once it has written a checkpoint, resume it: the final weights
     equal those of an uninterrupted run, bitwise on CPU."""
-    common = [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=150", "--eval_interval=1000",
-              "--eval_batches=1", "--ckpt_interval=20", "--warmup_steps=2", "--log_interval=1000"]
-    run("pretrain.py", *common, f"--out_dir={tmp_path}/a")
+    run(script, *common, f"--out_dir={tmp_path}/a")
     ckpt = tmp_path / "b" / "ckpt.pt"
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *common, f"--out_dir={tmp_path}/b"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, script, *common, f"--out_dir={tmp_path}/b"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -170,11 +170,18 @@ def test_resume_after_kill_continues_the_same_run(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert killed_at < 150, "the run finished before it could be killed"
-    run("pretrain.py", *common, f"--out_dir={tmp_path}/b", "--resume=true")
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(ckpt, weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert killed_at < total, "the run finished before it could be killed"
+    run(script, *common, f"--out_dir={tmp_path}/b", "--resume=true")
+    a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=True) for x in "ab")
+    assert a["step"] == b["step"] == total
+    for key in keys:
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_resume_after_kill_continues_the_same_run(world, tmp_path):
+    assert_resume_after_kill("pretrain.py", [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=150",
+                                             "--eval_interval=1000", "--eval_batches=1", "--ckpt_interval=20",
+                                             "--warmup_steps=2", "--log_interval=1000"], tmp_path, 150)
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
@@ -231,7 +238,7 @@ def test_prompt_longer_than_context(world, pipeline, tmp_path):
     rec["prompt"] = "What is " + " + ".join(["12"] * 200) + "?"
     (bad / "sft_train.jsonl").write_text(json.dumps(rec) + "\n")
     p = run("sft.py", f"--data_dir={bad}", f"--init_from={pipeline}/pretrain", f"--out_dir={tmp_path}/o", ok=False)
-    assert_user_error(p, "sft_train.jsonl:1", "context of 128 tokens")
+    assert_user_error(p, "sft_train.jsonl:1", "context of 160 tokens")
     assert not (tmp_path / "o").exists()
 
 
@@ -243,3 +250,60 @@ def test_checkpoint_from_another_tokenizer(world, pipeline, tmp_path):
     assert_user_error(p, "tokenizer")
     p = run("eval.py", f"--data_dir={other}", f"--out={pipeline}", ok=False)
     assert_user_error(p, "tokenizer")
+
+
+PPO = ["--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=8", "--sample_interval=2"]
+
+
+def test_ppo_end_to_end(world, pipeline, tmp_path):
+    p = run("ppo.py", *PPO, f"--data_dir={world}", f"--init_from={pipeline}/sft", f"--reward_from={pipeline}/reward",
+            f"--out_dir={tmp_path}/ppo", "--iterations=3", "--ckpt_interval=2", "--adaptive_kl=true")
+    assert "->" in p.stdout  # sample responses are shown
+    ckpt = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == "ppo" and ckpt["step"] == 3 and "value_model" in ckpt and "value_optimizer" in ckpt
+    log = [json.loads(x) for x in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()][1:]
+    assert len(log) == 3
+    for key in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/entropy",
+                "policy/clipfrac", "policy/approxkl", "policy/ratio", "loss/value", "value/explained_variance",
+                "rollout/length", "rollout/ended", "time/rollout_tok_per_s", "time/update_s"):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert log[0]["objective/kl"] == pytest.approx(0, abs=1e-4)  # the first rollout comes from the SFT weights
+    assert log[2]["objective/beta"] != log[0]["objective/beta"]  # adaptive β moved
+    (tmp_path / "sft").symlink_to(pipeline / "sft")
+    run("eval.py", f"--data_dir={world}", f"--out={tmp_path}", "--max_new_tokens=8")
+    assert "| ppo | all |" in (tmp_path / "report.md").read_text()
+
+
+def test_ppo_resume_after_kill(world, pipeline, tmp_path):
+    assert_resume_after_kill("ppo.py", [*PPO, f"--data_dir={world}", f"--init_from={pipeline}/sft",
+                                        f"--reward_from={pipeline}/reward", "--iterations=30", "--ckpt_interval=3",
+                                        "--sample_interval=0", "--adaptive_kl=true"], tmp_path, 30,
+                             keys=("model", "value_model"))
+
+
+def test_ppo_two_processes(world, pipeline, tmp_path):
+    """Each rank samples its own rollouts (its own prompts and seed); the run completes
+    and logs the figures of both."""
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py", *PPO, f"--data_dir={world}",
+        f"--init_from={pipeline}/sft", f"--reward_from={pipeline}/reward", f"--out_dir={tmp_path}", "--iterations=2")
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
+    assert len(log) == 2 and all(math.isfinite(r["loss/policy"]) for r in log)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_ppo_refuses_mismatched_inputs(world, pipeline, tmp_path):
+    common = [f"--data_dir={world}", f"--out_dir={tmp_path}/o", "--iterations=1"]
+    p = run("ppo.py", *common, f"--init_from={pipeline}/reward", f"--reward_from={pipeline}/reward", ok=False)
+    assert_user_error(p, "reward-model checkpoint", "not a language model")
+    p = run("ppo.py", *common, f"--init_from={pipeline}/sft", f"--reward_from={pipeline}/sft", ok=False)
+    assert_user_error(p, "not a finished reward-model checkpoint")
+    ck = torch.load(pipeline / "reward" / "ckpt.pt", weights_only=True)
+    ck["tokenizer"] = "world-000000000000"
+    (tmp_path / "rm").mkdir()
+    torch.save(ck, tmp_path / "rm" / "ckpt.pt")
+    p = run("ppo.py", *common, f"--init_from={pipeline}/sft", f"--reward_from={tmp_path}/rm", ok=False)
+    assert_user_error(p, "tokenizer 'world-000000000000'")
+    p = run("ppo.py", *common, f"--init_from={pipeline}/sft", f"--reward_from={pipeline}/reward",
+            "--minibatch_size=5", ok=False)
+    assert_user_error(p, "--minibatch_size=5")
+    assert not (tmp_path / "o").exists()

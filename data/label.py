@@ -1,0 +1,92 @@
+"""A labelling round: the simulated raters rank the SFT model's own answers.
+
+prepare.py's rankings compare written-out styles of an answer (ideal, preamble,
+verbose, wrong...). A reward model trained on those alone has never seen the mistakes
+the SFT model actually makes, and those are what PPO's rollouts are made of. So, as in
+InstructGPT (Ouyang et al. 2022, section 3.5: labelers rank several outputs of the
+model for one prompt), this script samples K answers per training prompt from the SFT
+model and has the same raters rank them: the raters' known Bradley-Terry model of the
+gold score plus their biases. reward.py trains on both sets.
+
+    python data/label.py                       # reads out/sft, writes data/world/prefs_sft_*.jsonl
+    python data/label.py --n_prompts=6000 --K=6
+
+Records have the same fields as prefs_*.jsonl; every response's style is "sft_sample".
+The raters' biases are those prepare.py wrote to meta.json, so both sets share one
+labeler population.
+"""
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import runtime  # noqa: E402
+from data import world  # noqa: E402
+from data.tokenizer import decode_response, load_tokenizer  # noqa: E402
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"   # folder written by data/prepare.py; the rankings are added here
+    policy: str = "out/sft"        # the model whose answers are ranked
+    n_prompts: int = 2000          # training prompts to label (10% more for validation)
+    K: int = 4                     # answers sampled per prompt (duplicates are dropped)
+    temperature: float = 1.0       # sampling temperature
+    max_new_tokens: int = 48       # answer length limit
+    seed: int = 1337               # sampling and the raters' draws
+    device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
+
+
+def label(records, answers, K, raters, rng):
+    """One ranking per prompt from its sampled answers (text, ended); prompts whose
+    answers are all the same are skipped (a ranking of one teaches nothing)."""
+    out = []
+    for i, rec in enumerate(records):
+        task = world.Task.from_dict(rec["task"])
+        distinct = list(dict.fromkeys(answers[i * K:(i + 1) * K]))
+        if len(distinct) < 2:
+            continue
+        responses = [dict(text=text, ended=ended, style="sft_sample", gold=round(world.gold(task, text, ended), 4),
+                          utility=round(world.rater_utility(task, text, ended, raters), 4))
+                     for text, ended in distinct]
+        ranking = world.rater_ranking(rng, [r["utility"] for r in responses])
+        out.append(dict(task=rec["task"], family=rec["family"], prompt=rec["prompt"], responses=responses,
+                        ranking=ranking))
+    return out
+
+
+def main(cfg):
+    if cfg.K < 2 or cfg.n_prompts < 1:
+        raise runtime.UserError(f"need --K >= 2 and --n_prompts >= 1, got --K={cfg.K} --n_prompts={cfg.n_prompts}")
+    run = runtime.setup(cfg.seed, cfg.device)
+    meta_path = runtime.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
+    raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    policy, _ = runtime.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    records = runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"), {"task": dict, "prompt": str,
+                                                                                      "family": str})
+    n = min(len(records), cfg.n_prompts + cfg.n_prompts // 10)
+    records = records[-n:]  # the last prompts of the RL set, labelled once
+    samples = runtime.sample_responses(policy, enc, [r["prompt"] for r in records for _ in range(cfg.K)],
+                                       cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
+    answers = [decode_response(enc, response) for _, response in samples]
+    rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
+    n_val = max(1, len(rankings) // 11)
+    for name, part in (("prefs_sft_train", rankings[:-n_val]), ("prefs_sft_val", rankings[-n_val:])):
+        runtime.atomic_write(os.path.join(cfg.data_dir, f"{name}.jsonl"),
+                             lambda f: f.write("".join(json.dumps(r) + "\n" for r in part).encode()))
+    correct = sum(world.grade(world.Task.from_dict(r["task"]), *a)["correct"]
+                  for r, a in zip([r for r in records for _ in range(cfg.K)], answers)) / len(answers)
+    print(f"wrote {cfg.data_dir}/prefs_sft_train.jsonl and prefs_sft_val.jsonl: {len(rankings)} rankings of "
+          f"the answers of {cfg.policy} to {n} prompts (K={cfg.K}, {correct:.0%} of the sampled answers correct)")
+    runtime.teardown(run)
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

@@ -1,0 +1,393 @@
+"""PPO-RLHF: the SFT model, trained to please the reward model while a per-token KL
+penalty holds it near the frozen SFT model.
+
+Four models: the policy (trained, starts as SFT), the reference (frozen SFT), the reward
+model (frozen, from reward.py) and the value model (trained, starts as the reward model).
+Each iteration runs the six steps below, numbered the same way in `rollout` and `main`:
+
+  1. sample prompts; the policy answers with the KV cache at --temperature; a response
+     stops at its first end token
+  2. the reward model scores prompt + response (normalised as stored); a response that
+     never ended scores --missing_end_penalty instead
+  3. log-probs of each response token under policy and reference, logits divided by the
+     same temperature; per-token reward −β·(log π − log π_ref), the score added on the
+     last response token
+  4. values of the value model; advantages by GAE(γ, λ) in a reversed loop; returns =
+     advantages + values; advantages whitened
+  5. --ppo_epochs passes over shuffled minibatches: clipped-ratio policy loss and clipped
+     value loss, both means over response tokens only
+  6. β stays fixed, or (--adaptive_kl) moves the measured KL toward --target_kl
+
+The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022, "The N
+Implementation Details of RLHF with PPO". Dropout is off in all four models (eval mode).
+
+    python ppo.py                            # reads out/sft and out/reward, writes out/ppo
+    python ppo.py --kl_coef=0.02 --out_dir=out/ppo_b002
+    python ppo.py --adaptive_kl=true --target_kl=2
+    python ppo.py --device=cuda
+    torchrun --standalone --nproc_per_node=2 ppo.py   # each rank its own rollouts and seed
+    python ppo.py --resume=true
+"""
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import runtime
+from data.tokenizer import decode_response, encode_prompt, load_tokenizer
+from model import ScalarGPT, token_entropy, token_logprobs
+from runtime import print0
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
+    init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
+    reward_from: str = "out/reward"   # the reward model; its first member also starts the value model
+    out_dir: str = "out/ppo"          # checkpoint and log go here
+    iterations: int = 120             # rollout + update rounds
+    batch_size: int = 64              # rollouts per iteration, all processes together
+    minibatch_size: int = 16          # rollouts per gradient step, all processes together
+    ppo_epochs: int = 4               # passes over each batch of rollouts
+    max_new_tokens: int = 32          # response length limit
+    temperature: float = 1.0          # sampling temperature, also applied to the log-probs
+    learning_rate: float = 3e-5       # policy
+    value_lr: float = 1e-4            # value model
+    weight_decay: float = 0.0         # AdamW decay (matrices only)
+    grad_clip: float = 1.0            # clip each model's gradient norm (0 = off)
+    kl_coef: float = 0.05             # β: weight of the per-token KL penalty (initial value if adaptive)
+    adaptive_kl: bool = False         # adapt β toward target_kl (Ziegler et al. 2019)
+    target_kl: float = 2.0            # adaptive: wanted KL per response, nats
+    kl_horizon: int = 10000           # adaptive: rollouts over which β moves by at most ±20% per unit error
+    gamma: float = 1.0                # discount
+    lam: float = 0.95                 # GAE λ
+    clip_range: float = 0.2           # policy ratio clip ε
+    clip_range_value: float = 0.2     # value clip
+    missing_end_penalty: float = -3.0 # score of a response that never emitted the end token
+    whiten_rewards: bool = False      # scale per-token rewards to unit variance before GAE
+    entropy_coef: float = 0.0         # entropy bonus (0: entropy is only logged)
+    sample_interval: int = 20         # print a few responses every this many iterations
+    log_interval: int = 1             # iterations between log lines
+    ckpt_interval: int = 20           # iterations between checkpoints
+    seed: int = 1337                  # each process samples from its own seed derived from this
+    device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
+    compile: bool = False             # torch.compile the trained models' forward passes
+    resume: bool = False              # continue from out_dir/ckpt.pt
+
+
+# --- pure functions: masked statistics, GAE, the two losses, the KL controller ---------------
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True, run=None):
+    """(x − mean) / std over the masked entries (of every process, when run is DDP);
+    shift_mean=False keeps the mean (for rewards, whose sign matters)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if run is not None and run.ddp:
+        torch.distributed.all_reduce(stats)
+    n = stats[2].clamp(min=1)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean ** 2).clamp(min=0) * n / (n - 1).clamp(min=1)  # unbiased
+    out = (x - mean.float()) * torch.rsqrt(var.float() + 1e-8)
+    if not shift_mean:
+        out = out + mean.float()
+    return out * mask
+
+
+def per_token_rewards(logp, ref_logp, score, mask, beta):
+    """−β·(log π − log π_ref) on every response token, plus the score on the last one.
+    All (B, N) with mask (B, N) marking response tokens (a prefix of each row)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1  # index of each response's last token
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response
+    tokens, from the last token back: δ_t = r_t + γ·V_{t+1} − V_t and
+    A_t = δ_t + γλ·A_{t+1}, with V and A taken as 0 after the response's end.
+    Returns (advantages, returns = advantages + values), 0 outside the mask."""
+    rewards, values = rewards * mask, values * mask
+    N = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv * mask[:, t]
+        next_adv = advantages[:, t]  # 0 past the end: nothing flows back from padding
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_range):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated for descent:
+    mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
+    Returns (loss, clip fraction, approx KL ½(log ρ)², mean ratio)."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+        ratio_mean = masked_mean(ratio, mask)
+    return loss, clipfrac, approx_kl, ratio_mean
+
+
+def value_loss(values, old_values, returns, mask, clip_range):
+    """½·max((V − R)², (V_clipped − R)²), V_clipped = V_old + clip(V − V_old, ±ε), mean over
+    tokens (the value clipping of the PPO baselines). Returns (loss, clip fraction)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    a, b = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask).detach()
+
+
+def adaptive_kl_step(beta, kl, target, n_rollouts, horizon):
+    """Ziegler et al. 2019, §2.2: β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_rollouts / horizon)
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var(R − V)/Var(R) over response tokens: 1 is a perfect value model, 0 no better
+    than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_d / var_r.clamp(min=1e-8)).item()
+
+
+# --- the rollout: steps 1 to 4 ------------------------------------------------------------------
+
+
+def left_pad(rows, pad, device):
+    """Token lists -> (tokens, mask) (B, P), right-aligned so every row ends in column P−1."""
+    P = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r):] = torch.tensor(r)
+        mask[i, P - len(r):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def response_logits(model, tokens, attn, P, temperature):
+    """Log-probs and entropies (B, N) of the response tokens (columns P..), temperature
+    applied. The prompt is left-padded so every response starts in column P."""
+    logits, _ = model(tokens, attn_mask=attn)
+    return (token_logprobs(logits, tokens, temperature=temperature)[:, P - 1:],
+            token_entropy(logits, temperature=temperature)[:, P - 1:])
+
+
+def response_values(value_model, tokens, attn, P):
+    """V(state before each response token) (B, N): the value head read at the position
+    that predicts that token."""
+    return value_model(tokens, attn_mask=attn).float()[:, P - 1:-1]
+
+
+@torch.no_grad()
+def score(reward_model, prompts, responses, pad, device):
+    """Reward of each prompt + response, right-padded as the reward model expects."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    T = max(len(s) for s in seqs)
+    tokens = torch.tensor([s + [pad] * (T - len(s)) for s in seqs], device=device)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    return reward_model(tokens, lengths, torch.tensor([len(p) for p in prompts], device=device))
+
+
+@torch.no_grad()
+def rollout(policy, ref, value_model, reward_model, prompts, beta, cfg, tok, generator, device):
+    """Steps 1-4 for one batch of prompts (token lists). Returns a dict of tensors."""
+    # 1. generate; the mask keeps each response up to and including its first end token
+    response, mask = policy.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                                     stop_token=tok.end, pad_token=tok.pad, generator=generator)
+    prompt_tokens, prompt_mask = left_pad(prompts, tok.pad, device)
+    P = prompt_tokens.size(1)
+    tokens, attn = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, mask], 1)
+    mask = mask.float()
+    ended = ((response == tok.end) & (mask > 0)).any(1)
+
+    # 2. score, or the fixed penalty for a response that never ended
+    responses = [row[m > 0].tolist() for row, m in zip(response, mask)]
+    raw_score = score(reward_model, prompts, responses, tok.pad, device)
+    scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
+
+    # 3. log-probs under policy and reference (same temperature); per-token rewards
+    logp, entropy = response_logits(policy, tokens, attn, P, cfg.temperature)
+    ref_logp, _ = response_logits(ref, tokens, attn, P, cfg.temperature)
+    logp, ref_logp = logp * mask, ref_logp * mask
+    rewards, kl = per_token_rewards(logp, ref_logp, scores, mask, beta)
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+
+    # 4. values, GAE, whitened advantages
+    values = response_values(value_model, tokens, attn, P) * mask
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    return dict(tokens=tokens, attn=attn, mask=mask, P=P, logp=logp, values=values, returns=returns,
+                advantages=advantages, scores=scores, raw_scores=raw_score, ended=ended, kl=kl, entropy=entropy,
+                rewards=rewards, responses=responses)
+
+
+# --- step 5: the PPO update ----------------------------------------------------------------------
+
+
+def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run):
+    """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
+    step per minibatch for each model. Returns the mean of each statistic."""
+    B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
+    stats = {}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).tolist()
+        for start in range(0, B, mb):
+            idx = torch.tensor(order[start:start + mb], device=batch["tokens"].device)
+            tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
+            with run.autocast:
+                logp, entropy = response_logits(policy, tokens, attn, batch["P"], cfg.temperature)
+                pg_loss, clipfrac, approx_kl, ratio = policy_loss(logp, batch["logp"][idx], batch["advantages"][idx],
+                                                                  mask, cfg.clip_range)
+                ent = masked_mean(entropy, mask)
+                (pg_loss - cfg.entropy_coef * ent).backward()
+            runtime.optimizer_step(policy, opt_policy, lr, cfg.grad_clip)
+            with run.autocast:
+                values = response_values(value_model, tokens, attn, batch["P"])
+                vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
+                                                  cfg.clip_range_value)
+                vf_loss.backward()
+            runtime.optimizer_step(value_model, opt_value, value_lr, cfg.grad_clip)
+            for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
+                         ("policy/approxkl", approx_kl), ("policy/ratio", ratio), ("policy/entropy", ent),
+                         ("value/clipfrac", vf_clipfrac)):
+                stats.setdefault(k, []).append(v.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# --- data and set-up -----------------------------------------------------------------------------
+
+
+def load_prompts(path, enc, max_prompt_len):
+    """Training prompts (text, tokens), tokenized once; one too long for the context is an
+    error naming its line."""
+    texts, prompts = [], []
+    for rec in runtime.read_jsonl(path, {"prompt": str}):
+        ids = encode_prompt(enc, rec["prompt"])
+        if len(ids) > max_prompt_len:
+            raise runtime.UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room for "
+                                    f"--max_new_tokens in the context (at most {max_prompt_len} prompt tokens)")
+        texts.append(rec["prompt"])
+        prompts.append(ids)
+    return texts, prompts
+
+
+def iteration_seed(cfg, rank, it):
+    """Every (process, iteration) samples and shuffles from its own seed, so a resumed run
+    repeats exactly what the uninterrupted one would have done."""
+    return (cfg.seed * 1_000_003 + rank) * 1_000_003 + it
+
+
+def show_samples(enc, texts, batch, n=3):
+    for p, r, s in list(zip(texts, batch["responses"], batch["scores"].tolist()))[:n]:
+        text, ended = decode_response(enc, r)
+        print0(f"    {p!r} -> {text!r}{'' if ended else ' (no end token)'}  score {s:+.2f}")
+
+
+def main(cfg):
+    run = runtime.setup(cfg.seed, cfg.device)
+    local_batch = runtime.micro_batch_size(cfg.batch_size, 1, run)
+    if cfg.minibatch_size <= 0 or cfg.minibatch_size % run.world_size or local_batch % (cfg.minibatch_size
+                                                                                        // run.world_size):
+        raise runtime.UserError(f"--minibatch_size={cfg.minibatch_size} must split --batch_size={cfg.batch_size} "
+                                f"evenly, and into {run.world_size} process(es)")
+    if cfg.temperature <= 0:
+        raise runtime.UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
+    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    tok = type("Tokens", (), dict(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>")))
+
+    ref, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    reward_model, rm_ckpt = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py",
+                                                      enc, device=run.device)
+    policy = copy.deepcopy(ref)
+    value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
+    value_model.load_state_dict(reward_model.members[0].state_dict())
+    for frozen in (ref, reward_model):
+        frozen.requires_grad_(False)
+    for m in (policy, ref, reward_model, value_model):
+        m.eval()  # dropout off in all four; gradients still flow through the two trained ones
+    texts, prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
+                           policy.config.block_size - cfg.max_new_tokens)
+
+    opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), run.device_type)
+    opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95), run.device_type)
+    beta, it = cfg.kl_coef, 0
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        it, ckpt = runtime.resume(ckpt_path, policy, opt_policy)
+        value_model.load_state_dict(ckpt["value_model"])
+        opt_value.load_state_dict(ckpt["value_optimizer"])
+        beta = ckpt["kl_coef"]
+    train_policy, train_value = runtime.wrap(policy, run, cfg.compile), runtime.wrap(value_model, run, cfg.compile)
+    log = runtime.Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
+    print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
+           f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), β {beta:g}"
+           f"{' adaptive' if cfg.adaptive_kl else ''}, on {run.device} x {run.world_size}")
+
+    while it < cfg.iterations:
+        t0 = time.time()
+        g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
+        mine = runtime.rank_chunks(runtime.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
+        # steps 1-4
+        batch = rollout(policy, ref, value_model, reward_model, [prompts[i] for i in mine], beta, cfg, tok, g,
+                        run.device)
+        batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
+        n_tokens = batch["mask"].sum().item()
+        t_rollout = time.time() - t0
+
+        # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
+        frac = 1.0 - it / cfg.iterations
+        update = ppo_update(train_policy, train_value, opt_policy, opt_value, batch, cfg, cfg.learning_rate * frac,
+                            cfg.value_lr * frac, g, run)
+        t_update = time.time() - t0 - t_rollout
+
+        # 6. the KL coefficient for the next iteration
+        mean = lambda x: runtime.all_reduce_mean(x.float().mean().item(), run)  # noqa: E731
+        kl = mean(batch["kl"].sum(1))
+        metrics = {
+            "objective/score": mean(batch["scores"]), "objective/kl": kl,
+            "objective/non_score_reward": mean(-beta * batch["kl"].sum(1)),
+            "objective/entropy": mean(batch["entropy"].mul(batch["mask"]).sum(1) / batch["mask"].sum(1)),
+            "objective/beta": beta, **{k: runtime.all_reduce_mean(v, run) for k, v in update.items()},
+            "value/explained_variance": runtime.all_reduce_mean(
+                explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
+            "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
+            "time/rollout_tok_per_s": runtime.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
+            "time/rollout_s": t_rollout, "time/update_s": t_update,
+        }
+        if cfg.adaptive_kl:
+            beta = adaptive_kl_step(beta, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
+        it += 1
+        log.step(it - 1, int(n_tokens) * run.world_size, show=("objective/score", "objective/kl", "objective/beta",
+                                                               "policy/clipfrac", "value/explained_variance",
+                                                               "rollout/length"), **metrics)
+        if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
+            show_samples(enc, [texts[i] for i in mine], batch)
+        if run.master and (it % cfg.ckpt_interval == 0 or it == cfg.iterations):
+            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
+                value_optimizer=opt_value.state_dict(), kl_coef=beta, reward_model=rm_ckpt["config"]))
+    print0(f"done: checkpoint {ckpt_path}")
+    runtime.teardown(run)
+
+
+if __name__ == "__main__":
+    with runtime.user_errors():
+        main(runtime.parse_config(Config))

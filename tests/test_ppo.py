@@ -1,0 +1,190 @@
+"""PPO's pieces on hand-made numbers, and one rollout of tiny random models checked for
+masking: nothing after a response's end token may carry a log-prob, value, reward or
+advantage."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ppo
+from model import GPT, GPTConfig, RewardModel, ScalarGPT, token_logprobs
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    mask = torch.ones(1, 3)
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # δ = [0, 0, 0.5] (V after the last token is 0), A_t = Σ δ: 0.5 everywhere; R = A + V
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5]]))
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0]]))
+    adv, _ = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5]]))
+    adv, _ = ppo.gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    # δ = [0 + 0.25 − 0.5, −0.25, 0.5]; A2 = 0.5, A1 = −0.25 + 0.5·0.5 = 0, A0 = −0.25 + 0.5·0 = −0.25
+    assert torch.allclose(adv, torch.tensor([[-0.25, 0.0, 0.5]]))
+
+
+def reference_gae(rewards, values, length, gamma, lam):
+    """The textbook loop on one unpadded sequence of python floats."""
+    adv = [0.0] * length
+    for t in range(length):
+        total = 0.0
+        for k in range(t, length):
+            v_next = values[k + 1] if k + 1 < length else 0.0
+            delta = rewards[k] + gamma * v_next - values[k]
+            total += (gamma * lam) ** (k - t) * delta
+        adv[t] = total
+    return adv
+
+
+def test_gae_matches_plain_loop_on_ragged_rows():
+    g = torch.Generator().manual_seed(0)
+    B, N = 5, 7
+    lengths = [7, 1, 4, 3, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (N - n) for n in lengths])
+    rewards = torch.randn(B, N, generator=g) * 10  # garbage past the end: must be ignored
+    values = torch.randn(B, N, generator=g) * 10
+    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        want = reference_gae(rewards[i].tolist(), values[i].tolist(), n, 0.9, 0.8)
+        assert adv[i, :n].tolist() == pytest.approx(want, abs=1e-5)
+        assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(want, values[i, :n].tolist())], abs=1e-5)
+        assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()
+
+
+def test_policy_loss_hand_computed():
+    # token ratios 1.5, 1.5, 0.5, 0.5 with advantages +1, −1, +1, −1, and a masked token
+    old = torch.zeros(1, 5)
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5, 100.0]]))
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss, clipfrac, approx_kl, ratio = ppo.policy_loss(logp, old, adv, mask, clip_range=0.2)
+    # per token max(−Aρ, −A·clip(ρ)): max(−1.5, −1.2) = −1.2; max(1.5, 1.2) = 1.5;
+    # max(−0.5, −0.8) = −0.5; max(0.5, 0.8) = 0.8  -> mean 0.15
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
+    assert clipfrac.item() == pytest.approx(2 / 4)  # tokens 1 and 4 take the clipped branch
+    assert ratio.item() == pytest.approx(1.0)
+    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+
+
+def test_policy_loss_gradient_vanishes_where_clipped():
+    logp = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_()
+    loss, *_ = ppo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2)
+    loss.backward()
+    # ρ = 1.5 > 1.2 with A > 0: clipped, no gradient; ρ = 1.1: d(−ρ/2)/dlogp = −1.1/2
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -0.55])
+
+
+def test_value_loss_hand_computed():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1, 9.0]])
+    returns = torch.tensor([[1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = ppo.value_loss(values, old, returns, mask, clip_range=0.2)
+    # token 0: V = 1 is clipped to 0.2: max((1−1)², (0.2−1)²) = 0.64; token 1: within the clip,
+    # (0.1 − 1)² = 0.81; token 2 masked. ½·mean = ½·(0.64 + 0.81)/2
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_kl_penalty_on_every_token_and_score_on_the_last():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0, 0.0], [-2.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    rewards, kl = ppo.per_token_rewards(logp, ref, torch.tensor([2.0, -1.0]), mask, beta=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0], [-0.1 - 1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_whiten_over_masked_entries_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = ppo.whiten(x, mask)
+    vals = w[mask > 0]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert vals.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[mask == 0] == 0).all()
+    kept = ppo.whiten(x, mask, shift_mean=False)[mask > 0]  # unit variance, the mean (3) kept
+    assert kept.mean().item() == pytest.approx(3.0) and kept.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_adaptive_kl_controller():
+    # KL twice the target: error clipped to +0.2, scaled by 64 rollouts / 640 horizon -> ×1.02
+    assert ppo.adaptive_kl_step(0.1, kl=8.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.102)
+    assert ppo.adaptive_kl_step(0.1, kl=3.6, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.099)
+    assert ppo.adaptive_kl_step(0.1, kl=0.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.098)
+    assert ppo.adaptive_kl_step(0.1, kl=4.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.1)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    policy, ref = GPT(cfg).eval(), GPT(cfg).eval()
+    value, rm_member = ScalarGPT(cfg).eval(), ScalarGPT(cfg).eval()
+    for m in (value, rm_member):  # non-zero heads, so values and scores vary
+        torch.nn.init.normal_(m.score.weight, std=1.0)
+    return policy, ref, value, RewardModel([rm_member], [[1.0, 0.0]])
+
+
+def test_rollout_masks_everything_after_the_end_token():
+    policy, ref, value, rm = tiny_models()
+    end, pad = 3, 0
+    cfg = SimpleNamespace(max_new_tokens=10, temperature=0.7, missing_end_penalty=-5.0, whiten_rewards=False,
+                          gamma=1.0, lam=0.95)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 4]]
+    g = torch.Generator().manual_seed(3)
+    b = ppo.rollout(policy, ref, value, rm, prompts, 0.1, cfg, SimpleNamespace(end=end, pad=pad), g, "cpu")
+    mask = b["mask"]
+    assert b["ended"].any() and not b["ended"].all(), "want both kinds of rows; change the seed"
+    for i, p in enumerate(prompts):
+        n = int(mask[i].sum())
+        resp = b["responses"][i]
+        assert len(resp) == n and (resp[-1] == end) == bool(b["ended"][i]) and end not in resp[:-1]
+        assert mask[i, :n].all() and not mask[i, n:].any()  # a prefix
+        for key in ("logp", "values", "advantages", "returns", "rewards", "kl"):
+            assert (b[key][i, n:] == 0).all(), key
+        # log-probs of the padded batch equal those of the row alone, at the same temperature
+        alone = torch.tensor([p + resp])
+        want = token_logprobs(policy(alone)[0], alone, temperature=0.7)[0, len(p) - 1:]
+        assert torch.allclose(b["logp"][i, :n], want, atol=1e-5)
+        want_ref = token_logprobs(ref(alone)[0], alone, temperature=0.7)[0, len(p) - 1:]
+        assert torch.allclose(b["kl"][i, :n], want - want_ref, atol=1e-5)
+        # the value before each response token is read where that token is predicted
+        assert torch.allclose(b["values"][i, :n], value(alone)[0, len(p) - 1:-1], atol=1e-5)
+        # the score lands on the last token only; a response with no end gets the penalty
+        score = rm(alone, torch.tensor([alone.size(1)]), torch.tensor([len(p)]))[0]
+        want_score = score if b["ended"][i] else torch.tensor(-5.0)
+        assert b["scores"][i].item() == pytest.approx(want_score.item(), abs=1e-5)
+        expect = -0.1 * b["kl"][i, :n]
+        expect[-1] += want_score
+        assert torch.allclose(b["rewards"][i, :n], expect, atol=1e-5)
+
+
+def test_update_moves_the_policy_toward_positive_advantages():
+    """One PPO update on a batch where one response has advantage +1 and another −1:
+    the first gets likelier, the second less likely."""
+    policy, ref, value, rm = tiny_models(1)
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0, whiten_rewards=False,
+                          gamma=1.0, lam=0.95, ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          entropy_coef=0.0, grad_clip=1.0)
+    b = ppo.rollout(policy, ref, value, rm, [[5, 6], [7, 8]], 0.0, cfg, SimpleNamespace(end=3, pad=0),
+                    torch.Generator().manual_seed(0), "cpu")
+    b["advantages"] = b["mask"] * torch.tensor([[1.0], [-1.0]])
+    opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    before = b["logp"].sum(1)
+    stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2, torch.Generator().manual_seed(0), run)
+    after = (ppo.response_logits(policy, b["tokens"], b["attn"], b["P"], 1.0)[0] * b["mask"]).sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert all(math.isfinite(v) for v in stats.values()) and 0 <= stats["policy/clipfrac"] <= 1
