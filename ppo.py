@@ -31,6 +31,7 @@ Implementation Details of RLHF with PPO". Dropout is off in all four models (eva
 """
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import runtime
+from data import world
 from data.tokenizer import decode_response, encode_prompt, load_tokenizer
 from model import ScalarGPT, token_entropy, token_logprobs
 from runtime import print0
@@ -48,6 +50,7 @@ class Config:
     data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
     init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
     reward_from: str = "out/reward"   # the reward model; its first member also starts the value model
+    reward: str = "model"             # model: the reward model; verifiable: 1 if the answer is right, else 0
     out_dir: str = "out/ppo"          # checkpoint and log go here
     iterations: int = 120             # rollout + update rounds
     batch_size: int = 64              # rollouts per iteration, all processes together
@@ -59,7 +62,7 @@ class Config:
     value_lr: float = 1e-4            # value model
     weight_decay: float = 0.0         # AdamW decay (matrices only)
     grad_clip: float = 1.0            # clip each model's gradient norm (0 = off)
-    kl_coef: float = 0.05             # β: weight of the per-token KL penalty (initial value if adaptive)
+    kl_coef: float = 0.2              # β: weight of the per-token KL penalty (initial value if adaptive)
     adaptive_kl: bool = False         # adapt β toward target_kl (Ziegler et al. 2019)
     target_kl: float = 2.0            # adaptive: wanted KL per response, nats
     kl_horizon: int = 10000           # adaptive: rollouts over which β moves by at most ±20% per unit error
@@ -197,7 +200,7 @@ def response_values(value_model, tokens, attn, P):
 
 
 @torch.no_grad()
-def score(reward_model, prompts, responses, pad, device):
+def score(reward_model, prompts, responses, *, pad, device):
     """Reward of each prompt + response, right-padded as the reward model expects."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     T = max(len(s) for s in seqs)
@@ -207,8 +210,9 @@ def score(reward_model, prompts, responses, pad, device):
 
 
 @torch.no_grad()
-def rollout(policy, ref, value_model, reward_model, prompts, beta, cfg, tok, generator, device):
-    """Steps 1-4 for one batch of prompts (token lists). Returns a dict of tensors."""
+def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generator, device):
+    """Steps 1-4 for one batch of prompts (token lists); score_fn(prompts, responses)
+    gives each response's score. Returns a dict of tensors."""
     # 1. generate; the mask keeps each response up to and including its first end token
     response, mask = policy.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                      stop_token=tok.end, pad_token=tok.pad, generator=generator)
@@ -220,7 +224,7 @@ def rollout(policy, ref, value_model, reward_model, prompts, beta, cfg, tok, gen
 
     # 2. score, or the fixed penalty for a response that never ended
     responses = [row[m > 0].tolist() for row, m in zip(response, mask)]
-    raw_score = score(reward_model, prompts, responses, tok.pad, device)
+    raw_score = score_fn(prompts, responses).to(device).float()
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
     # 3. log-probs under policy and reference (same temperature); per-token rewards
@@ -276,17 +280,27 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
 
 
 def load_prompts(path, enc, max_prompt_len):
-    """Training prompts (text, tokens), tokenized once; one too long for the context is an
-    error naming its line."""
-    texts, prompts = [], []
-    for rec in runtime.read_jsonl(path, {"prompt": str}):
+    """Training prompts (text, tokens, task), tokenized once; one too long for the context
+    is an error naming its line."""
+    texts, prompts, tasks = [], [], []
+    for rec in runtime.read_jsonl(path, {"prompt": str, "task": dict}):
         ids = encode_prompt(enc, rec["prompt"])
         if len(ids) > max_prompt_len:
             raise runtime.UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room for "
                                     f"--max_new_tokens in the context (at most {max_prompt_len} prompt tokens)")
         texts.append(rec["prompt"])
         prompts.append(ids)
-    return texts, prompts
+        tasks.append(world.Task.from_dict(rec["task"]))
+    return texts, prompts, tasks
+
+
+def verifiable_score(enc, tasks):
+    """The verifiable reward: 1 for a correct final answer, 0 otherwise (the correctness
+    part of the world's gold scorer; no reward model, nothing to hack but the checker)."""
+    def score_fn(prompts, responses):
+        return torch.tensor([float(world.grade(t, *decode_response(enc, r))["correct"])
+                             for t, r in zip(tasks, responses)])
+    return score_fn
 
 
 def iteration_seed(cfg, rank, it):
@@ -313,17 +327,22 @@ def main(cfg):
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
     tok = type("Tokens", (), dict(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>")))
 
+    if cfg.reward not in ("model", "verifiable"):
+        raise runtime.UserError(f"--reward={cfg.reward}: expected model or verifiable")
     ref, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
-    reward_model, rm_ckpt = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py",
-                                                      enc, device=run.device)
     policy = copy.deepcopy(ref)
-    value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
-    value_model.load_state_dict(reward_model.members[0].state_dict())
-    for frozen in (ref, reward_model):
-        frozen.requires_grad_(False)
-    for m in (policy, ref, reward_model, value_model):
-        m.eval()  # dropout off in all four; gradients still flow through the two trained ones
-    texts, prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
+    if cfg.reward == "model":
+        reward_model, rm_ckpt = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
+                                                          "python reward.py", enc, device=run.device)
+        value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
+        value_model.load_state_dict(reward_model.members[0].state_dict())
+        reward_model.requires_grad_(False).eval()
+    else:  # no reward model: the value model starts from the SFT trunk with a zero head
+        reward_model, rm_ckpt, value_model = None, {"config": None}, ScalarGPT.from_lm(ref)
+    ref.requires_grad_(False)
+    for m in (policy, ref, value_model):
+        m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
+    texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
                            policy.config.block_size - cfg.max_new_tokens)
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), run.device_type)
@@ -346,7 +365,11 @@ def main(cfg):
         g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
         mine = runtime.rank_chunks(runtime.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4
-        batch = rollout(policy, ref, value_model, reward_model, [prompts[i] for i in mine], beta, cfg, tok, g,
+        if reward_model is not None:
+            score_fn = functools.partial(score, reward_model, pad=tok.pad, device=run.device)
+        else:
+            score_fn = verifiable_score(enc, [tasks[i] for i in mine])
+        batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg, tok, g,
                         run.device)
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
         n_tokens = batch["mask"].sum().item()

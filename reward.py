@@ -187,7 +187,8 @@ def evaluate(score_fn, rankings, pad, device):
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
 
-    out.update(bayes_optimal=torch.maximum(p, 1 - p).mean().item(), oracle_on_labels=(p > 0.5).float().mean().item(),
+    oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
+    out.update(bayes_optimal=torch.maximum(p, 1 - p).mean().item(), oracle_on_labels=oracle.mean().item(),
                accuracy_correctness_differs=mean([ok for ok, (c, j, _) in zip(right, pairs)
                                                   if is_correct[c] != is_correct[j]]),
                accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs) if is_correct[c] == is_correct[j]]),
@@ -339,6 +340,8 @@ def report(name, res):
                f"{res['raters_length_partial_corr']:+.2f}) and preamble r={res['preamble_partial_corr']:+.2f} (raters "
                f"{res['raters_preamble_partial_corr']:+.2f}) (partial correlations, gold held fixed)")
         for style in ("preamble", "verbose"):
+            if res[f"prefers_{style}_over_ideal"] != res[f"prefers_{style}_over_ideal"]:  # NaN: no such pairs
+                continue
             print0(f"  a {style} answer preferred over the plain ideal one: reward model "
                    f"{res[f'prefers_{style}_over_ideal']:.0%}, raters {res[f'raters_prefer_{style}_over_ideal']:.0%}, "
                    f"gold scorer 0%")

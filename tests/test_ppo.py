@@ -2,6 +2,7 @@
 masking: nothing after a response's end token may carry a log-prob, value, reward or
 advantage."""
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -143,7 +144,8 @@ def test_rollout_masks_everything_after_the_end_token():
                           gamma=1.0, lam=0.95)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 4]]
     g = torch.Generator().manual_seed(3)
-    b = ppo.rollout(policy, ref, value, rm, prompts, 0.1, cfg, SimpleNamespace(end=end, pad=pad), g, "cpu")
+    score_fn = functools.partial(ppo.score, rm, pad=pad, device="cpu")
+    b = ppo.rollout(policy, ref, value, score_fn, prompts, 0.1, cfg, SimpleNamespace(end=end, pad=pad), g, "cpu")
     mask = b["mask"]
     assert b["ended"].any() and not b["ended"].all(), "want both kinds of rows; change the seed"
     for i, p in enumerate(prompts):
@@ -177,7 +179,7 @@ def test_update_moves_the_policy_toward_positive_advantages():
     cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0, whiten_rewards=False,
                           gamma=1.0, lam=0.95, ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0)
-    b = ppo.rollout(policy, ref, value, rm, [[5, 6], [7, 8]], 0.0, cfg, SimpleNamespace(end=3, pad=0),
+    b = ppo.rollout(policy, ref, value, functools.partial(ppo.score, rm, pad=0, device="cpu"), [[5, 6], [7, 8]], 0.0, cfg, SimpleNamespace(end=3, pad=0),
                     torch.Generator().manual_seed(0), "cpu")
     b["advantages"] = b["mask"] * torch.tensor([[1.0], [-1.0]])
     opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
