@@ -131,7 +131,9 @@ def test_reward_ensemble_and_its_log(world, pipeline, tmp_path):
     assert len(rm.members) == 2 and rm.reduce == "min"
     assert not torch.equal(ck["members"][0]["score.weight"], ck["members"][1]["score.weight"])  # different seeds
     final = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["final"]
-    assert 0 <= final["accuracy"] <= 1 and 0.5 <= final["bayes_optimal"] <= 1
+    assert set(final) == {"prefs", "prefs_sft"}  # each preference set's held-out rankings
+    for res in final.values():
+        assert 0 <= res["accuracy"] <= 1 and 0.5 <= res["bayes_optimal"] <= 1
 
 
 def test_reward_two_processes_match_one(world, pipeline, tmp_path):
