@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass
 
-
 import runtime
 from data import world
 from data.tokenizer import decode_response, load_tokenizer

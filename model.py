@@ -395,6 +395,16 @@ class ScalarGPT(GPT):
         return model
 
 
+def score_batch(seqs: list[list[int]], prompt_lengths: list[int], pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """prompt+response token lists -> what the reward model reads: right-padded tokens
+    (B, T), lengths (B,) and prompt lengths (B,)."""
+    tokens = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs])
+    return tokens.to(device), lengths.to(device), torch.tensor(prompt_lengths).to(device)
+
+
 def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling: str = "last") -> Tensor:
     """(B, T) per-position scalars of right-padded prompt+response sequences -> (B,).
     "last": the value at the last real token (the end token when the response ended);

@@ -35,13 +35,14 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 import runtime
 from data import world
 from data.tokenizer import decode_response, encode_prompt, load_tokenizer
-from model import ScalarGPT, token_entropy, token_logprobs
+from model import ScalarGPT, score_batch, token_entropy, token_logprobs
 from runtime import print0
 
 
@@ -185,12 +186,14 @@ def left_pad(rows, pad, device):
     return tokens.to(device), mask.to(device)
 
 
-def response_logits(model, tokens, attn, P, temperature):
-    """Log-probs and entropies (B, N) of the response tokens (columns P..), temperature
-    applied. The prompt is left-padded so every response starts in column P."""
-    logits, _ = model(tokens, attn_mask=attn)
-    return (token_logprobs(logits, tokens, temperature=temperature)[:, P - 1:],
-            token_entropy(logits, temperature=temperature)[:, P - 1:])
+def response_logprobs(model, tokens, attn, P, temperature, entropy=False):
+    """Log-probs (B, N) of the response tokens (columns P..), temperature applied, and
+    with entropy=True the entropies of those next-token distributions. The prompt is
+    left-padded so every response starts in column P; only the positions that predict a
+    response token (P−1 on) go through the log-softmax."""
+    logits = model(tokens, attn_mask=attn)[0][:, P - 1:]
+    logp = token_logprobs(logits, tokens[:, P - 1:], temperature=temperature)
+    return (logp, token_entropy(logits, temperature=temperature)) if entropy else logp
 
 
 def response_values(value_model, tokens, attn, P):
@@ -202,11 +205,8 @@ def response_values(value_model, tokens, attn, P):
 @torch.no_grad()
 def score(reward_model, prompts, responses, *, pad, device):
     """Reward of each prompt + response, right-padded as the reward model expects."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    T = max(len(s) for s in seqs)
-    tokens = torch.tensor([s + [pad] * (T - len(s)) for s in seqs], device=device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    return reward_model(tokens, lengths, torch.tensor([len(p) for p in prompts], device=device))
+    return reward_model(*score_batch([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], pad,
+                                     device))
 
 
 @torch.no_grad()
@@ -228,8 +228,8 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
     # 3. log-probs under policy and reference (same temperature); per-token rewards
-    logp, entropy = response_logits(policy, tokens, attn, P, cfg.temperature)
-    ref_logp, _ = response_logits(ref, tokens, attn, P, cfg.temperature)
+    logp, entropy = response_logprobs(policy, tokens, attn, P, cfg.temperature, entropy=True)
+    ref_logp = response_logprobs(ref, tokens, attn, P, cfg.temperature)
     logp, ref_logp = logp * mask, ref_logp * mask
     rewards, kl = per_token_rewards(logp, ref_logp, scores, mask, beta)
     if cfg.whiten_rewards:
@@ -257,7 +257,7 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
             idx = torch.tensor(order[start:start + mb], device=batch["tokens"].device)
             tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
             with run.autocast:
-                logp, entropy = response_logits(policy, tokens, attn, batch["P"], cfg.temperature)
+                logp, entropy = response_logprobs(policy, tokens, attn, batch["P"], cfg.temperature, entropy=True)
                 pg_loss, clipfrac, approx_kl, ratio = policy_loss(logp, batch["logp"][idx], batch["advantages"][idx],
                                                                   mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
@@ -325,7 +325,7 @@ def main(cfg):
     if cfg.temperature <= 0:
         raise runtime.UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    tok = type("Tokens", (), dict(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>")))
+    tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>"))
 
     if cfg.reward not in ("model", "verifiable"):
         raise runtime.UserError(f"--reward={cfg.reward}: expected model or verifiable")
@@ -360,15 +360,13 @@ def main(cfg):
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), β {beta:g}"
            f"{' adaptive' if cfg.adaptive_kl else ''}, on {run.device} x {run.world_size}")
 
+    rm_score = functools.partial(score, reward_model, pad=tok.pad, device=run.device) if reward_model is not None else None
     while it < cfg.iterations:
         t0 = time.time()
         g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
         mine = runtime.rank_chunks(runtime.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4
-        if reward_model is not None:
-            score_fn = functools.partial(score, reward_model, pad=tok.pad, device=run.device)
-        else:
-            score_fn = verifiable_score(enc, [tasks[i] for i in mine])
+        score_fn = rm_score or verifiable_score(enc, [tasks[i] for i in mine])
         batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg, tok, g,
                         run.device)
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)

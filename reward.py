@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import runtime
 from data import world
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from model import ScalarGPT, pool_scores
+from model import ScalarGPT, pool_scores, score_batch
 from runtime import print0
 
 
@@ -108,18 +108,14 @@ def load_rankings(path, enc, block_size):
 def collate(rankings, pad, device):
     """All responses of the rankings, right-padded into one batch, with the pairs as
     indices into it."""
-    seqs = [s for r in rankings for s in r["seqs"]]
-    tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-    lengths = torch.tensor([len(s) for s in seqs])
-    prompt_lens = torch.tensor([r["prompt_len"] for r in rankings for _ in r["seqs"]])
+    batch = score_batch([s for r in rankings for s in r["seqs"]],
+                        [r["prompt_len"] for r in rankings for _ in r["seqs"]], pad, device)
     chosen, rejected, offset = [], [], 0
     for r in rankings:
         chosen += [offset + c for c, _ in r["pairs"]]
         rejected += [offset + j for _, j in r["pairs"]]
         offset += len(r["seqs"])
-    return [t.to(device) for t in (tokens, lengths, prompt_lens, torch.tensor(chosen), torch.tensor(rejected))]
+    return [*batch, torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)]
 
 
 def micro_batches(rankings, step, seed, cfg, run, pad):
@@ -210,15 +206,8 @@ def sft_samples(policy, enc, prompts, cfg, device):
     pad = enc.encode_single_token("<|endoftext|>")
     samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature, cfg.seed,
                                        device)
-    batches = []
-    for i in range(0, len(samples), 64):
-        seqs = [p + r for p, r in samples[i:i + 64]]
-        tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            tokens[j, :len(s)] = torch.tensor(s)
-        batches.append([tokens.to(device), torch.tensor(list(map(len, seqs)), device=device),
-                        torch.tensor([len(p) for p, _ in samples[i:i + 64]], device=device)])
-    return batches
+    return [score_batch([p + r for p, r in samples[i:i + 64]], [len(p) for p, _ in samples[i:i + 64]], pad, device)
+            for i in range(0, len(samples), 64)]
 
 
 # --- training --------------------------------------------------------------------------

@@ -187,6 +187,6 @@ def test_update_moves_the_policy_toward_positive_advantages():
     run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
     before = b["logp"].sum(1)
     stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2, torch.Generator().manual_seed(0), run)
-    after = (ppo.response_logits(policy, b["tokens"], b["attn"], b["P"], 1.0)[0] * b["mask"]).sum(1)
+    after = (ppo.response_logprobs(policy, b["tokens"], b["attn"], b["P"], 1.0) * b["mask"]).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
     assert all(math.isfinite(v) for v in stats.values()) and 0 <= stats["policy/clipfrac"] <= 1
