@@ -235,7 +235,7 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
 
-    # 4. values, GAE, whitened advantages
+    # 4. values and GAE (the caller whitens the advantages, over every process)
     values = response_values(value_model, tokens, attn, P) * mask
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return dict(tokens=tokens, attn=attn, mask=mask, P=P, logp=logp, values=values, returns=returns,
