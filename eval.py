@@ -1,27 +1,47 @@
-"""Evaluation: every checkpoint answers the same held-out prompts, and the gold scorer
-says how good each answer really is.
+"""Evaluation: every checkpoint answers the same held-out prompts. The gold scorer says how
+good each answer really is, the reward model what the proxy thinks of it, and the KL to
+the SFT model what the change cost.
 
-Per task family and overall: the share answered in the expected format (canonical
-answer sentence, then the end token), correctness, mean gold score, mean length in
-words, and the end-token rate; then a few answers side by side. Writes out/report.md
-and out/<stage>/eval.json.
+For every stage found under out/ (base = pretrain, sft, ppo, dpo and the DPO family),
+decoding greedily (--temperature=0): gold score, correctness, answer format, proxy reward
+(out/reward's score, normalised as stored), mean length in words, end-token rate, the
+rates of the raters' favourite faults (a preamble, restating the question), and the win
+rate against SFT under the gold scorer (ties count half); overall and per task family.
+KL(π‖π_sft) is estimated from one answer per prompt sampled at temperature 1: the mean
+over answers of Σ_t log π(y_t) − log π_sft(y_t).
+
+Best-of-n: n answers sampled from SFT at temperature 1, the reward model keeps the one it
+scores highest. Its KL to SFT is known in closed form, log n − (n−1)/n (Stiennon et al.
+2020, appendix G.3), so it is the baseline any RL method must beat at the same KL.
+
+Also: the same prompts (one per family) through every model side by side, the training
+curves of each stage's log.jsonl (a PNG when matplotlib is installed, tables always), and
+the over-optimisation experiment when overopt.py has written out/overopt/. Writes
+out/report.md and out/<stage>/eval.json.
 
     python eval.py                                   # every stage found under out/
-    python eval.py --stages=sft --temperature=1.0    # one stage, sampled
+    python eval.py --stages=sft,ppo --best_of=       # two stages, no best-of-n
+    python eval.py --best_of=1,4,16,64               # a longer best-of-n sweep
+    python eval.py --temperature=1.0                 # sampled instead of greedy answers
     python eval.py --device=cuda
 """
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 import runtime
 from data import world
 from data.tokenizer import decode_response, load_tokenizer
+from model import score_batch, token_logprobs
 from runtime import print0
 
 STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
+NAMES = {"pretrain": "base"}  # how a stage is called in the report
 
 
 @dataclass
@@ -29,106 +49,314 @@ class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
     out: str = "out"                 # where the stages' checkpoints are; the report goes here
     stages: str = ""                 # comma-separated stages to score (default: every one found)
+    reward_from: str = "auto"        # reward model for proxy and best-of-n: auto = <out>/reward if there; none
+    reference: str = "sft"           # the stage KL and win rates are measured against
+    best_of: str = "1,4,16"          # n for best-of-n from the reference ("" = none)
     temperature: float = 0.0         # 0 = greedy decoding
     max_new_tokens: int = 48         # answer length limit
     batch_size: int = 64             # prompts per generation batch
-    n_show: int = 1                  # answers shown per task kind and stage
-    seed: int = 1337                 # sampling seed (when temperature > 0)
+    n_show: int = 1                  # prompts shown side by side per task family
+    plots: bool = True               # training curves as a PNG (needs matplotlib)
+    seed: int = 1337                 # sampling seed
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
 
 
-def generate_answers(model, enc, prompts, cfg, device):
-    """(text, ended) for each prompt."""
-    samples = runtime.sample_responses(model, enc, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, device,
-                                       cfg.batch_size)
-    return [decode_response(enc, response) for _, response in samples]
+# ---- scoring answers -------------------------------------------------------------------------
+
+def grade_answers(tasks, answers):
+    """One row per answer (text, ended): the gold scorer's verdict and what it was given."""
+    return [dict(family=t.family, kind=t.kind, prompt=t.prompt, text=text, ended=ended, **world.grade(t, text, ended))
+            for t, (text, ended) in zip(tasks, answers)]
 
 
-def summarize(grades):
-    n = max(1, len(grades))
-    return dict(n=len(grades), format=sum(g["format"] for g in grades) / n, correct=sum(g["correct"] for g in grades) / n,
-                gold=sum(g["gold"] for g in grades) / n, words=sum(g["words"] for g in grades) / n,
-                ended=sum(g["ended"] for g in grades) / n)
+@torch.no_grad()
+def proxy_rewards(reward_model, pairs, pad, device, batch_size=64):
+    """The reward model's normalised score of each (prompt tokens, response tokens)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        out += reward_model(*score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)).tolist()
+    return out
 
 
-def evaluate(model, enc, records, cfg, device):
-    tasks = [world.Task.from_dict(r["task"]) for r in records]
-    answers = generate_answers(model, enc, [t.prompt for t in tasks], cfg, device)
-    rows = []
-    for t, (text, ended) in zip(tasks, answers):
-        rows.append(dict(family=t.family, kind=t.kind, prompt=t.prompt, text=text, **world.grade(t, text, ended),
-                         ended=ended))
-    by_family = {f: summarize([r for r in rows if r["family"] == f]) for f in world.FAMILIES}
-    return dict(overall=summarize(rows), families=by_family), rows
+@torch.no_grad()
+def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
+    """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
+    temperature 1. The mean over responses sampled from π estimates KL(π‖π_ref)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        tokens, lengths, plens = score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)
+        t = torch.arange(tokens.size(1), device=device)
+        response = (t[None, :] >= plens[:, None]) & (t[None, :] < lengths[:, None])  # right padding is causal-safe
+        logp = token_logprobs(model(tokens)[0], tokens, response)
+        logp_ref = token_logprobs(ref(tokens)[0], tokens, response)
+        out += (logp - logp_ref).sum(1).tolist()
+    return out
+
+
+def answer(model, enc, tasks, temperature, cfg, device, seed):
+    """Sample (or decode greedily) one answer per task: (prompt tokens, response tokens) pairs."""
+    return runtime.sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed,
+                                    device, cfg.batch_size)
+
+
+def evaluate(model, enc, tasks, cfg, device, temperature, seed, reward_model=None, ref=None):
+    """Graded answers of one model; with a reward model each row carries its proxy reward,
+    with a reference its log-ratio Σ log π/π_ref (a KL sample when temperature is 1)."""
+    pairs = answer(model, enc, tasks, temperature, cfg, device, seed)
+    rows = grade_answers(tasks, [decode_response(enc, r) for _, r in pairs])
+    pad = enc.encode_single_token("<|endoftext|>")
+    if reward_model is not None:
+        for row, s in zip(rows, proxy_rewards(reward_model, pairs, pad, device, cfg.batch_size)):
+            row["proxy"] = s
+    if ref is not None:
+        for row, k in zip(rows, sequence_kl(model, ref, pairs, pad, device, cfg.batch_size)):
+            row["kl"] = k
+    return rows
+
+
+def best_of_n(model, reward_model, enc, tasks, ns, cfg, device):
+    """Rows of best-of-n for each n: max(ns) samples per prompt at temperature 1, and for
+    each n the reward model's favourite among the first n (so the n's share samples)."""
+    N = max(ns)
+    pairs = runtime.sample_responses(model, enc, [t.prompt for t in tasks for _ in range(N)], cfg.max_new_tokens,
+                                     1.0, cfg.seed + 1, device, cfg.batch_size)
+    pad = enc.encode_single_token("<|endoftext|>")
+    scores = torch.tensor(proxy_rewards(reward_model, pairs, pad, device, cfg.batch_size)).view(len(tasks), N)
+    answers = [decode_response(enc, r) for _, r in pairs]
+    out = {}
+    for n in ns:
+        picked = [i * N + j for i, j in enumerate(scores[:, :n].argmax(1).tolist())]
+        rows = grade_answers(tasks, [answers[k] for k in picked])
+        for row, k in zip(rows, picked):
+            row["proxy"] = scores.view(-1)[k].item()
+        out[n] = rows
+    return out
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n ‖ base) = log n − (n−1)/n (Stiennon et al. 2020)."""
+    return math.log(n) - (n - 1) / n
 
 
 def win_rate(rows, base_rows):
-    """Share of prompts where the gold score beats the base stage's answer; ties count half."""
+    """Share of prompts where the gold score beats the base rows' answer; ties count half."""
     wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0 for a, b in zip(rows, base_rows)]
-    return sum(wins) / len(wins)
+    return sum(wins) / max(1, len(wins))
 
 
-def table(results):
-    """Markdown: one row per stage and family."""
-    head = ("| stage | family | n | format | correct | gold | words | ended | win vs sft |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for stage, res in results.items():
-        for fam, s in [("all", res["overall"]), *res["families"].items()]:
-            win = f"{s['win_vs_sft']:.0%}" if "win_vs_sft" in s else ""
-            lines.append(f"| {stage} | {fam} | {s['n']} | {s['format']:.0%} | {s['correct']:.0%} | {s['gold']:.2f} | "
-                         f"{s['words']:.1f} | {s['ended']:.0%} | {win} |")
+def summarize(rows, base_rows=None):
+    """Means over rows of every graded figure (proxy and kl when the rows have them)."""
+    n = max(1, len(rows))
+    s = {k: sum(float(r[k]) for r in rows) / n
+         for k in ("gold", "correct", "format", "words", "ended", "preamble", "restate", "proxy", "kl")
+         if rows and k in rows[0]}
+    s["n"] = len(rows)
+    if base_rows is not None:
+        s["win"] = win_rate(rows, base_rows)
+    return s
+
+
+def by_family(rows, base_rows=None):
+    out = {}
+    for fam in world.FAMILIES:
+        idx = [i for i, r in enumerate(rows) if r["family"] == fam]
+        out[fam] = summarize([rows[i] for i in idx], None if base_rows is None else [base_rows[i] for i in idx])
+    return out
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def fmt(s, key, spec):
+    return format(s[key], spec) if key in s else "–"
+
+
+def main_table(results):
+    """Markdown: one row per model, overall figures."""
+    lines = ["| model | gold | correct | format | proxy | KL to ref | words | ended | preamble | restate | "
+             "win vs ref |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        s = res["overall"]
+        lines.append(f"| {name} | {s['gold']:.2f} | {s['correct']:.0%} | {s['format']:.0%} | {fmt(s, 'proxy', '+.2f')} "
+                     f"| {fmt(s, 'kl', '.2f')} | {s['words']:.1f} | {s['ended']:.0%} | {s['preamble']:.0%} | "
+                     f"{s['restate']:.0%} | {fmt(s, 'win', '.0%')} |")
     return "\n".join(lines)
 
+
+def family_table(results):
+    """Markdown: correctness and win rate per model and task family."""
+    lines = ["| model | " + " | ".join(world.FAMILIES) + " |", "|---|" + "---|" * len(world.FAMILIES)]
+    for name, res in results.items():
+        cells = [f"{s['correct']:.0%} ({fmt(s, 'win', '.0%')})" for s in res["families"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def side_by_side(records, samples, n_show):
+    """The same prompts (n_show per family) answered by every model."""
+    shown = []
+    for fam in world.FAMILIES:
+        for i in [i for i, r in enumerate(records) if world.Task.from_dict(r["task"]).family == fam][:n_show]:
+            shown.append(f"**{records[i]['prompt']}**\n")
+            for name, rows in samples.items():
+                r = rows[i]
+                proxy = f", proxy {r['proxy']:+.2f}" if "proxy" in r else ""
+                shown.append(f"- {name}: `{r['text'][:120]!r}`{'' if r['ended'] else ' (no end token)'} "
+                             f"(gold {r['gold']:.2f}{proxy})")
+            shown.append("")
+    return "\n".join(shown)
+
+
+# each stage's log: the panels worth plotting, each a title and the metrics drawn in it
+CURVES = {
+    "pretrain": [("loss", ["loss", "val_loss"])],
+    "sft": [("loss", ["loss", "val_loss"])],
+    "reward": [("loss", ["loss"]), ("held-out accuracy", ["val_accuracy"])],
+    "ppo": [("proxy and gold score of the rollouts", ["objective/score", "gold/score"]), ("KL", ["objective/kl"])],
+    **{s: [("implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margin"]),
+           ("policy log-probs", ["logps/chosen", "logps/rejected"])] for s in STAGES[3:]},
+}
+
+
+def read_log(path):
+    """Step records of a stage's log.jsonl (the last value of each step, so a resumed run
+    counts once); a log that is missing or unreadable gives nothing."""
+    steps = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if "step" in rec:
+                    steps[rec["step"]] = rec
+    except (OSError, ValueError):
+        return []
+    return [steps[k] for k in sorted(steps)]
+
+
+def curves_table(name, recs, panels, n_rows=6):
+    metrics = [m for _, ms in panels for m in ms if any(m in r for r in recs)]
+    idx = sorted({round(i * (len(recs) - 1) / (n_rows - 1)) for i in range(n_rows)})
+    lines = [f"{name}:\n", "| step | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for i in idx:
+        r = recs[i]
+        lines.append(f"| {r['step']} | " + " | ".join(f"{r[m]:.4g}" if m in r else "" for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def training_curves(out, cfg):
+    """Markdown tables of each stage's curves, and out/curves.png when matplotlib is there."""
+    logs = {s: read_log(os.path.join(out, s, "log.jsonl")) for s in CURVES}
+    logs = {s: recs for s, recs in logs.items() if recs}
+    if not logs:
+        return "No training logs found.\n"
+    text = "\n".join(curves_table(NAMES.get(s, s), recs, CURVES[s]) for s, recs in logs.items())
+    if not cfg.plots:
+        return text
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return text + "\n(matplotlib is not installed, so no plot: `pip install matplotlib` draws out/curves.png)\n"
+    panels = [(s, title, ms) for s, recs in logs.items() for title, ms in CURVES[s]]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (s, title, ms) in zip(axes.flat, panels):
+        for m in ms:
+            pts = [(r["step"], r[m]) for r in logs[s] if m in r]
+            if pts:
+                ax.plot(*zip(*pts), label=m, marker="." if len(pts) < 30 else None)
+        ax.set_title(f"{NAMES.get(s, s)}: {title}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    png = os.path.join(out, "curves.png")
+    runtime.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+    return f"![training curves](curves.png)\n\n{text}"
+
+
+# ---- main ----------------------------------------------------------------------------------
 
 def main(cfg):
     run = runtime.setup(cfg.seed, cfg.device)
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
     records = runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
-    wanted = [s for s in cfg.stages.split(",") if s] or [s for s in STAGES
-                                                        if os.path.exists(os.path.join(cfg.out, s, "ckpt.pt"))]
+    tasks = [world.Task.from_dict(r["task"]) for r in records]
+    ns = runtime.number_list(cfg.best_of, "--best_of", minimum=1)
+    found = [s for s in STAGES if os.path.exists(os.path.join(cfg.out, s, "ckpt.pt"))]
+    wanted = [s for s in cfg.stages.split(",") if s] or found
     if not wanted:
         raise runtime.UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
                                 f"run `python pretrain.py` and `python sft.py` first")
-    results, samples = {}, {}
+    load = lambda s: runtime.load_model(os.path.join(cfg.out, s, "ckpt.pt"), f"python {s}.py", enc,  # noqa: E731
+                                        device=run.device)[0].eval()
+    ref = None
+    if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
+        ref = load(cfg.reference)
+    elif cfg.reference:
+        print0(f"({cfg.out}/{cfg.reference} not found: no KL, win rate or best-of-n against it)")
+    reward_model = None
+    if cfg.reward_from != "none":
+        path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto" else cfg.reward_from, "ckpt.pt")
+        if os.path.exists(path) or cfg.reward_from != "auto":  # one named on the command line must be there
+            reward_model, _ = runtime.load_reward_model(path, "python reward.py", enc, device=run.device)
+        else:
+            print0(f"({path} not found: no proxy reward and no best-of-n; run `python reward.py` for them)")
+
+    samples, results = {}, {}
     for stage in wanted:
         t0 = time.time()
-        model, _ = runtime.load_model(os.path.join(cfg.out, stage, "ckpt.pt"), f"python {stage}.py", enc,
-                                      device=run.device)
-        results[stage], rows = evaluate(model, enc, records, cfg, run.device)
-        samples[stage] = rows
-        o = results[stage]["overall"]
-        print0(f"{stage}: format {o['format']:.0%}, correct {o['correct']:.0%}, gold {o['gold']:.2f} "
-               f"({len(records)} held-out prompts, {time.time() - t0:.1f}s)")
+        model = ref if stage == cfg.reference else load(stage)
+        rows = evaluate(model, enc, tasks, cfg, run.device, cfg.temperature, cfg.seed, reward_model)
+        if ref is not None:  # the KL sample: answers at temperature 1
+            kl_rows = evaluate(model, enc, tasks, cfg, run.device, 1.0, cfg.seed + 2, ref=ref)
+            for row, k in zip(rows, kl_rows):
+                row["kl"] = k["kl"]
+        samples[NAMES.get(stage, stage)] = rows
+        o = summarize(rows)
+        print0(f"{NAMES.get(stage, stage)}: gold {o['gold']:.2f}, correct {o['correct']:.0%}, format "
+               f"{o['format']:.0%}{', KL %.2f' % o['kl'] if 'kl' in o else ''} ({len(tasks)} held-out prompts, "
+               f"{time.time() - t0:.1f}s)")
+    if reward_model is not None and ns and ref is not None:
+        t0 = time.time()
+        for n, rows in best_of_n(ref, reward_model, enc, tasks, ns, cfg, run.device).items():
+            for row in rows:
+                row["kl"] = best_of_n_kl(n)  # exact, not sampled
+            samples[f"best-of-{n} ({cfg.reference})"] = rows
+        print0(f"best-of-n for n = {', '.join(map(str, ns))}: {time.time() - t0:.1f}s")
 
-    if "sft" in samples:  # win rate against SFT under the gold scorer, per family and overall
-        for stage in wanted:
-            rows = samples[stage]
-            results[stage]["overall"]["win_vs_sft"] = win_rate(rows, samples["sft"])
-            for fam in world.FAMILIES:
-                idx = [i for i, r in enumerate(rows) if r["family"] == fam]
-                results[stage]["families"][fam]["win_vs_sft"] = win_rate([rows[i] for i in idx],
-                                                                         [samples["sft"][i] for i in idx])
-
-    # the same prompts through every stage, one per task kind
-    shown = []
-    for kind in world.KINDS:
-        idx = [i for i, r in enumerate(records) if r["task"]["kind"] == kind][:cfg.n_show]
-        for i in idx:
-            shown.append(f"**{records[i]['prompt']}**\n")
-            for stage in wanted:
-                r = samples[stage][i]
-                shown.append(f"- {stage}: `{r['text'][:120]!r}`{'' if r['ended'] else ' (no end token)'} "
-                             f"(gold {r['gold']:.2f})")
-            shown.append("")
+    base = samples.get(NAMES.get(cfg.reference, cfg.reference))
+    for name, rows in samples.items():
+        results[name] = dict(overall=summarize(rows, base), families=by_family(rows, base))
     for stage in wanted:
         runtime.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
-                             lambda f: f.write(json.dumps(results[stage], indent=1).encode()))
-    report = (f"# minRLHF evaluation\n\n{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl, "
-              f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'} decoding.\n\n"
-              f"{table(results)}\n\n## Answers side by side\n\n" + "\n".join(shown) + "\n")
-    runtime.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write(report.encode()))
-    print0("\n" + table(results) + "\n\n" + "\n".join(shown))
+                             lambda f: f.write(json.dumps(results[NAMES.get(stage, stage)], indent=1).encode()))
+
+    decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
+    shown = side_by_side(records, samples, cfg.n_show)
+    report = [
+        "# minRLHF evaluation\n",
+        f"{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl. Models answer with {decoding} decoding; "
+        f"best-of-n picks the reward model's favourite of n answers sampled from {cfg.reference} at temperature 1. "
+        f"gold: the world's gold score (correct +1, format +0.5, preamble −0.4, restating −0.3, ...); proxy: "
+        f"the reward model's score (0 mean, 1 std on SFT samples); KL to ref: Σ log π/π_ref per answer, "
+        f"mean over answers sampled at temperature 1 (best-of-n: log n − (n−1)/n, exact); win: share of prompts "
+        f"where the gold score beats {cfg.reference}'s {decoding} answer, ties half.\n",
+        main_table(results), "\n## Per task family: correct (win vs ref)\n", family_table(results),
+        "\n## Answers side by side\n", shown, "## Training curves\n", training_curves(cfg.out, cfg),
+    ]
+    overopt = os.path.join(cfg.out, "overopt", "report.md")
+    if os.path.exists(overopt):
+        with open(overopt, encoding="utf-8") as f:
+            report += ["## Over-optimisation (from overopt.py)\n",
+                       f.read().split("\n", 1)[1].replace("](", "](overopt/")]
+    runtime.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write("\n".join(report).encode()))
+    print0("\n" + main_table(results) + "\n\n" + family_table(results) + "\n\n" + shown)
     print0(f"report: {cfg.out}/report.md")
 
 

@@ -21,6 +21,9 @@ Each iteration runs the six steps below, numbered the same way in `rollout` and 
 The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022, "The N
 Implementation Details of RLHF with PPO". Dropout is off in all four models (eval mode).
+The log also carries gold/score, gold/correct and gold/preamble: the embedded world's
+gold scorer on the same rollouts. The policy never sees them; they show whether a rising
+proxy reward (objective/score) is real progress or reward hacking.
 
     python ppo.py                            # reads out/sft and out/reward, writes out/ppo
     python ppo.py --kl_coef=0.02 --out_dir=out/ppo_b002
@@ -372,6 +375,8 @@ def main(cfg):
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
         n_tokens = batch["mask"].sum().item()
         t_rollout = time.time() - t0
+        # the world's gold scorer on the same rollouts: logged to show what the proxy hides, never optimised
+        grades = [world.grade(tasks[i], *decode_response(enc, r)) for i, r in zip(mine, batch["responses"])]
 
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
@@ -390,15 +395,18 @@ def main(cfg):
             "value/explained_variance": runtime.all_reduce_mean(
                 explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
             "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
+            "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
+            "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
+            "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
             "time/rollout_tok_per_s": runtime.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
         }
         if cfg.adaptive_kl:
             beta = adaptive_kl_step(beta, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
         it += 1
-        log.step(it - 1, int(n_tokens) * run.world_size, show=("objective/score", "objective/kl", "objective/beta",
-                                                               "policy/clipfrac", "value/explained_variance",
-                                                               "rollout/length"), **metrics)
+        shown = ("objective/score", "objective/kl", "objective/beta", "gold/score", "policy/clipfrac",
+                 "value/explained_variance", "rollout/length")
+        log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             show_samples(enc, [texts[i] for i in mine], batch)
         if run.master and (it % cfg.ckpt_interval == 0 or it == cfg.iterations):

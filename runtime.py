@@ -97,6 +97,17 @@ def parse_config(cls, argv=None):
 # --- device, dtype, seed, DDP ---------------------------------------------------------
 
 
+def number_list(text, flag, typ=int, minimum=None):
+    """A comma-separated flag value ("1,4,16") as a list of numbers; "" is the empty list."""
+    try:
+        values = [typ(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}={text}: expected comma-separated {typ.__name__} values, e.g. {flag}=1,4,16") from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise UserError(f"{flag}={text}: every value must be at least {minimum}")
+    return values
+
+
 def setup(seed, device="auto"):
     """One set-up for CPU, one GPU and torchrun. Returns a namespace with the device, the
     autocast context (bf16 on CUDA, none on CPU), the DDP rank and world size, and

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from data import world as data_world
+
 ROOT = __import__("conftest").ROOT
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160"]
 
@@ -91,9 +93,15 @@ def test_pipeline_end_to_end(world, pipeline):
     assert len(ck["members"]) == len(ck["norms"]) == 1 and "optimizer" not in ck
     p = run("eval.py", f"--data_dir={world}", f"--out={pipeline}", "--max_new_tokens=8")
     report = (pipeline / "report.md").read_text()
-    assert "| pretrain | all |" in report and "| sft | all |" in report
+    for row in ("| base | ", "| sft | ", "| best-of-1 (sft) | ", "| best-of-16 (sft) | ", "## Answers side by side",
+                "## Training curves"):
+        assert row in report, row
     res = json.loads((pipeline / "sft" / "eval.json").read_text())
-    assert res["overall"]["n"] == 2 * 9 and 0 <= res["overall"]["format"] <= 1
+    o = res["overall"]
+    assert o["n"] == 2 * 9 and 0 <= o["format"] <= 1 and math.isfinite(o["proxy"])
+    assert o["kl"] == pytest.approx(0, abs=1e-5) and o["win"] == 0.5  # SFT against itself
+    assert set(res["families"]) == set(data_world.FAMILIES)
+    assert math.isfinite(json.loads((pipeline / "pretrain" / "eval.json").read_text())["overall"]["kl"])
     assert "report:" in p.stdout
 
 
@@ -267,13 +275,35 @@ def test_ppo_end_to_end(world, pipeline, tmp_path):
     assert len(log) == 3
     for key in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/entropy",
                 "policy/clipfrac", "policy/approxkl", "policy/ratio", "loss/value", "value/explained_variance",
-                "rollout/length", "rollout/ended", "time/rollout_tok_per_s", "time/update_s"):
+                "rollout/length", "rollout/ended", "time/rollout_tok_per_s", "time/update_s", "gold/score",
+                "gold/correct", "gold/preamble"):
         assert all(math.isfinite(r[key]) for r in log), key
     assert log[0]["objective/kl"] == pytest.approx(0, abs=1e-4)  # the first rollout comes from the SFT weights
     assert log[2]["objective/beta"] != log[0]["objective/beta"]  # adaptive β moved
     (tmp_path / "sft").symlink_to(pipeline / "sft")
     run("eval.py", f"--data_dir={world}", f"--out={tmp_path}", "--max_new_tokens=8")
-    assert "| ppo | all |" in (tmp_path / "report.md").read_text()
+    assert "| ppo | " in (tmp_path / "report.md").read_text()
+
+
+def test_overopt_end_to_end(world, pipeline, tmp_path):
+    """A PPO run at β = 0 and best-of-1/2: the points, the PPO path, the report; a rerun
+    reuses the finished run; eval.py copies the section into out/report.md."""
+    args = ["overopt.py", f"--data_dir={world}", f"--sft_from={pipeline}/sft", f"--reward_from={pipeline}/reward",
+            f"--out_dir={tmp_path}/overopt", "--seeds=1", "--betas=0", "--best_of=1,2", "--iterations=2",
+            "--max_new_tokens=8", "--ppo_flags=--batch_size=8 --minibatch_size=4 --ppo_epochs=2 --max_new_tokens=8"]
+    run(*args)
+    res = json.loads((tmp_path / "overopt" / "results.json").read_text())
+    assert [p["method"] for p in res["points"]] == ["PPO β=0", "best-of-n n=1", "best-of-n n=2"]
+    assert res["points"][1]["kl"] == 0 and res["points"][2]["kl"] == pytest.approx(math.log(2) - 0.5)
+    assert all(math.isfinite(p[k]) for p in res["points"] for k in ("kl", "proxy", "gold"))
+    assert len(res["paths"]["seed1_beta0"]) == 2
+    report = (tmp_path / "overopt" / "report.md").read_text()
+    assert "| 1 | PPO β=0 |" in report and ("overopt.png" in report) == (tmp_path / "overopt" / "overopt.png").exists()
+    assert "finished earlier" in run(*args).stdout
+    for stage in ("sft", "reward"):
+        (tmp_path / stage).symlink_to(pipeline / stage)
+    run("eval.py", f"--data_dir={world}", f"--out={tmp_path}", "--max_new_tokens=8", "--best_of=2")
+    assert "## Over-optimisation" in (tmp_path / "report.md").read_text()
 
 
 def test_ppo_resume_after_kill(world, pipeline, tmp_path):
