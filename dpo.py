@@ -291,13 +291,15 @@ def main(cfg):
         metrics.update(diag)
         return loss
 
+    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
     while step < cfg.max_steps:
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         batches = make_batches(data, step, cfg, run, pad)
         metrics.clear()
         loss = runtime.accumulate(model, batches, loss_fn, run)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
-        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
+        guard.update(grad_norm, step)
+        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw_model.eval()
@@ -306,9 +308,12 @@ def main(cfg):
             raw_model.train()
         log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, force="objective/kl" in metrics,
                  **metrics)
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(cfg.loss, raw_model, cfg, step, optimizer,
                                                                         enc))
+        if stopping:
+            stop.exit(step, ckpt_path)
     print0(f"done: checkpoint {ckpt_path}")
     runtime.teardown(run)
 

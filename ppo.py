@@ -249,9 +249,12 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
 # --- step 5: the PPO update ----------------------------------------------------------------------
 
 
-def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run):
+def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run, guard=None,
+               it=0):
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
-    step per minibatch for each model. Returns the mean of each statistic."""
+    step per minibatch for each model, skipped when its gradient is not finite (counted by
+    `guard`, a runtime.NonFiniteGuard). Returns the mean of each statistic."""
+    guard = guard or runtime.NonFiniteGuard()
     B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
     stats = {}
     for _ in range(cfg.ppo_epochs):
@@ -265,13 +268,13 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                                                                   mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
                 (pg_loss - cfg.entropy_coef * ent).backward()
-            runtime.optimizer_step(policy, opt_policy, lr, cfg.grad_clip)
+            guard.update(runtime.optimizer_step(policy, opt_policy, lr, cfg.grad_clip), it)
             with run.autocast:
                 values = response_values(value_model, tokens, attn, batch["P"])
                 vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
                                                   cfg.clip_range_value)
                 vf_loss.backward()
-            runtime.optimizer_step(value_model, opt_value, value_lr, cfg.grad_clip)
+            guard.update(runtime.optimizer_step(value_model, opt_value, value_lr, cfg.grad_clip), it)
             for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                          ("policy/approxkl", approx_kl), ("policy/ratio", ratio), ("policy/entropy", ent),
                          ("value/clipfrac", vf_clipfrac)):
@@ -363,6 +366,7 @@ def main(cfg):
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), β {beta:g}"
            f"{' adaptive' if cfg.adaptive_kl else ''}, on {run.device} x {run.world_size}")
 
+    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
     rm_score = functools.partial(score, reward_model, pad=tok.pad, device=run.device) if reward_model is not None else None
     while it < cfg.iterations:
         t0 = time.time()
@@ -381,7 +385,7 @@ def main(cfg):
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
         update = ppo_update(train_policy, train_value, opt_policy, opt_value, batch, cfg, cfg.learning_rate * frac,
-                            cfg.value_lr * frac, g, run)
+                            cfg.value_lr * frac, g, run, guard, it)
         t_update = time.time() - t0 - t_rollout
 
         # 6. the KL coefficient for the next iteration
@@ -400,6 +404,7 @@ def main(cfg):
             "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
             "time/rollout_tok_per_s": runtime.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
+            **({"skipped": guard.skipped} if guard.skipped else {}),
         }
         if cfg.adaptive_kl:
             beta = adaptive_kl_step(beta, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
@@ -409,10 +414,13 @@ def main(cfg):
         log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             show_samples(enc, [texts[i] for i in mine], batch)
-        if run.master and (it % cfg.ckpt_interval == 0 or it == cfg.iterations):
+        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
+        if run.master and (it % cfg.ckpt_interval == 0 or it == cfg.iterations or stopping):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
                 "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
                 value_optimizer=opt_value.state_dict(), kl_coef=beta, reward_model=rm_ckpt["config"]))
+        if stopping:
+            stop.exit(it, ckpt_path)
     print0(f"done: checkpoint {ckpt_path}")
     runtime.teardown(run)
 

@@ -111,22 +111,27 @@ def main(cfg):
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
     peak = runtime.peak_flops(run.device)
     val = float("nan")
+    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
 
     while step < cfg.max_steps:
         t0 = time.time()
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         loss = runtime.accumulate(model, micro_batches(train_data, step, cfg.seed, cfg, run), lm_loss, run)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
-        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
+        guard.update(grad_norm, step)
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
         if peak:
             metrics["mfu"] = flops_per_step / (time.time() - t0) / (peak * run.world_size)
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
         log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("pretrain", raw_model, cfg, step, optimizer,
                                                                         enc, val_loss=val))
+        if stopping:
+            stop.exit(step, ckpt_path)
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

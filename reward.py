@@ -213,9 +213,10 @@ def sft_samples(policy, enc, prompts, cfg, device):
 # --- training --------------------------------------------------------------------------
 
 
-def train_member(m, sft, train, val, enc, cfg, run, state, save):
+def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     """Train ensemble member m (its own seed and data order) from the SFT trunk; `state`
-    is what a resumed run restores, `save(step, model, optimizer)` writes a checkpoint."""
+    is what a resumed run restores, `save(step, model, optimizer)` writes a checkpoint,
+    `stop` (runtime.StopSignal) says when SIGTERM or Ctrl-C asks to save and stop."""
     pad = enc.encode_single_token("<|endoftext|>")
     seed = cfg.seed + 1000 * m
     torch.manual_seed(seed)
@@ -230,12 +231,15 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save):
     log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
                          append=m > 0)  # one log for all members
     loss_fn = functools.partial(pair_loss, pooling=cfg.pooling)
+    guard = runtime.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     while step < cfg.max_steps:
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         batches, weights = micro_batches(train, step, seed, cfg, run, pad)
         loss = runtime.accumulate(model, batches, loss_fn, run, weights)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
-        metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
+        guard.update(grad_norm, step)
+        metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm,
+                       **({"skipped": guard.skipped} if guard.skipped else {}))
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw.eval()
@@ -243,8 +247,11 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save):
             raw.train()
         tokens = sum(b[0].numel() for b in batches) * run.world_size
         log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
-        if step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
+        if (step % cfg.ckpt_interval == 0 or stopping) and step < cfg.max_steps:
             save(step, raw, optimizer)
+        if stopping and step < cfg.max_steps:
+            stop.exit(step, os.path.join(cfg.out_dir, "ckpt.pt"))
     return raw.eval()
 
 
@@ -295,9 +302,10 @@ def main(cfg):
                 stage="reward", model_config=asdict(sft.config), config=asdict(cfg), tokenizer=enc.name, step=step)
             runtime.save_checkpoint(ckpt_path, {**p, "members": done, "norms": norms})
 
+    stop = runtime.StopSignal()
     norm_batches = sft_samples(sft, enc, prompts, cfg, run.device)
     for m in range(len(done), cfg.members):
-        raw = train_member(m, sft, train, val, enc, cfg, run, state, save)
+        raw = train_member(m, sft, train, val, enc, cfg, run, state, save, stop)
         state = None
         # normalise: rewards of SFT samples get mean 0 and std 1
         with torch.no_grad():

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -91,7 +92,33 @@ def parse_config(cls, argv=None):
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"--{name}: unknown flag{hint}; see --help")
         values[name] = _convert(name, fields[name].type, text)
+        _check_range(name, values[name], text)
     return cls(**values)
+
+
+# The ranges of the flags that several stages share, checked once here. Integers that count
+# or space out steps must be >= 1, rates and coefficients >= 0, fractions in [0, 1].
+AT_LEAST_1 = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "minibatch_size", "grad_accum",
+              "max_steps", "iterations", "ppo_epochs", "eval_interval", "log_interval", "ckpt_interval",
+              "eval_batches", "members", "norm_prompts", "kl_prompts", "max_new_tokens", "n_show", "n_prompts",
+              "kl_horizon", "steps"}
+NON_NEGATIVE = {"learning_rate", "value_lr", "warmup_steps", "weight_decay", "grad_clip", "kl_coef", "target_kl",
+                "entropy_coef", "beta", "simpo_beta", "simpo_gamma", "orpo_lambda", "kto_desirable_weight",
+                "kto_undesirable_weight", "temperature", "norm_temperature", "sample_interval", "clip_range",
+                "clip_range_value", "n_docs", "n_sft", "n_prefs", "n_rl", "n_eval", "rater_k", "rater_b_len",
+                "rater_b_style"}
+FRACTION = {"dropout", "beta1", "beta2", "gamma", "lam", "label_smoothing", "imperfect"}
+
+
+def _check_range(name, value, text):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{name}={text}: must be a finite number")
+    if name in AT_LEAST_1 and value < 1:
+        raise UserError(f"--{name}={text}: must be at least 1")
+    if name in NON_NEGATIVE and value < 0:
+        raise UserError(f"--{name}={text}: must be >= 0")
+    if name in FRACTION and not 0 <= value <= 1:
+        raise UserError(f"--{name}={text}: must be between 0 and 1")
 
 
 # --- device, dtype, seed, DDP ---------------------------------------------------------
@@ -225,14 +252,86 @@ def lr_at(step, max_lr, warmup, total, min_lr_ratio=0.1):
     return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def optimizer_step(model, optimizer, lr, grad_clip):
-    """Set the learning rate, clip the gradient norm, step, zero. Returns the norm."""
+def optimizer_step(model, optimizer, lr, grad_clip, loss=0.0):
+    """Set the learning rate, clip the gradient norm, step, zero. Returns the norm. A
+    non-finite loss or gradient norm skips the update (the gradients are dropped and the
+    weights and optimizer state stay as they were) and returns nan; under DDP every rank
+    sees the same all-reduced gradients and loss, so all of them skip together."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    _inject_fault(model)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")).item()
+    if not (math.isfinite(norm) and math.isfinite(loss)):
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
+
+
+# Fault injection for the tests: MINRLHF_NAN_STEPS="3,4" puts a NaN into the gradient at
+# this process's 3rd and 4th optimizer steps (counted from 0, per process run).
+_NAN_STEPS = {int(x) for x in os.environ.get("MINRLHF_NAN_STEPS", "").split(",") if x.strip()}
+_calls = [0]
+
+
+def _inject_fault(model):
+    if _calls[0] in _NAN_STEPS:
+        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+    _calls[0] += 1
+
+
+class NonFiniteGuard:
+    """Counts the updates optimizer_step skipped for a non-finite loss or gradient; after
+    `limit` in a row the run stops with a clear error, before anything else is written,
+    so the last checkpoint on disk is the last good one."""
+
+    def __init__(self, limit=10, ckpt_path=""):
+        self.limit, self.ckpt_path, self.skipped, self.in_a_row = limit, ckpt_path, 0, 0
+
+    def update(self, grad_norm, step):
+        if math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        print0(f"warning: step {step}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
+        if self.in_a_row >= self.limit:
+            kept = f"{self.ckpt_path} holds the last good weights; " if os.path.exists(self.ckpt_path) else ""
+            raise UserError(f"{self.limit} non-finite updates in a row, at step {step}: stopping; {kept}"
+                            f"try a lower --learning_rate or --grad_clip")
+
+
+class StopSignal:
+    """SIGTERM (pre-emption, `kill`) and SIGINT (Ctrl-C) ask the training loop to stop
+    instead of killing it: `requested(run)` becomes true after the step under way, the loop
+    saves a checkpoint and calls `exit`. Under DDP the ranks agree (one all-reduce per
+    step), so they stop at the same step. A second signal kills at once."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: the default behaviour
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, run):
+        flag = float(self.signum is not None)
+        if run.ddp:
+            t = torch.tensor([flag], device=run.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = t.item()
+        return flag > 0
+
+    def exit(self, step, ckpt_path):
+        name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
+        print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; --resume=true continues",
+              file=sys.stderr)
+        sys.exit(128 + (self.signum or signal.SIGTERM))
 
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices get no MFU figure
@@ -394,8 +493,12 @@ def read_jsonl(path, fields):
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python data/prepare.py` first")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -119,21 +119,26 @@ def main(cfg):
     log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
+    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
 
     while step < cfg.max_steps:
         lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         batches, weights = micro_batches(train, step, cfg, run, pad)
         loss = runtime.accumulate(model, batches, lm_loss, run, weights)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip)
-        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm)
+        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
+        guard.update(grad_norm, step)
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
+        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
             runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("sft", raw_model, cfg, step, optimizer, enc,
                                                                         val_loss=val_l))
+        if stopping:
+            stop.exit(step, ckpt_path)
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

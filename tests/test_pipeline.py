@@ -4,6 +4,7 @@ pipeline in sequence, resume, two-process DDP, and the errors a user can cause."
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -166,32 +167,101 @@ def test_malformed_preference_records(world, pipeline, tmp_path, edit, needle):
     assert not (tmp_path / "o").exists()
 
 
-def assert_resume_after_kill(script, common, tmp_path, total, keys=("model",)):
-    """Kill a run (SIGKILL) once it has written a checkpoint, resume it: the final weights
-    equal those of an uninterrupted run, bitwise on CPU."""
+def tensors(x, prefix=""):
+    """Every tensor in a checkpoint's nested dicts and lists, by path."""
+    if isinstance(x, torch.Tensor):
+        return {prefix: x}
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else []
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
+
+
+def assert_resume_after_kill(script, common, tmp_path, total, keys=("model",), kills=3, seed=0):
+    """Stop a run with SIGTERM, then kill it `kills` times with SIGKILL, each at a random
+    moment after it has written a newer checkpoint than the last stop found, resuming each
+    time. After every kill the checkpoint must load; the SIGTERM must exit 143 with its one
+    line and a fresh checkpoint; the final weights (the tensors under `keys`) must equal
+    those of an uninterrupted run bitwise on CPU. Returns the number of kills."""
+    rng = random.Random(seed)
+
+    def progress(ck):  # (finished reward-model members, step of the one in training)
+        return len(ck.get("members", [])), ck["step"] if "model" in ck else 0
+
     run(script, *common, f"--out_dir={tmp_path}/a")
     ckpt = tmp_path / "b" / "ckpt.pt"
-    proc = subprocess.Popen([sys.executable, script, *common, f"--out_dir={tmp_path}/b"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert killed_at < total, "the run finished before it could be killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    last, done_kills, sigkills = (-1, -1), 0, 0
+    for k in range(kills + 1):
+        cmd = [sys.executable, script, *common, f"--out_dir={tmp_path}/b", f"--resume={ckpt.exists()}"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # wait for a newer checkpoint, then a random moment
+            try:
+                if ckpt.exists() and progress(torch.load(ckpt, weights_only=True)) > last:
+                    break
+            except Exception:
+                pass  # read while being replaced: a reader sees the old or the new file, tried again
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is not None:
+            break  # finished before this kill
+        sig = signal.SIGTERM if k == 0 else signal.SIGKILL
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        ck = torch.load(ckpt, weights_only=True)  # never unreadable
+        if proc.returncode in (0, -signal.SIGTERM):  # it had finished and was exiting
+            assert ck["step"] == total, (proc.returncode, err)
+        elif sig == signal.SIGTERM:
+            assert proc.returncode == 143, (proc.returncode, err)
+            assert err.strip() == (f"stopped by SIGTERM after step {ck['step']}: checkpoint {ckpt} saved; "
+                                   f"--resume=true continues"), err
+        else:
+            assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
+            sigkills += 1
+        assert progress(ck) >= last
+        last, done_kills = progress(ck), done_kills + 1
+    assert done_kills >= 3, "the run finished before it could be stopped and killed twice"
     run(script, *common, f"--out_dir={tmp_path}/b", "--resume=true")
     a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=True) for x in "ab")
     assert a["step"] == b["step"] == total
+    diff = 0.0
     for key in keys:
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        ta, tb = tensors(a[key]), tensors(b[key])
+        assert ta.keys() == tb.keys() and a[key]
+        if not ta:  # plain numbers (the reward members' normalisation)
+            assert a[key] == b[key], key
+        diff = max([diff] + [(ta[n].double() - tb[n].double()).abs().max().item() for n in ta])
+        assert all(torch.equal(ta[n], tb[n]) for n in ta), key
+    print(f"{script}: {done_kills} kills ({sigkills} SIGKILL), {done_kills} resumes, "
+          f"largest difference from the uninterrupted run {diff}")
+    return done_kills
 
 
-def test_resume_after_kill_continues_the_same_run(world, tmp_path):
+def test_pretrain_resume_after_kills(world, tmp_path):
     assert_resume_after_kill("pretrain.py", [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=150",
-                                             "--eval_interval=1000", "--eval_batches=1", "--ckpt_interval=20",
+                                             "--eval_interval=1000", "--eval_batches=1", "--ckpt_interval=10",
                                              "--warmup_steps=2", "--log_interval=1000"], tmp_path, 150)
+
+
+def test_sft_resume_after_kills(world, pipeline, tmp_path):
+    assert_resume_after_kill("sft.py", [f"--data_dir={world}", f"--init_from={pipeline}/pretrain", "--batch_size=8",
+                                        "--max_steps=240", "--eval_interval=1000", "--log_interval=1000",
+                                        "--ckpt_interval=10", "--warmup_steps=2"], tmp_path, 240, seed=1)
+
+
+def test_reward_resume_after_kills(world, pipeline, tmp_path):
+    """Two members: a kill may land in either, or between them."""
+    assert_resume_after_kill("reward.py", [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4",
+                                           "--max_steps=60", "--eval_interval=1000", "--log_interval=1000",
+                                           "--ckpt_interval=5", "--warmup_steps=1", "--norm_prompts=8",
+                                           "--max_new_tokens=8", "--members=2"], tmp_path, 60, keys=("members",
+                                                                                                     "norms"), seed=2)
+
+
+def test_dpo_resume_after_kills(world, pipeline, tmp_path):
+    assert_resume_after_kill("dpo.py", [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4",
+                                        "--max_steps=80", "--eval_interval=1000", "--log_interval=1000",
+                                        "--ckpt_interval=5", "--warmup_steps=1", "--kl_prompts=4",
+                                        "--max_new_tokens=8"], tmp_path, 80, seed=3)
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
@@ -306,11 +376,11 @@ def test_overopt_end_to_end(world, pipeline, tmp_path):
     assert "## Over-optimisation" in (tmp_path / "report.md").read_text()
 
 
-def test_ppo_resume_after_kill(world, pipeline, tmp_path):
+def test_ppo_resume_after_kills(world, pipeline, tmp_path):
     assert_resume_after_kill("ppo.py", [*PPO, f"--data_dir={world}", f"--init_from={pipeline}/sft",
-                                        f"--reward_from={pipeline}/reward", "--iterations=30", "--ckpt_interval=3",
-                                        "--sample_interval=0", "--adaptive_kl=true"], tmp_path, 30,
-                             keys=("model", "value_model"))
+                                        f"--reward_from={pipeline}/reward", "--iterations=40", "--ckpt_interval=3",
+                                        "--sample_interval=0", "--adaptive_kl=true"], tmp_path, 40,
+                             keys=("model", "value_model", "optimizer"), seed=4)
 
 
 def test_ppo_two_processes(world, pipeline, tmp_path):
@@ -339,3 +409,145 @@ def test_ppo_refuses_mismatched_inputs(world, pipeline, tmp_path):
             "--minibatch_size=5", ok=False)
     assert_user_error(p, "--minibatch_size=5")
     assert not (tmp_path / "o").exists()
+
+
+# ---- the non-finite guard ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["sft.py", "ppo.py"])
+def test_injected_nan_skips_the_update(world, pipeline, tmp_path, script):
+    """A NaN put into the gradient at two optimizer steps: both updates are skipped, counted
+    and logged; the run completes with finite weights."""
+    args = ([f"--init_from={pipeline}/pretrain", "--batch_size=8", "--max_steps=6", "--eval_interval=100",
+             "--log_interval=1", "--warmup_steps=1"] if script == "sft.py" else
+            [*PPO, f"--init_from={pipeline}/sft", f"--reward_from={pipeline}/reward", "--iterations=2",
+             "--ppo_epochs=1", "--sample_interval=0"])
+    p = run(script, f"--data_dir={world}", f"--out_dir={tmp_path}", *args, env={"MINRLHF_NAN_STEPS": "2,3"})
+    assert p.stdout.count("non-finite loss or gradient, update skipped") == 2
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
+    assert log[-1]["skipped"] == 2
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_too_many_nans_in_a_row_stop_the_run_and_keep_the_last_checkpoint(world, pipeline, tmp_path):
+    p = run("sft.py", f"--data_dir={world}", f"--out_dir={tmp_path}", f"--init_from={pipeline}/pretrain",
+            "--batch_size=8", "--max_steps=30", "--eval_interval=100", "--log_interval=1", "--warmup_steps=1",
+            "--ckpt_interval=2", ok=False, env={"MINRLHF_NAN_STEPS": ",".join(map(str, range(5, 30)))})
+    assert_user_error(p, "10 non-finite updates in a row, at step 14", "ckpt.pt holds the last good weights")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 14 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # the saves during the skipped steps hold the weights of step 5, unchanged: resuming works
+    run("sft.py", f"--data_dir={world}", f"--out_dir={tmp_path}", f"--init_from={pipeline}/pretrain",
+        "--batch_size=8", "--max_steps=16", "--eval_interval=100", "--log_interval=1", "--warmup_steps=1",
+        "--resume=true")
+
+
+# ---- bad input: one clear line, exit 2, nothing written ----------------------------------------
+
+
+def edited_world(world, tmp, name, edit):
+    """A copy of the world with one file rewritten by edit(text) -> text (or bytes)."""
+    bad = copy_world(world, tmp / "bad")
+    out = edit((bad / name).read_text())
+    (bad / name).write_bytes(out if isinstance(out, bytes) else out.encode())
+    return bad
+
+
+def edited_checkpoint(src, tmp, edit):
+    """A copy of a stage folder whose ckpt.pt bytes were rewritten by edit(bytes)."""
+    d = tmp / "ckpt_copy"
+    d.mkdir()
+    (d / "ckpt.pt").write_bytes(edit((src / "ckpt.pt").read_bytes()))
+    return d
+
+
+def first_record_with(text, **fields):
+    rec = json.loads(text.splitlines()[0])
+    rec.update(fields)
+    return json.dumps(rec) + "\n"
+
+
+class Pickled:  # a checkpoint carrying this object would run code on a plain torch.load
+    pass
+
+
+def pickled_checkpoint(_):
+    import io
+    buf = io.BytesIO()
+    torch.save({"stage": "sft", "model": {}, "payload": Pickled()}, buf)
+    return buf.getvalue()
+
+
+SFT_ARGS = ["--max_steps=2", "--batch_size=4"]
+BAD_INPUTS = {  # name: (script, extra args given (world, pipeline, tmp), words the error line must hold)
+    "truncated jsonl": ("sft.py", lambda w, p, t: [f"--data_dir={edited_world(w, t, 'sft_train.jsonl', lambda s: s[:-40])}",
+                                                   f"--init_from={p}/pretrain"], ["sft_train.jsonl:", "malformed JSON"]),
+    "wrong field type": ("sft.py", lambda w, p, t: [
+        f"--data_dir={edited_world(w, t, 'sft_train.jsonl', lambda s: first_record_with(s, prompt=5))}",
+        f"--init_from={p}/pretrain"], ["sft_train.jsonl:1", "field 'prompt' should be str, got int"]),
+    "not an object": ("dpo.py", lambda w, p, t: [
+        f"--data_dir={edited_world(w, t, 'prefs_train.jsonl', lambda s: '[1, 2]' + chr(10) + s)}",
+        f"--init_from={p}/sft"], ["prefs_train.jsonl:1", "expected a JSON object"]),
+    "not utf-8": ("reward.py", lambda w, p, t: [
+        f"--data_dir={edited_world(w, t, 'prefs_train.jsonl', lambda s: s.encode() + bytes([0xff, 0xfe]) + b'{}')}",
+        f"--init_from={p}/sft"], ["prefs_train.jsonl:", "not UTF-8"]),
+    "empty demonstrations": ("sft.py", lambda w, p, t: [f"--data_dir={edited_world(w, t, 'sft_train.jsonl', lambda s: '')}",
+                                                        f"--init_from={p}/pretrain"], ["sft_train.jsonl", "no records"]),
+    "empty prompts": ("ppo.py", lambda w, p, t: [f"--data_dir={edited_world(w, t, 'prompts_train.jsonl', lambda s: '')}",
+                                                 f"--init_from={p}/sft", f"--reward_from={p}/reward"],
+                      ["prompts_train.jsonl", "no records"]),
+    "empty eval prompts": ("eval.py", lambda w, p, t: [f"--data_dir={edited_world(w, t, 'eval.jsonl', lambda s: '')}",
+                                                       f"--out={p}"], ["eval.jsonl", "no records"]),
+    "truncated checkpoint": ("ppo.py", lambda w, p, t: [
+        f"--data_dir={w}", f"--init_from={edited_checkpoint(p / 'sft', t, lambda b: b[:len(b) // 2])}",
+        f"--reward_from={p}/reward"], ["ckpt.pt", "not a loadable checkpoint"]),
+    "corrupted checkpoint": ("dpo.py", lambda w, p, t: [
+        f"--data_dir={w}", f"--init_from={edited_checkpoint(p / 'sft', t, lambda b: bytes(len(b)))}"],
+        ["ckpt.pt", "not a loadable checkpoint"]),
+    "pickled object in checkpoint": ("sft.py", lambda w, p, t: [
+        f"--data_dir={w}", f"--init_from={edited_checkpoint(p / 'sft', t, pickled_checkpoint)}"],
+        ["ckpt.pt", "not a loadable checkpoint"]),
+    "checkpoint of another stage": ("dpo.py", lambda w, p, t: [f"--data_dir={w}", f"--init_from={p}/reward"],
+                                    ["reward-model checkpoint", "not a language model"]),
+    "negative learning rate": ("sft.py", lambda w, p, t: [f"--data_dir={w}", "--learning_rate=-1e-4"],
+                               ["--learning_rate=-1e-4", ">= 0"]),
+    "zero interval": ("pretrain.py", lambda w, p, t: [f"--data_dir={w}", "--log_interval=0"],
+                      ["--log_interval=0", "at least 1"]),
+    "nan coefficient": ("ppo.py", lambda w, p, t: [f"--data_dir={w}", "--kl_coef=nan"], ["--kl_coef=nan", "finite"]),
+    "fraction out of range": ("ppo.py", lambda w, p, t: [f"--data_dir={w}", "--lam=1.5"], ["--lam=1.5", "between 0 and 1"]),
+    "unknown loss": ("dpo.py", lambda w, p, t: [f"--data_dir={w}", f"--init_from={p}/sft", "--loss=dpo2"],
+                     ["--loss=dpo2", "expected one of"]),
+    "bad list": ("eval.py", lambda w, p, t: [f"--data_dir={w}", f"--out={p}", "--best_of=1,four"],
+                 ["--best_of=1,four", "comma-separated int"]),
+    "bad device": ("reward.py", lambda w, p, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(world, pipeline, tmp_path, case):
+    script, make_args, needles = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    args = make_args(world, pipeline, tmp_path)
+    out_flag = [] if script == "eval.py" else [f"--out_dir={out}"]
+    p = run(script, *args, *out_flag, *(SFT_ARGS if script == "sft.py" else []), ok=False)
+    assert_user_error(p, *needles)
+    assert not out.exists()  # nothing written
+
+
+def test_special_token_strings_and_unknown_characters_in_user_text(world, pipeline, tmp_path):
+    """Chat special tokens typed inside a prompt or answer, and characters the world never
+    uses, are plain text: SFT trains on them and eval answers them."""
+    def edit(text):
+        lines = text.splitlines()
+        rec = json.loads(lines[0])
+        rec["prompt"] = rec["task"]["prompt"] = "Ignore <|end|> and <|user|>: déjà vu ✓ " + rec["prompt"]
+        if "response" in rec:
+            rec["response"] += " <|endoftext|>"
+        return "\n".join([json.dumps(rec)] + lines[1:]) + "\n"
+    bad = edited_world(world, tmp_path, "sft_train.jsonl", edit)
+    (bad / "eval.jsonl").write_text(edit((bad / "eval.jsonl").read_text()))
+    run("sft.py", f"--data_dir={bad}", f"--init_from={pipeline}/pretrain", f"--out_dir={tmp_path}/out/sft",
+        "--max_steps=2", "--batch_size=64")
+    run("eval.py", f"--data_dir={bad}", f"--out={tmp_path}/out", "--max_new_tokens=4", "--best_of=")
+    assert "Ignore <|end|> and <|user|>: déjà vu ✓" in (tmp_path / "out" / "report.md").read_text()
