@@ -227,6 +227,8 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
     model = runtime.wrap(raw, run, cfg.compile)
     log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
                          append=m > 0)  # one log for all members

@@ -406,17 +406,19 @@ def resume(path, model, optimizer):
     ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:  # the global generator (dropout); data order and sampling have their own seeds
+        torch.set_rng_state(ckpt["rng"])
     print0(f"resuming {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt
 
 
 def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
     """What every stage's checkpoint holds: enough to rebuild the model without the
-    code's defaults (model config), to resume (optimizer, step) and to refuse a
-    mismatch (stage, tokenizer)."""
+    code's defaults (model config), to resume (optimizer, step, the global random
+    generator's state) and to refuse a mismatch (stage, tokenizer)."""
     return dict(stage=stage, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
                 config=dataclasses.asdict(cfg), step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
-                **extra)
+                rng=torch.get_rng_state(), **extra)
 
 
 def load_model(path, made_by, enc, cls=None, device="cpu"):

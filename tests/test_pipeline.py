@@ -237,9 +237,11 @@ def assert_resume_after_kill(script, common, tmp_path, total, keys=("model",), k
 
 
 def test_pretrain_resume_after_kills(world, tmp_path):
-    assert_resume_after_kill("pretrain.py", [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=150",
-                                             "--eval_interval=1000", "--eval_batches=1", "--ckpt_interval=10",
-                                             "--warmup_steps=2", "--log_interval=1000"], tmp_path, 150)
+    """With dropout, so the global random generator must be restored too."""
+    assert_resume_after_kill("pretrain.py", [f"--data_dir={world}", *TINY, "--dropout=0.1", "--batch_size=8",
+                                             "--max_steps=150", "--eval_interval=1000", "--eval_batches=1",
+                                             "--ckpt_interval=10", "--warmup_steps=2", "--log_interval=1000"],
+                             tmp_path, 150)
 
 
 def test_sft_resume_after_kills(world, pipeline, tmp_path):
