@@ -329,8 +329,9 @@ class StopSignal:
 
     def exit(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
-        print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; --resume=true continues",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; --resume=true continues",
+                  file=sys.stderr)
         sys.exit(128 + (self.signum or signal.SIGTERM))
 
 
