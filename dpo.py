@@ -308,12 +308,9 @@ def main(cfg):
             raw_model.train()
         log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, force="objective/kl" in metrics,
                  **metrics)
-        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
-            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(cfg.loss, raw_model, cfg, step, optimizer,
-                                                                        enc))
-        if stopping:
-            stop.exit(step, ckpt_path)
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
+                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                            cfg.loss, raw_model, cfg, step, optimizer, enc)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     runtime.teardown(run)
 

@@ -95,16 +95,11 @@ def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     return out
 
 
-def answer(model, enc, tasks, temperature, cfg, device, seed):
-    """Sample (or decode greedily) one answer per task: (prompt tokens, response tokens) pairs."""
-    return runtime.sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed,
-                                    device, cfg.batch_size)
-
-
 def evaluate(model, enc, tasks, cfg, device, temperature, seed, reward_model=None, ref=None):
     """Graded answers of one model; with a reward model each row carries its proxy reward,
     with a reference its log-ratio Σ log π/π_ref (a KL sample when temperature is 1)."""
-    pairs = answer(model, enc, tasks, temperature, cfg, device, seed)
+    pairs = runtime.sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed,
+                                     device, cfg.batch_size)
     rows = grade_answers(tasks, [decode_response(enc, r) for _, r in pairs])
     pad = enc.encode_single_token("<|endoftext|>")
     if reward_model is not None:

@@ -414,13 +414,11 @@ def main(cfg):
         log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             show_samples(enc, [texts[i] for i in mine], batch)
-        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
-        if run.master and (it % cfg.ckpt_interval == 0 or it == cfg.iterations or stopping):
-            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
-                "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
-                value_optimizer=opt_value.state_dict(), kl_coef=beta, reward_model=rm_ckpt["config"]))
-        if stopping:
-            stop.exit(it, ckpt_path)
+        stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
+                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                            "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
+                            value_optimizer=opt_value.state_dict(), kl_coef=beta,
+                            reward_model=rm_ckpt["config"])))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     runtime.teardown(run)
 

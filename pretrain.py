@@ -126,12 +126,9 @@ def main(cfg):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
         log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
-        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
-            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("pretrain", raw_model, cfg, step, optimizer,
-                                                                        enc, val_loss=val))
-        if stopping:
-            stop.exit(step, ckpt_path)
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
+                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                            "pretrain", raw_model, cfg, step, optimizer, enc, val_loss=val)))  # also on SIGTERM
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

@@ -249,11 +249,9 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
             raw.train()
         tokens = sum(b[0].numel() for b in batches) * run.world_size
         log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
-        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
-        if (step % cfg.ckpt_interval == 0 or stopping) and step < cfg.max_steps:
-            save(step, raw, optimizer)
-        if stopping and step < cfg.max_steps:
-            stop.exit(step, os.path.join(cfg.out_dir, "ckpt.pt"))
+        if step < cfg.max_steps:  # (a finished member is saved by main, with its normalisation)
+            stop.checkpoint(run, step, step % cfg.ckpt_interval == 0, os.path.join(cfg.out_dir, "ckpt.pt"),
+                            lambda: save(step, raw, optimizer))  # also on SIGTERM
     return raw.eval()
 
 

@@ -305,8 +305,9 @@ class NonFiniteGuard:
 class StopSignal:
     """SIGTERM (pre-emption, `kill`) and SIGINT (Ctrl-C) ask the training loop to stop
     instead of killing it: `requested(run)` becomes true after the step under way, the loop
-    saves a checkpoint and calls `exit`. Under DDP the ranks agree (one all-reduce per
-    step), so they stop at the same step. A second signal kills at once."""
+    saves a checkpoint and calls `exit`; `checkpoint` does both for a loop. Under DDP the
+    ranks agree (one all-reduce per step), so they stop at the same step. A second signal
+    kills at once."""
 
     def __init__(self):
         self.signum = None
@@ -326,6 +327,15 @@ class StopSignal:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = t.item()
         return flag > 0
+
+    def checkpoint(self, run, step, due, ckpt_path, save):
+        """Call on every rank after each step: rank 0 runs save() when the checkpoint is due
+        or a stop was asked for; then, if asked, every rank exits."""
+        stopping = self.requested(run)
+        if run.master and (due or stopping):
+            save()
+        if stopping:
+            self.exit(step, ckpt_path)
 
     def exit(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"

@@ -133,12 +133,9 @@ def main(cfg):
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
-        stopping = stop.requested(run)  # SIGTERM or Ctrl-C: save and stop
-        if run.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stopping):
-            runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint("sft", raw_model, cfg, step, optimizer, enc,
-                                                                        val_loss=val_l))
-        if stopping:
-            stop.exit(step, ckpt_path)
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
+                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                            "sft", raw_model, cfg, step, optimizer, enc, val_loss=val_l)))  # also on SIGTERM
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     runtime.teardown(run)
 

@@ -261,9 +261,9 @@ def test_reward_resume_after_kills(world, pipeline, tmp_path):
 
 def test_dpo_resume_after_kills(world, pipeline, tmp_path):
     assert_resume_after_kill("dpo.py", [f"--data_dir={world}", f"--init_from={pipeline}/sft", "--batch_size=4",
-                                        "--max_steps=80", "--eval_interval=1000", "--log_interval=1000",
+                                        "--max_steps=140", "--eval_interval=1000", "--log_interval=1000",
                                         "--ckpt_interval=5", "--warmup_steps=1", "--kl_prompts=4",
-                                        "--max_new_tokens=8"], tmp_path, 80, seed=3)
+                                        "--max_new_tokens=8"], tmp_path, 140, seed=3)
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
