@@ -29,6 +29,7 @@ estimate of KL(π‖π_ref) on held-out prompts.
 
     python dpo.py                          # reads out/sft, writes out/dpo
     python dpo.py --loss=ipo               # writes out/ipo
+    python dpo.py --prefs=prefs,prefs_sft  # also the raters' rankings of SFT samples (data/label.py)
     python dpo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 dpo.py
     python dpo.py --resume=true
@@ -55,6 +56,7 @@ class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
     init_from: str = "out/sft"       # the SFT model: the policy's start and the frozen reference
     out_dir: str = ""                # default out/<loss>
+    prefs: str = "prefs"             # preference sets in data_dir, NAME_train/val.jsonl (prefs_sft: data/label.py's)
     beta: float = 0.1                # strength of the KL anchor (dpo, cdpo, ipo, kto)
     label_smoothing: float = 0.1     # cdpo: assumed share of flipped labels
     simpo_beta: float = 2.0          # simpo: reward scale (Meng et al. use 2 to 2.5)
@@ -149,6 +151,18 @@ def load_preferences(path, enc, block_size):
                   for b in range(a + 1, len(ranking))]
         top = set(ranking[:len(ranking) // 2])
         desirable += [i in top for i in range(len(resp))]
+    return seqs, pairs, desirable
+
+
+def load_sets(data_dir, sets, split, enc, block_size):
+    """load_preferences over several sets' NAME_<split>.jsonl files, as one."""
+    seqs, pairs, desirable = [], [], []
+    for name in sets:
+        made_by = "python data/label.py" if name == "prefs_sft" else "python data/prepare.py"
+        s, p, d = load_preferences(runtime.require(os.path.join(data_dir, f"{name}_{split}.jsonl"), made_by), enc,
+                                   block_size)
+        pairs += [(len(seqs) + a, len(seqs) + b) for a, b in p]
+        seqs, desirable = seqs + s, desirable + d
     return seqs, pairs, desirable
 
 
@@ -263,10 +277,11 @@ def main(cfg):
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")
-    seqs, pairs, desirable = load_preferences(os.path.join(cfg.data_dir, "prefs_train.jsonl"), enc,
-                                              ref.config.block_size)
-    vseqs, vpairs, vdesirable = load_preferences(os.path.join(cfg.data_dir, "prefs_val.jsonl"), enc,
-                                                 ref.config.block_size)
+    sets = [x for x in cfg.prefs.split(",") if x]
+    if not sets:
+        raise runtime.UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
+    seqs, pairs, desirable = load_sets(cfg.data_dir, sets, "train", enc, ref.config.block_size)
+    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, sets, "val", enc, ref.config.block_size)
     prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
                                                        {"prompt": str})][:cfg.kl_prompts]
     # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)

@@ -94,3 +94,27 @@ def test_win_rate_counts_ties_half():
     rows = [{"gold": 1.5}, {"gold": 0.5}, {"gold": 1.0}, {"gold": 1.0}]
     base = [{"gold": 1.0}, {"gold": 1.0}, {"gold": 1.0}, {"gold": 0.0}]
     assert ev.win_rate(rows, base) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_several_preference_sets_load_as_one(tmp_path):
+    """--prefs=a,b: the second set's pairs point at its own responses, after the first's."""
+    import json
+
+    from data import tokenizer as tok
+    path = tmp_path / "t.tiktoken"
+    path.write_text(tok.format_ranks(tok.train_bpe("What is 2 + 3? 2 + 3 = 5. Great question! " * 20, 280)))
+    enc = tok.load_tokenizer(path)
+
+    def write(name, texts, ranking):
+        rec = dict(prompt="What is 2 + 3?", responses=[dict(text=x) for x in texts], ranking=ranking)
+        (tmp_path / f"{name}_train.jsonl").write_text(json.dumps(rec) + "\n")
+
+    write("a", ["2 + 3 = 5.", "2 + 3 = 6."], [0, 1])
+    write("b", ["5", "Great question! 5", "2 + 3 = 4."], [1, 0, 2])
+    seqs, pairs, desirable = dpo.load_sets(str(tmp_path), ["a", "b"], "train", enc, 64)
+    assert len(seqs) == 5 and pairs == [(0, 1), (3, 2), (3, 4), (2, 4)]
+    assert desirable == [True, False, False, True, False]  # top half of each ranking
+    chosen = enc.decode(seqs[3][0][seqs[3][1]:])
+    assert chosen.startswith("Great question! 5")
+    with pytest.raises(Exception, match="c_train.jsonl not found"):
+        dpo.load_sets(str(tmp_path), ["a", "c"], "train", enc, 64)
