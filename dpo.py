@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import runtime
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from model import token_logprobs
+from model import sequence_kl, token_logprobs
 from runtime import print0
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
@@ -154,13 +154,11 @@ def load_preferences(path, enc, block_size):
     return seqs, pairs, desirable
 
 
-def load_sets(data_dir, sets, split, enc, block_size):
-    """load_preferences over several sets' NAME_<split>.jsonl files, as one."""
+def load_sets(data_dir, prefs, split, enc, block_size):
+    """load_preferences over the --prefs sets' NAME_<split>.jsonl files, as one."""
     seqs, pairs, desirable = [], [], []
-    for name in sets:
-        made_by = "python data/label.py" if name == "prefs_sft" else "python data/prepare.py"
-        s, p, d = load_preferences(runtime.require(os.path.join(data_dir, f"{name}_{split}.jsonl"), made_by), enc,
-                                   block_size)
+    for _, path in runtime.preference_paths(data_dir, prefs, split):
+        s, p, d = load_preferences(path, enc, block_size)
         pairs += [(len(seqs) + a, len(seqs) + b) for a, b in p]
         seqs, desirable = seqs + s, desirable + d
     return seqs, pairs, desirable
@@ -260,8 +258,8 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device):
     """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
     samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
                                        batch_size=len(prompts))
-    tokens, mask = collate([(p + r, len(p)) for p, r in samples], enc.encode_single_token("<|endoftext|>"), device)
-    return (sequence_logps(policy, tokens, mask)[0] - sequence_logps(ref, tokens, mask)[0]).mean().item()
+    kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device, batch_size=len(samples))
+    return sum(kls) / len(kls)
 
 
 def main(cfg):
@@ -277,11 +275,8 @@ def main(cfg):
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")
-    sets = [x for x in cfg.prefs.split(",") if x]
-    if not sets:
-        raise runtime.UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
-    seqs, pairs, desirable = load_sets(cfg.data_dir, sets, "train", enc, ref.config.block_size)
-    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, sets, "val", enc, ref.config.block_size)
+    seqs, pairs, desirable = load_sets(cfg.data_dir, cfg.prefs, "train", enc, ref.config.block_size)
+    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc, ref.config.block_size)
     prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
                                                        {"prompt": str})][:cfg.kl_prompts]
     # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)
@@ -314,7 +309,7 @@ def main(cfg):
         loss = runtime.accumulate(model, batches, loss_fn, run)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
         guard.update(grad_norm, step)
-        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
+        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw_model.eval()

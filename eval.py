@@ -37,7 +37,7 @@ import torch
 import runtime
 from data import world
 from data.tokenizer import decode_response, load_tokenizer
-from model import score_batch, token_logprobs
+from model import score_batch, sequence_kl
 from runtime import print0
 
 STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
@@ -76,22 +76,6 @@ def proxy_rewards(reward_model, pairs, pad, device, batch_size=64):
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         out += reward_model(*score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)).tolist()
-    return out
-
-
-@torch.no_grad()
-def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
-    """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
-    temperature 1. The mean over responses sampled from π estimates KL(π‖π_ref)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        tokens, lengths, plens = score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)
-        t = torch.arange(tokens.size(1), device=device)
-        response = (t[None, :] >= plens[:, None]) & (t[None, :] < lengths[:, None])  # right padding is causal-safe
-        logp = token_logprobs(model(tokens)[0], tokens, response)
-        logp_ref = token_logprobs(ref(tokens)[0], tokens, response)
-        out += (logp - logp_ref).sum(1).tolist()
     return out
 
 

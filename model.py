@@ -7,6 +7,8 @@ A GPT language model in plain PyTorch, plus the pieces RLHF needs on top of it:
 - GPT.generate(): batched sampling with a key/value cache and left padding.
 - token_logprobs() / token_entropy(): the one place log p(token) is computed, so PPO
   ratios, KL penalties and DPO all agree on exactly the same numbers.
+- score_batch() / sequence_kl(): prompt+response token lists as the reward model reads
+  them, and the sampled KL estimate that eval.py reports and dpo.py logs.
 
 Right padding needs no mask (causal attention hides later pads from real tokens); left
 padding, used by generate, needs attn_mask (B, T) bool, True for real tokens.
@@ -403,6 +405,23 @@ def score_batch(seqs: list[list[int]], prompt_lengths: list[int], pad: int, devi
         tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     lengths = torch.tensor([len(s) for s in seqs])
     return tokens.to(device), lengths.to(device), torch.tensor(prompt_lengths).to(device)
+
+
+@torch.no_grad()
+def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
+    """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
+    temperature 1, for (prompt tokens, response tokens) pairs. The mean over responses
+    sampled from π estimates KL(π‖π_ref)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        tokens, lengths, plens = score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)
+        t = torch.arange(tokens.size(1), device=device)
+        response = (t[None, :] >= plens[:, None]) & (t[None, :] < lengths[:, None])  # right padding is causal-safe
+        logp = token_logprobs(model(tokens)[0], tokens, response)
+        logp_ref = token_logprobs(ref(tokens)[0], tokens, response)
+        out += (logp - logp_ref).sum(1).tolist()
+    return out
 
 
 def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling: str = "last") -> Tensor:

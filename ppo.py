@@ -404,7 +404,7 @@ def main(cfg):
             "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
             "time/rollout_tok_per_s": runtime.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
-            **({"skipped": guard.skipped} if guard.skipped else {}),
+            **guard.logged(),
         }
         if cfg.adaptive_kl:
             beta = adaptive_kl_step(beta, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)

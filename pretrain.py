@@ -119,7 +119,7 @@ def main(cfg):
         loss = runtime.accumulate(model, micro_batches(train_data, step, cfg.seed, cfg, run), lm_loss, run)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
         guard.update(grad_norm, step)
-        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         if peak:
             metrics["mfu"] = flops_per_step / (time.time() - t0) / (peak * run.world_size)
         step += 1

@@ -241,7 +241,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
         guard.update(grad_norm, step)
         metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm,
-                       **({"skipped": guard.skipped} if guard.skipped else {}))
+                       **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw.eval()
@@ -264,23 +264,14 @@ def main(cfg):
     enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
     sft, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
     block = sft.config.block_size
-    sets = [s for s in cfg.prefs.split(",") if s]
-    if not sets:
-        raise runtime.UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
-    made_by = {"prefs_sft": "python data/label.py"}
-    train, vals = [], {}
-    for name in sets:
-        for split in ("train", "val"):
-            path = runtime.require(os.path.join(cfg.data_dir, f"{name}_{split}.jsonl"),
-                                   made_by.get(name, "python data/prepare.py"))
-            if split == "train":
-                train += load_rankings(path, enc, block)
-            else:
-                vals[name] = load_rankings(path, enc, block)
-    val = vals[sets[0]]  # the first set's held-out rankings are validated during training
+    train = [r for _, path in runtime.preference_paths(cfg.data_dir, cfg.prefs, "train")
+             for r in load_rankings(path, enc, block)]
+    vals = {name: load_rankings(path, enc, block)
+            for name, path in runtime.preference_paths(cfg.data_dir, cfg.prefs, "val")}
+    val = next(iter(vals.values()))  # the first set's held-out rankings are validated during training
     prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                                                        {"prompt": str})][:cfg.norm_prompts]
-    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) from {', '.join(sets)}, "
+    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) from {', '.join(vals)}, "
            f"{sum(map(len, vals.values()))} held out; "
            f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings on {run.device}")
 

@@ -301,6 +301,10 @@ class NonFiniteGuard:
             raise UserError(f"{self.limit} non-finite updates in a row, at step {step}: stopping; {kept}"
                             f"try a lower --learning_rate or --grad_clip")
 
+    def logged(self):
+        """What goes into the step's log: the count of skipped updates, once there are any."""
+        return {"skipped": self.skipped} if self.skipped else {}
+
 
 class StopSignal:
     """SIGTERM (pre-emption, `kill`) and SIGINT (Ctrl-C) ask the training loop to stop
@@ -497,6 +501,18 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, dev
                                       pad_token=pad, generator=g)
         out += [(p, [t for t, keep in zip(row, m) if keep]) for p, row, m in zip(batch, tokens.tolist(), mask.tolist())]
     return out
+
+
+def preference_paths(data_dir, prefs, split):
+    """(name, path) of each preference set named in a --prefs value ("prefs,prefs_sft")
+    for one split (train or val), each checked to exist: prefs_*.jsonl are written by
+    data/prepare.py, prefs_sft_*.jsonl by data/label.py."""
+    names = [x for x in prefs.split(",") if x]
+    if not names:
+        raise UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
+    made_by = {"prefs_sft": "python data/label.py"}
+    return [(name, require(os.path.join(data_dir, f"{name}_{split}.jsonl"), made_by.get(name, "python data/prepare.py")))
+            for name in names]
 
 
 def read_jsonl(path, fields):

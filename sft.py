@@ -127,7 +127,7 @@ def main(cfg):
         loss = runtime.accumulate(model, batches, lm_loss, run, weights)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
         guard.update(grad_norm, step)
-        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **({"skipped": guard.skipped} if guard.skipped else {}))
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)

@@ -111,10 +111,10 @@ def test_several_preference_sets_load_as_one(tmp_path):
 
     write("a", ["2 + 3 = 5.", "2 + 3 = 6."], [0, 1])
     write("b", ["5", "Great question! 5", "2 + 3 = 4."], [1, 0, 2])
-    seqs, pairs, desirable = dpo.load_sets(str(tmp_path), ["a", "b"], "train", enc, 64)
+    seqs, pairs, desirable = dpo.load_sets(str(tmp_path), "a,b", "train", enc, 64)
     assert len(seqs) == 5 and pairs == [(0, 1), (3, 2), (3, 4), (2, 4)]
     assert desirable == [True, False, False, True, False]  # top half of each ranking
     chosen = enc.decode(seqs[3][0][seqs[3][1]:])
     assert chosen.startswith("Great question! 5")
     with pytest.raises(Exception, match="c_train.jsonl not found"):
-        dpo.load_sets(str(tmp_path), ["a", "c"], "train", enc, 64)
+        dpo.load_sets(str(tmp_path), "a,c", "train", enc, 64)
