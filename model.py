@@ -370,10 +370,23 @@ class ScalarGPT(GPT):
     """GPT trunk + one scalar per position: the reward model and the PPO value model.
 
     The tied lm_head is kept (it costs no parameters), so a language-model state dict loads
-    with strict=False and only score.weight / score.bias reported missing.
+    with strict=False and only the new heads are reported missing.
+
+    likelihood=True (reward models) adds the trunk's own surprise at the response to the
+    scalar: value_t = head(h_t) + Σ_{s ≤ t, s in the response} gate(h_{s−1})·log p(y_s | y_<s),
+    a running sum over the response, so the value at its last token is
+
+        r(x, y) = head(h_last) + Σ_s gate(h_{s−1})·log p(y_s | x, y_<s).
+
+    A language model that ranks the right answer above a near miss by likelihood far more
+    often than it produces the right answer greedily already holds a verifier; a head on
+    the last hidden state has to rebuild that comparison from a noisy preference signal
+    and mostly does not. The learned gate decides which tokens' likelihood counts (the
+    answer, not the preamble). Compare DPO's implicit reward β·log π(y|x)/π_ref(y|x)
+    (Rafailov et al. 2023), also a reward made of the policy's own log-likelihood.
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, likelihood: bool = False):
         super().__init__(config)
         self.score = nn.Linear(config.n_embd, 1)
         # zero init: a fresh reward model has no random preference and a fresh value head
@@ -381,20 +394,43 @@ class ScalarGPT(GPT):
         # non-zero), and the trunk does from the next step on.
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
+        self.gate = None
+        if likelihood:
+            # starts as a constant weight: 0.3 × the response's log-likelihood
+            self.gate = nn.Linear(config.n_embd, 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, 0.3)
 
-    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
-        """(B, T) ids -> (B, T) float scalar per position."""
+    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None,
+                prompt_lengths: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T) float scalar per position. With the likelihood term,
+        prompt_lengths (B,) say where each response starts (right padding is harmless:
+        a pad position only adds to values after the sequence's last token)."""
         h = self.hidden(idx, attn_mask=attn_mask)  # (B, T, C)
-        return self.score(h).squeeze(-1)  # (B, T)
+        values = self.score(h).squeeze(-1)  # (B, T)
+        if self.gate is None:
+            return values
+        if prompt_lengths is None:
+            raise ValueError("a reward model with the likelihood term needs prompt_lengths")
+        t = torch.arange(idx.size(1), device=idx.device)
+        response = t[None, :] >= prompt_lengths[:, None]  # (B, T)
+        logp = token_logprobs(self.lm_head(h), idx, response)  # (B, T-1): log p of token t+1
+        term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
+        return values.float() + F.pad(term, (1, 0))  # position t holds the sum up to token t
 
     @classmethod
-    def from_lm(cls, gpt: GPT) -> "ScalarGPT":
+    def from_lm(cls, gpt: GPT, likelihood: bool = False) -> "ScalarGPT":
         """A ScalarGPT whose trunk is a copy of gpt's weights (same device and dtype)."""
         p = next(gpt.parameters())
-        model = cls(gpt.config).to(device=p.device, dtype=p.dtype)
+        model = cls(gpt.config, likelihood).to(device=p.device, dtype=p.dtype)
         missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
-        assert set(missing) == {"score.weight", "score.bias"} and not unexpected
+        assert {k.split(".")[0] for k in missing} == ({"score", "gate"} if likelihood else {"score"}), missing
+        assert not unexpected
         return model
+
+    def trunk_and_head(self) -> dict:
+        """The state dict without the likelihood gate: what a value model starts from."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("gate.")}
 
 
 def score_batch(seqs: list[list[int]], prompt_lengths: list[int], pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -453,7 +489,8 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: Tensor, lengths: Tensor, prompt_lengths: Tensor) -> Tensor:
         """(B, T) right-padded prompt+response tokens -> (B,) normalised reward."""
-        raw = torch.stack([pool_scores(m(tokens).float(), lengths, prompt_lengths, self.pooling)
+        raw = torch.stack([pool_scores(m(tokens, prompt_lengths=prompt_lengths).float(), lengths, prompt_lengths,
+                                       self.pooling)
                            for m in self.members])  # (M, B)
         scores = raw * self.norms[:, :1] + self.norms[:, 1:]
         return scores.mean(0) if self.reduce == "mean" else scores.min(0).values

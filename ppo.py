@@ -341,7 +341,7 @@ def main(cfg):
         reward_model, rm_ckpt = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
                                                           "python reward.py", enc, device=run.device)
         value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
-        value_model.load_state_dict(reward_model.members[0].state_dict())
+        value_model.load_state_dict(reward_model.members[0].trunk_and_head())  # (the gate is the reward's own)
         reward_model.requires_grad_(False).eval()
     else:  # no reward model: the value model starts from the SFT trunk with a zero head
         reward_model, rm_ckpt, value_model = None, {"config": None}, ScalarGPT.from_lm(ref)

@@ -7,6 +7,15 @@ encoded once (InstructGPT, Ouyang et al. 2022, section 3.5):
 
     loss = −log σ(r(x, y_chosen) − r(x, y_rejected)), averaged over the pairs.
 
+By default (--likelihood=true) the reward also reads the trunk's own log-likelihood of
+the response, each token's weighted by a learned gate (model.ScalarGPT):
+
+    r(x, y) = head(h_last) + Σ_t gate(h_{t−1})·log p(y_t | x, y_<t)
+
+The SFT model ranks a right answer above a near miss by likelihood far more often than
+a head on the last hidden state learns to (README: the reward model); --likelihood=false
+gives the plain head.
+
 After training, a gain and bias make the rewards of responses sampled from the SFT
 model on training prompts mean 0 and std 1; PPO and eval apply them when they load
 the model. The evaluation compares held-out pair accuracy with the best any model
@@ -16,6 +25,7 @@ a longer answer, against the raters' own and against the gold scorer's.
 
     python reward.py                                  # reads out/sft, writes out/reward
     python reward.py --members=3 --reduce=min         # an ensemble of 3 seeds, cautious minimum
+    python reward.py --likelihood=false               # the plain scalar head
     python reward.py --device=cuda
     torchrun --standalone --nproc_per_node=2 reward.py
     python reward.py --resume=true
@@ -42,6 +52,7 @@ class Config:
     out_dir: str = "out/reward"      # checkpoint and log go here
     prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train.jsonl and NAME_val.jsonl each
     pooling: str = "last"            # last: value at the last token; mean: mean over the response tokens
+    likelihood: bool = True          # add the trunk's gated log-likelihood of the response (see model.ScalarGPT)
     members: int = 1                 # ensemble size: members differ by seed (data order)
     reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
     batch_size: int = 32             # rankings per optimizer step (each K responses), over all ranks
@@ -130,7 +141,7 @@ def micro_batches(rankings, step, seed, cfg, run, pad):
 
 def scores(model, batch, pooling):
     tokens, lengths, prompt_lens = batch[:3]
-    return pool_scores(model(tokens).float(), lengths, prompt_lens, pooling)
+    return pool_scores(model(tokens, prompt_lengths=prompt_lens).float(), lengths, prompt_lens, pooling)
 
 
 def pair_loss(model, batch, pooling):
@@ -220,7 +231,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     pad = enc.encode_single_token("<|endoftext|>")
     seed = cfg.seed + 1000 * m
     torch.manual_seed(seed)
-    raw = ScalarGPT.from_lm(sft).to(run.device).train()
+    raw = ScalarGPT.from_lm(sft, cfg.likelihood).to(run.device).train()
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
     step = 0
     if state:

@@ -473,7 +473,7 @@ def load_reward_model(path, made_by, enc, device="cpu", reduce=None):
                         f"{enc.name!r}: retrain it on this data")
     members = []
     for sd in ckpt["members"]:
-        m = ScalarGPT(GPTConfig(**ckpt["model_config"]))
+        m = ScalarGPT(GPTConfig(**ckpt["model_config"]), bool(ckpt["config"].get("likelihood", False)))
         m.load_state_dict(sd)
         members.append(m)
     rm = RewardModel(members, ckpt["norms"], ckpt["config"]["pooling"], reduce or ckpt["config"]["reduce"])

@@ -69,3 +69,39 @@ def test_partial_correlation_measures_what_it_claims():
     # raters without biases: utility = k * gold up to rounding of the stored figures
     rounded = (3 * gold * 1e4).round() / 1e4
     assert reward.partial_corr(rounded, words, (gold * 1e4).round() / 1e4) == 0.0
+
+
+def test_likelihood_term_by_hand():
+    """r = head(h_last) + Σ over response tokens of gate(h_{t-1})·log p(y_t), against the
+    language model's own log-softmax, token by token; right padding changes nothing."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
+    from model import GPT
+    lm = GPT(cfg).eval()
+    rm = ScalarGPT.from_lm(lm, likelihood=True).eval()
+    with torch.no_grad():
+        for p in (rm.score.weight, rm.gate.weight):
+            p.normal_()
+    seqs, plens = [[1, 2, 3, 4, 5, 6], [7, 8, 9]], [2, 1]
+    expect = []
+    with torch.no_grad():
+        for s, P in zip(seqs, plens):
+            x = torch.tensor([s])
+            h = rm.hidden(x)[0]
+            logp = torch.log_softmax(lm(x)[0][0].double(), -1)  # the trunk is the LM's, so are its log-probs
+            total = rm.score(h[-1]).item()
+            for t in range(P, len(s)):
+                total += rm.gate(h[t - 1]).item() * logp[t - 1, s[t]].item()
+            expect.append(total)
+        tokens = torch.tensor([seqs[0], seqs[1] + [0, 0, 0]])
+        lengths, prompt_lens = torch.tensor([6, 3]), torch.tensor(plens)
+        got = pool_scores(rm(tokens, prompt_lengths=prompt_lens), lengths, prompt_lens, "last")
+        alone = pool_scores(rm(tokens[1:, :3], prompt_lengths=prompt_lens[1:]), lengths[1:], prompt_lens[1:], "last")
+    assert got.tolist() == pytest.approx(expect, abs=1e-5)
+    assert alone.item() == pytest.approx(got[1].item(), abs=1e-6)  # padded or not, the same reward
+    # a fresh gate starts as 0.3 × log-likelihood, and the value model leaves it behind
+    assert ScalarGPT(cfg, likelihood=True).gate.bias.item() == pytest.approx(0.3)
+    assert not any(k.startswith("gate.") for k in rm.trunk_and_head())
+    ScalarGPT(cfg).load_state_dict(rm.trunk_and_head())  # strict: exactly a value model's weights
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        rm(tokens)
