@@ -412,9 +412,7 @@ class ScalarGPT(GPT):
             return values
         if prompt_lengths is None:
             raise ValueError("a reward model with the likelihood term needs prompt_lengths")
-        t = torch.arange(idx.size(1), device=idx.device)
-        response = t[None, :] >= prompt_lengths[:, None]  # (B, T)
-        logp = token_logprobs(self.lm_head(h), idx, response)  # (B, T-1): log p of token t+1
+        logp = token_logprobs(self.lm_head(h), idx, response_mask(idx.size(1), prompt_lengths))  # (B, T-1)
         term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
         return values.float() + F.pad(term, (1, 0))  # position t holds the sum up to token t
 
@@ -443,6 +441,14 @@ def score_batch(seqs: list[list[int]], prompt_lengths: list[int], pad: int, devi
     return tokens.to(device), lengths.to(device), torch.tensor(prompt_lengths).to(device)
 
 
+def response_mask(T: int, prompt_lengths: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """(B, T) bool, True on the response tokens of right-padded prompt+response rows:
+    positions from prompt_lengths on, and before lengths when given."""
+    t = torch.arange(T, device=prompt_lengths.device)[None, :]
+    m = t >= prompt_lengths[:, None]
+    return m if lengths is None else m & (t < lengths[:, None])
+
+
 @torch.no_grad()
 def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
@@ -452,8 +458,7 @@ def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         tokens, lengths, plens = score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)
-        t = torch.arange(tokens.size(1), device=device)
-        response = (t[None, :] >= plens[:, None]) & (t[None, :] < lengths[:, None])  # right padding is causal-safe
+        response = response_mask(tokens.size(1), plens, lengths)  # right padding is causal-safe
         logp = token_logprobs(model(tokens)[0], tokens, response)
         logp_ref = token_logprobs(ref(tokens)[0], tokens, response)
         out += (logp - logp_ref).sum(1).tolist()
@@ -467,8 +472,7 @@ def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling
     if pooling == "last":
         return values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
     if pooling == "mean":
-        t = torch.arange(values.size(1), device=values.device)
-        m = (t[None, :] >= prompt_lengths[:, None]) & (t[None, :] < lengths[:, None])  # (B, T) response tokens
+        m = response_mask(values.size(1), prompt_lengths, lengths)
         return (values * m).sum(1) / m.sum(1).clamp(min=1)
     raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 

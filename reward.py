@@ -251,8 +251,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         loss = runtime.accumulate(model, batches, loss_fn, run, weights)
         grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
         guard.update(grad_norm, step)
-        metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm,
-                       **guard.logged())
+        metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw.eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reward
-from model import GPTConfig, RewardModel, ScalarGPT, pool_scores
+from model import GPT, GPTConfig, RewardModel, ScalarGPT, pool_scores
 
 
 def test_bradley_terry_loss_by_hand():
@@ -76,7 +76,6 @@ def test_likelihood_term_by_hand():
     language model's own log-softmax, token by token; right padding changes nothing."""
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
-    from model import GPT
     lm = GPT(cfg).eval()
     rm = ScalarGPT.from_lm(lm, likelihood=True).eval()
     with torch.no_grad():
