@@ -18,6 +18,11 @@ Each iteration runs the six steps below, numbered the same way in `rollout` and 
      value loss, both means over response tokens only
   6. β stays fixed, or (--adaptive_kl) moves the measured KL toward --target_kl
 
+With --ptx_coef=γ > 0 (PPO-ptx, Ouyang et al. 2022, eq. 2) every minibatch step also
+descends γ times the next-token loss on a few windows of the pretraining corpus, so the
+policy keeps what pretraining taught while the reward pulls it elsewhere (held-out
+facts, which only the pretraining text states, are the first thing PPO forgets here).
+
 The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022, "The N
 Implementation Details of RLHF with PPO". Dropout is off in all four models (eval mode).
@@ -28,6 +33,7 @@ proxy reward (objective/score) is real progress or reward hacking.
     python ppo.py                            # reads out/sft and out/reward, writes out/ppo
     python ppo.py --kl_coef=0.02 --out_dir=out/ppo_b002
     python ppo.py --adaptive_kl=true --target_kl=2
+    python ppo.py --ptx_coef=0.5                 # PPO-ptx: mix in the pretraining loss
     python ppo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 ppo.py   # each rank its own rollouts and seed
     python ppo.py --resume=true
@@ -40,6 +46,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import runtime
@@ -77,6 +84,9 @@ class Config:
     missing_end_penalty: float = -3.0 # score of a response that never emitted the end token
     whiten_rewards: bool = False      # scale per-token rewards to unit variance before GAE
     entropy_coef: float = 0.0         # entropy bonus (0: entropy is only logged)
+    ptx_coef: float = 0.0             # γ: weight of the pretraining loss (PPO-ptx; 0 = off)
+    ptx_batch: int = 4                # pretraining windows per minibatch step, each process
+    ptx_len: int = 128                # tokens per pretraining window (data_dir/train.bin)
     sample_interval: int = 20         # print a few responses every this many iterations
     log_interval: int = 1             # iterations between log lines
     ckpt_interval: int = 20           # iterations between checkpoints
@@ -158,6 +168,14 @@ def value_loss(values, old_values, returns, mask, clip_range):
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     a, b = (values - returns) ** 2, (clipped - returns) ** 2
     return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask).detach()
+
+
+def ptx_windows(data, n, length, generator, device):
+    """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
+    inputs and next-token targets (B, length) each."""
+    starts = torch.randint(len(data) - length - 1, (n,), generator=generator, device=generator.device).tolist()
+    rows = torch.from_numpy(np.stack([data[i:i + length + 1] for i in starts]).astype(np.int64)).to(device)
+    return rows[:, :-1], rows[:, 1:]
 
 
 def adaptive_kl_step(beta, kl, target, n_rollouts, horizon):
@@ -250,15 +268,17 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
 
 
 def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run, guard=None,
-               it=0):
+               it=0, ptx_data=None):
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
     step per minibatch for each model, skipped when its gradient is not finite (counted by
-    `guard`, a runtime.NonFiniteGuard). Returns the mean of each statistic."""
+    `guard`, a runtime.NonFiniteGuard). With ptx_data (the pretraining tokens) and
+    --ptx_coef > 0 the policy's step also descends γ·(pretraining loss). Returns the mean
+    of each statistic."""
     guard = guard or runtime.NonFiniteGuard()
     B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
     stats = {}
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator).tolist()
+        order = torch.randperm(B, generator=generator, device=generator.device).tolist()
         for start in range(0, B, mb):
             idx = torch.tensor(order[start:start + mb], device=batch["tokens"].device)
             tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
@@ -268,6 +288,11 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                                                                   mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
                 (pg_loss - cfg.entropy_coef * ent).backward()
+            if ptx_data is not None and cfg.ptx_coef > 0:
+                with run.autocast:  # its own forward and backward: the windows are longer than the rollouts
+                    ptx = policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, generator, tokens.device))[1]
+                    (cfg.ptx_coef * ptx).backward()
+                stats.setdefault("loss/ptx", []).append(ptx.item())
             guard.update(runtime.optimizer_step(policy, opt_policy, lr, cfg.grad_clip), it)
             with run.autocast:
                 values = response_values(value_model, tokens, attn, batch["P"])
@@ -350,6 +375,15 @@ def main(cfg):
         m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
     texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
                            policy.config.block_size - cfg.max_new_tokens)
+    ptx_data = None
+    if cfg.ptx_coef > 0:
+        if not 0 < cfg.ptx_len <= policy.config.block_size or cfg.ptx_batch < 1:
+            raise runtime.UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} (the "
+                                    f"policy's context) and --ptx_batch={cfg.ptx_batch} at least 1")
+        path = runtime.require(os.path.join(cfg.data_dir, "train.bin"), "python data/prepare.py")
+        ptx_data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(ptx_data) <= cfg.ptx_len + 1:
+            raise runtime.UserError(f"{path} holds {len(ptx_data)} tokens, too few for --ptx_len={cfg.ptx_len}")
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), run.device_type)
     opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95), run.device_type)
@@ -385,7 +419,7 @@ def main(cfg):
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
         update = ppo_update(train_policy, train_value, opt_policy, opt_value, batch, cfg, cfg.learning_rate * frac,
-                            cfg.value_lr * frac, g, run, guard, it)
+                            cfg.value_lr * frac, g, run, guard, it, ptx_data)
         t_update = time.time() - t0 - t_rollout
 
         # 6. the KL coefficient for the next iteration

@@ -19,9 +19,18 @@ ROOT = __import__("conftest").ROOT
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160"]
 
 
+# Gloo can abort a process at interpreter exit, after its work is done and its group
+# destroyed, when the machine is loaded (a worker thread not yet joined; pytorch#28126).
+# A two-process run that dies that way is run once more; any other failure counts.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def run(*args, ok=True, env=None):
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    cmd = [sys.executable, *args]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
+    if p.returncode != 0 and "torch.distributed.run" in args and GLOO_EXIT_ABORT in p.stderr:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
     if ok and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

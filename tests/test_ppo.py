@@ -6,6 +6,7 @@ import functools
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,37 @@ def test_update_moves_the_policy_toward_positive_advantages():
     after = (ppo.response_logprobs(policy, b["tokens"], b["attn"], b["P"], 1.0) * b["mask"]).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
     assert all(math.isfinite(v) for v in stats.values()) and 0 <= stats["policy/clipfrac"] <= 1
+
+
+def test_ptx_windows_are_next_token_pairs_from_the_stream():
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = ppo.ptx_windows(data, 3, 16, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
+    assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()
+
+
+def test_ptx_term_alone_moves_the_policy_toward_the_pretraining_text():
+    """With every advantage 0 the clipped loss has no gradient: the policy stays put
+    without PPO-ptx and learns the pretraining stream with it."""
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0, whiten_rewards=False,
+                          gamma=1.0, lam=0.95, ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          entropy_coef=0.0, grad_clip=1.0, ptx_coef=1.0, ptx_batch=2, ptx_len=8)
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    text = np.tile(np.array([4, 9, 2, 7, 11], dtype=np.uint16), 40)  # a pattern to learn
+    x, y = torch.from_numpy(text[:30].astype(np.int64))[None], torch.from_numpy(text[1:31].astype(np.int64))[None]
+    losses = {}
+    for ptx_data in (None, text):
+        policy, ref, value, rm = tiny_models(2)
+        b = ppo.rollout(policy, ref, value, functools.partial(ppo.score, rm, pad=0, device="cpu"), [[5, 6], [7, 8]],
+                        0.0, cfg, SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
+        b["advantages"] = torch.zeros_like(b["advantages"])
+        opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        before = policy(x, y)[1].item()
+        stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2, torch.Generator().manual_seed(0), run,
+                               ptx_data=ptx_data)
+        losses[ptx_data is None] = (before, policy(x, y)[1].item(), stats)
+    before, after, stats = losses[True]
+    assert after == pytest.approx(before, abs=1e-6) and "loss/ptx" not in stats
+    before, after, stats = losses[False]
+    assert after < before - 0.1 and 0 < stats["loss/ptx"] < before
