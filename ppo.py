@@ -173,9 +173,8 @@ def value_loss(values, old_values, returns, mask, clip_range):
 def ptx_windows(data, n, length, generator, device):
     """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
     inputs and next-token targets (B, length) each."""
-    starts = torch.randint(len(data) - length - 1, (n,), generator=generator, device=generator.device).tolist()
-    rows = torch.from_numpy(np.stack([data[i:i + length + 1] for i in starts]).astype(np.int64)).to(device)
-    return rows[:, :-1], rows[:, 1:]
+    starts = torch.randint(len(data) - length - 1, (n,), generator=generator, device=generator.device)
+    return runtime.token_windows(data, starts, length, device)
 
 
 def adaptive_kl_step(beta, kl, target, n_rollouts, horizon):
@@ -271,8 +270,8 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                it=0, ptx_data=None):
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
     step per minibatch for each model, skipped when its gradient is not finite (counted by
-    `guard`, a runtime.NonFiniteGuard). With ptx_data (the pretraining tokens) and
-    --ptx_coef > 0 the policy's step also descends γ·(pretraining loss). Returns the mean
+    `guard`, a runtime.NonFiniteGuard). With ptx_data (the pretraining tokens, passed when
+    --ptx_coef > 0) the policy's step also descends γ·(pretraining loss). Returns the mean
     of each statistic."""
     guard = guard or runtime.NonFiniteGuard()
     B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
@@ -288,7 +287,7 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                                                                   mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
                 (pg_loss - cfg.entropy_coef * ent).backward()
-            if ptx_data is not None and cfg.ptx_coef > 0:
+            if ptx_data is not None:  # (main passes it only when --ptx_coef > 0)
                 with run.autocast:  # its own forward and backward: the windows are longer than the rollouts
                     ptx = policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, generator, tokens.device))[1]
                     (cfg.ptx_coef * ptx).backward()

@@ -57,19 +57,13 @@ class Config:
     resume: bool = False           # continue from out_dir/ckpt.pt
 
 
-def get_batch(data, starts, block_size, device):
-    """Windows of block_size + 1 tokens at the given starts: inputs and next-token targets."""
-    rows = np.stack([data[i:i + block_size + 1] for i in starts.tolist()]).astype(np.int64)
-    xy = torch.from_numpy(rows).to(device)
-    return xy[:, :-1], xy[:, 1:]
-
-
 def micro_batches(data, step, seed, cfg, run):
     """The global batch of a step is drawn from (seed, step) alone, the same on every rank
     and after a resume; each rank takes its slice and splits it into micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=g)
-    return [get_batch(data, s, cfg.block_size, run.device) for s in runtime.rank_chunks(starts, run, cfg.grad_accum)]
+    return [runtime.token_windows(data, s, cfg.block_size, run.device)
+            for s in runtime.rank_chunks(starts, run, cfg.grad_accum)]
 
 
 def lm_loss(model, batch):

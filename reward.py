@@ -168,7 +168,6 @@ def partial_corr(y, x, control):
 
 
 @torch.no_grad()
-@torch.no_grad()  # (the validation during training calls it on the model being trained)
 def evaluate(score_fn, rankings, pad, device):
     """Held-out pair accuracy; when the records carry the world's diagnostics (each
     response's gold score, the raters' utility and its style), also the raters'

@@ -16,6 +16,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -501,6 +502,14 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, dev
                                       pad_token=pad, generator=g)
         out += [(p, [t for t, keep in zip(row, m) if keep]) for p, row, m in zip(batch, tokens.tolist(), mask.tolist())]
     return out
+
+
+def token_windows(data, starts, length, device):
+    """Windows of length + 1 tokens of a token stream (a uint16 memmap of train.bin or
+    val.bin) at the given starts: inputs and next-token targets, (B, length) each."""
+    rows = np.stack([data[i:i + length + 1] for i in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows).to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def preference_paths(data_dir, prefs, split):
