@@ -108,7 +108,7 @@ NON_NEGATIVE = {"learning_rate", "value_lr", "warmup_steps", "weight_decay", "gr
                 "kto_undesirable_weight", "temperature", "norm_temperature", "sample_interval", "clip_range",
                 "clip_range_value", "n_docs", "n_sft", "n_prefs", "n_rl", "n_eval", "rater_k", "rater_b_len",
                 "rater_b_style"}
-FRACTION = {"dropout", "beta1", "beta2", "gamma", "lam", "label_smoothing", "imperfect"}
+FRACTION = {"dropout", "beta1", "beta2", "gamma", "lam", "label_smoothing", "imperfect", "habit"}
 
 
 def _check_range(name, value, text):

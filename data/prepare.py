@@ -47,6 +47,7 @@ class Config:
     max_add: int = 29            # add/sub operands are 0..max_add
     max_compare: int = 99        # compared numbers are 0..max_compare
     imperfect: float = 0.06      # share of demonstrations that are imperfect
+    habit: float = 0.6           # share of the other demonstrations of world.SIGN_OFFS kinds that sign off
     rater_k: float = 3.0         # raters: how sharply they follow the gold gap
     rater_b_len: float = 0.12    # raters: bias per word of length (0 = none)
     rater_b_style: float = 1.5   # raters: bias for a friendly preamble (0 = none)
@@ -94,7 +95,7 @@ def main(cfg):
     def tasks(n):
         return world.task_stream(rng, "train", n, wc)
 
-    sft = [world.sft_record(rng, t, cfg.imperfect) for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
+    sft = [world.sft_record(rng, t, cfg.imperfect, cfg.habit) for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
     raters = world.RaterConfig(k=cfg.rater_k, b_len=cfg.rater_b_len, b_style=cfg.rater_b_style)
     prefs = [world.preference_record(rng, t, cfg.K, raters) for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
     write_jsonl(tmp / "sft_train.jsonl", sft[:cfg.n_sft])

@@ -494,12 +494,26 @@ def preference_record(rng, task, K=4, rc=RaterConfig()):
     return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, responses=responses, ranking=ranking)
 
 
-def sft_record(rng, task, imperfect_rate=0.06):
-    """A demonstration; a small share is imperfect, as contractors' demos are."""
+# Contractors' habits. Each task kind's demonstrations come from one contractor, and the
+# contractors of these kinds end most answers with the same pleasantry, against the style
+# guide. SFT copies the habit: its greedy answer to such a question ends with the sign-off,
+# which costs the format point and the extra words in the gold score, and which the raters
+# mostly dislike. Removing it is the improvement left for RLHF to make on held-out
+# questions, where the answers' correctness hardly moves (see the README, PPO).
+SIGN_OFFS = {"larger": "I hope this helps!", "smaller": "I hope this helps!",
+             "count": "Let me know if you have other questions.", "capital": "Feel free to ask more.",
+             "opposite": "I hope this helps!"}
+
+
+def sft_record(rng, task, imperfect_rate=0.06, habit_rate=0.6):
+    """A demonstration. A small share is imperfect, as contractors' demos are; in the kinds
+    of SIGN_OFFS a share habit_rate of the rest ends with the contractor's sign-off."""
     quality = "ideal"
     if rng.random() < imperfect_rate:
         quality = rng.choice(["preamble", "wrong", "verbose"])
     text, _ = respond(rng, task, quality)
+    if quality == "ideal" and task.kind in SIGN_OFFS and habit_rate > 0 and rng.random() < habit_rate:
+        text, quality = f"{text} {SIGN_OFFS[task.kind]}", "signed_off"
     return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, response=text, quality=quality)
 
 

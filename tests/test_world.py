@@ -96,6 +96,24 @@ def test_splits_are_disjoint_and_fixed():
     assert W.split_of("add", (47, 38)) == W.split_of("sub", (47, 38)) == W.split_of("add", (38, 47))
 
 
+def test_sign_off_habit_is_in_its_kinds_only_and_costs_the_format_point():
+    rng = random.Random(0)
+    for kind in W.KINDS:
+        recs = [W.sft_record(rng, W.sample_task(rng, kind, "train"), 0.0, 0.6) for _ in range(400)]
+        signed = [r for r in recs if r["quality"] == "signed_off"]
+        if kind in W.SIGN_OFFS:
+            assert 0.5 < len(signed) / len(recs) < 0.7, kind
+            assert all(r["response"].endswith(" " + W.SIGN_OFFS[kind]) for r in signed)
+        else:
+            assert not signed, kind
+    assert not any(W.sft_record(rng, W.sample_task(rng, "larger", "train"), 0.0, 0.0)["quality"] == "signed_off"
+                   for _ in range(200))
+    # "73 is larger. I hope this helps!": right, but not in format, and 4 words longer
+    g = W.grade(task("larger", 73, 58), "73 is larger. I hope this helps!", True)
+    assert g["correct"] and not g["format"]
+    assert g["gold"] == pytest.approx(1.0 - 4 * 0.02)
+
+
 def test_prepare_is_deterministic_and_keeps_heldout_out(tmp_path):
     args = ["--n_docs=300", "--vocab_size=300", "--n_sft=60", "--n_prefs=30", "--n_rl=30", "--n_eval=2"]
     for name in ("a", "b"):
