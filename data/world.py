@@ -512,6 +512,7 @@ def sft_record(rng, task, imperfect_rate=0.06, habit_rate=0.6):
     if rng.random() < imperfect_rate:
         quality = rng.choice(["preamble", "wrong", "verbose"])
     text, _ = respond(rng, task, quality)
+    # no draw when habit_rate is 0, so --habit=0 writes the same files as a world without the habit
     if quality == "ideal" and task.kind in SIGN_OFFS and habit_rate > 0 and rng.random() < habit_rate:
         text, quality = f"{text} {SIGN_OFFS[task.kind]}", "signed_off"
     return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, response=text, quality=quality)
