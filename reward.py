@@ -195,7 +195,19 @@ def evaluate(score_fn, rankings, pad, device):
         return sum(xs) / len(xs) if xs else float("nan")
 
     oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
-    out.update(bayes_optimal=torch.maximum(p, 1 - p).mean().item(), oracle_on_labels=oracle.mean().item(),
+    # The accuracy the reward model would have on average over the raters' draws: on each
+    # pair the raters' probability of the order it prefers. The Bayes-optimal accuracy is
+    # the same figure for a model that always prefers the likelier order; both are free of
+    # the noise of the labels that happened to be drawn.
+    margin = torch.tensor([float(r[c] - r[j]) for c, j, _ in pairs])
+    expected = torch.where(margin > 0, p, 1 - p).masked_fill(margin == 0, 0.5)
+    bayes = torch.maximum(p, 1 - p)
+    family = [rankings[k]["rec"].get("family", "") for _, _, k in pairs]
+    out.update(bayes_optimal=bayes.mean().item(), oracle_on_labels=oracle.mean().item(),
+               expected_accuracy=expected.mean().item(),
+               by_family={f: dict(pairs=len(ix), expected_accuracy=expected[ix].mean().item(),
+                                  bayes_optimal=bayes[ix].mean().item())
+                          for f in sorted(set(family)) for ix in [[i for i, x in enumerate(family) if x == f]]},
                accuracy_correctness_differs=mean([ok for ok, (c, j, _) in zip(right, pairs)
                                                   if is_correct[c] != is_correct[j]]),
                accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs) if is_correct[c] == is_correct[j]]),
@@ -331,7 +343,10 @@ def report(name, res):
     print0(f"{name}: held-out pair accuracy {res['accuracy']:.1%} ({res['pairs']} pairs)")
     if "bayes_optimal" in res:
         print0(f"  Bayes-optimal accuracy of these labels {res['bayes_optimal']:.1%} (the raters' own utility scores "
-               f"{res['oracle_on_labels']:.1%} on the sampled labels)")
+               f"{res['oracle_on_labels']:.1%} on the sampled labels); the reward model's expected over the raters' "
+               f"draws {res['expected_accuracy']:.1%}")
+        print0("  by family, expected accuracy / Bayes-optimal: " + ", ".join(
+            f"{f} {x['expected_accuracy']:.1%} / {x['bayes_optimal']:.1%}" for f, x in res["by_family"].items()))
         print0(f"  pairs differing in correctness {res['accuracy_correctness_differs']:.1%}, in style only "
                f"{res['accuracy_style_only']:.1%}")
         print0(f"  beyond the gold score, reward follows length r={res['length_partial_corr']:+.2f} (raters "

@@ -104,3 +104,36 @@ def test_likelihood_term_by_hand():
     ScalarGPT(cfg).load_state_dict(rm.trunk_and_head())  # strict: exactly a value model's weights
     with pytest.raises(ValueError, match="prompt_lengths"):
         rm(tokens)
+
+
+def test_evaluate_against_the_raters_by_hand():
+    """Expected accuracy (the raters' probability of the order the model prefers) and the
+    Bayes-optimal accuracy, overall and per family, on two made-up rankings."""
+
+    def response(text, utility, gold=1.5, style="ideal"):
+        return dict(text=text, ended=True, gold=gold, utility=utility, style=style)
+
+    rankings = [  # the sequences only set the batch shape; the scores come from `fixed`
+        dict(seqs=[[1, 2], [1, 3], [1, 4]], prompt_len=1, pairs=[(0, 1), (0, 2), (1, 2)],
+             rec=dict(family="arithmetic", responses=[response("a", 2.0), response("b", 1.0), response("c", 0.0)])),
+        dict(seqs=[[5, 6], [5, 7]], prompt_len=1, pairs=[(1, 0)],
+             rec=dict(family="facts", responses=[response("d", 0.5), response("e", 0.5, gold=0.0)])),
+    ]
+    scores = torch.tensor([0.0, 1.0, -1.0, 3.0, 3.0])  # prefers b over a, a over c, b over c; ties d and e
+
+    def fixed(batch):
+        return scores[:batch[0].size(0)]
+
+    res = reward.evaluate(fixed, rankings, pad=0, device="cpu")
+    s = 1 / (1 + math.exp(-1.0))  # σ(1): the raters' P(a over b), P(b over c)
+    s2 = 1 / (1 + math.exp(-2.0))  # σ(2): P(a over c)
+    # sampled labels: pairs (a,b) wrong, (a,c) right, (b,c) right, (e,d) tie (not a win)
+    assert res["accuracy"] == pytest.approx(2 / 4) and res["pairs"] == 4
+    arith_expected = [1 - s, s2, s]
+    arith_bayes = [s, s2, s]
+    assert res["by_family"]["arithmetic"]["expected_accuracy"] == pytest.approx(sum(arith_expected) / 3)
+    assert res["by_family"]["arithmetic"]["bayes_optimal"] == pytest.approx(sum(arith_bayes) / 3)
+    assert res["by_family"]["facts"] == dict(pairs=1, expected_accuracy=pytest.approx(0.5),
+                                             bayes_optimal=pytest.approx(0.5))
+    assert res["expected_accuracy"] == pytest.approx((sum(arith_expected) + 0.5) / 4)
+    assert res["bayes_optimal"] == pytest.approx((sum(arith_bayes) + 0.5) / 4)
