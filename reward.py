@@ -153,6 +153,13 @@ def pair_loss(model, batch, pooling):
 # --- evaluation ---------------------------------------------------------------------------
 
 
+def against_raters(p, margin):
+    """Per pair, from the raters' probability p that the first response wins and the
+    model's score margin (first − second): the model's expected accuracy over the raters'
+    draws (p for the order it prefers, 1/2 for a tie) and the Bayes-optimal max(p, 1 − p)."""
+    return torch.where(margin > 0, p, 1 - p).masked_fill(margin == 0, 0.5), torch.maximum(p, 1 - p)
+
+
 def partial_corr(y, x, control):
     """Correlation of y and x after regressing both on `control` (with an intercept): how
     much y follows x beyond what the control explains."""
@@ -171,8 +178,9 @@ def partial_corr(y, x, control):
 def evaluate(score_fn, rankings, pad, device):
     """Held-out pair accuracy; when the records carry the world's diagnostics (each
     response's gold score, the raters' utility and its style), also the raters'
-    Bayes-optimal accuracy on the same pairs, accuracy by what the pair differs in, and
-    what the reward follows besides the gold score."""
+    Bayes-optimal accuracy on the same pairs, the accuracy expected over the raters'
+    draws (overall and per family), accuracy by what the pair differs in, and what the
+    reward follows besides the gold score."""
     r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)).cpu() for i in range(0, len(rankings), 64)])
     start = [0]
     for rk in rankings:
@@ -195,13 +203,8 @@ def evaluate(score_fn, rankings, pad, device):
         return sum(xs) / len(xs) if xs else float("nan")
 
     oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
-    # The accuracy the reward model would have on average over the raters' draws: on each
-    # pair the raters' probability of the order it prefers. The Bayes-optimal accuracy is
-    # the same figure for a model that always prefers the likelier order; both are free of
-    # the noise of the labels that happened to be drawn.
-    margin = torch.tensor([float(r[c] - r[j]) for c, j, _ in pairs])
-    expected = torch.where(margin > 0, p, 1 - p).masked_fill(margin == 0, 0.5)
-    bayes = torch.maximum(p, 1 - p)
+    # expected and Bayes-optimal accuracy are free of the noise of the labels that were drawn
+    expected, bayes = against_raters(p, torch.tensor([float(r[c] - r[j]) for c, j, _ in pairs]))
     family = [rankings[k]["rec"].get("family", "") for _, _, k in pairs]
     out.update(bayes_optimal=bayes.mean().item(), oracle_on_labels=oracle.mean().item(),
                expected_accuracy=expected.mean().item(),
