@@ -160,6 +160,17 @@ def against_raters(p, margin):
     return torch.where(margin > 0, p, 1 - p).masked_fill(margin == 0, 0.5), torch.maximum(p, 1 - p)
 
 
+def per_family(expected, bayes, family):
+    """{family: pairs, mean expected accuracy and mean Bayes-optimal accuracy}, from the
+    per-pair figures of against_raters and each pair's family."""
+    out = {}
+    for f in sorted(set(family)):
+        ix = [i for i, x in enumerate(family) if x == f]
+        out[f] = dict(pairs=len(ix), expected_accuracy=expected[ix].mean().item(),
+                      bayes_optimal=bayes[ix].mean().item())
+    return out
+
+
 def partial_corr(y, x, control):
     """Correlation of y and x after regressing both on `control` (with an intercept): how
     much y follows x beyond what the control explains."""
@@ -196,7 +207,8 @@ def evaluate(score_fn, rankings, pad, device):
     util = torch.tensor([float(x["utility"]) for x in resp])
     words = torch.tensor([float(len(x["text"].split())) for x in resp])
     pre = torch.tensor([float(world.has_preamble(x["text"])) for x in resp])
-    p = torch.sigmoid(util[[c for c, _, _ in pairs]] - util[[j for _, j, _ in pairs]])  # raters' P(chosen wins)
+    chosen, rejected = [c for c, _, _ in pairs], [j for _, j, _ in pairs]
+    p = torch.sigmoid(util[chosen] - util[rejected])  # raters' P(chosen wins)
     is_correct = gold > 0.75  # the gold score counts the answer as right only above this
 
     def mean(xs):
@@ -204,13 +216,10 @@ def evaluate(score_fn, rankings, pad, device):
 
     oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
     # expected and Bayes-optimal accuracy are free of the noise of the labels that were drawn
-    expected, bayes = against_raters(p, torch.tensor([float(r[c] - r[j]) for c, j, _ in pairs]))
-    family = [rankings[k]["rec"].get("family", "") for _, _, k in pairs]
+    expected, bayes = against_raters(p, r[chosen] - r[rejected])
     out.update(bayes_optimal=bayes.mean().item(), oracle_on_labels=oracle.mean().item(),
                expected_accuracy=expected.mean().item(),
-               by_family={f: dict(pairs=len(ix), expected_accuracy=expected[ix].mean().item(),
-                                  bayes_optimal=bayes[ix].mean().item())
-                          for f in sorted(set(family)) for ix in [[i for i, x in enumerate(family) if x == f]]},
+               by_family=per_family(expected, bayes, [rankings[k]["rec"].get("family", "") for _, _, k in pairs]),
                accuracy_correctness_differs=mean([ok for ok, (c, j, _) in zip(right, pairs)
                                                   if is_correct[c] != is_correct[j]]),
                accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs) if is_correct[c] == is_correct[j]]),

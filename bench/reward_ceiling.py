@@ -54,11 +54,11 @@ def value_likelihoods(sft, enc, task, values, pad):
     p = encode_prompt(enc, task.prompt)
     tokens, lengths, plens = score_batch([p + encode_response(enc, world.render(task, v), True) for v in values],
                                          [len(p)] * len(values), pad, "cpu")
-    mask = response_mask(tokens.size(1), plens, lengths)[:, 1:]
+    mask = response_mask(tokens.size(1), plens, lengths)
     logits = sft(tokens)[0]
-    logp = token_logprobs(logits, tokens, response_mask(tokens.size(1), plens, lengths))
+    logp = token_logprobs(logits, tokens, mask)
     best = F.log_softmax(logits[:, :-1].float(), -1).max(-1).values
-    rows = torch.stack([logp, logp.clamp(min=-3), (logp - best).clamp(min=-3), logp.exp()], -1) * mask[..., None]
+    rows = torch.stack([logp, logp.clamp(min=-3), (logp - best).clamp(min=-3), logp.exp()], -1) * mask[:, 1:, None]
     return dict(zip(values, rows.sum(1).tolist()))
 
 
@@ -76,7 +76,8 @@ def features(sft, enc, rankings, pad):
         for r, v in zip(rec["responses"], values):
             g = world.grade(task, r["text"], r["ended"])
             f = {k: float(g[k]) for k in STYLE if k != "ended"}
-            f.update(ended=float(r["ended"]), correct=float(g["correct"]), belief=float(v is not None and v == likeliest))
+            f.update(ended=float(r["ended"]), correct=float(g["correct"]),
+                     belief=float(v is not None and v == likeliest))
             # no answer to read: the likelihood of a value that is not there is taken as very low
             f.update(zip(LIKELIHOOD, lik[v] if v is not None else [-60.0, -12.0, -12.0, 0.0]))
             rows.append(f)
@@ -116,9 +117,8 @@ def expected_accuracy(scores, utility, pairs, family):
     c, j = [a for a, _ in pairs], [b for _, b in pairs]
     expected, bayes = reward.against_raters(torch.sigmoid(utility[c] - utility[j]), scores[c] - scores[j])
     out = {"all": (expected.mean().item(), bayes.mean().item())}
-    for f in sorted(set(family)):
-        ix = [i for i, x in enumerate(family) if x == f]
-        out[f] = (expected[ix].mean().item(), bayes[ix].mean().item())
+    for f, x in reward.per_family(expected, bayes, family).items():
+        out[f] = (x["expected_accuracy"], x["bayes_optimal"])
     return out
 
 
@@ -136,10 +136,11 @@ def main():
              for _, path in runtime.preference_paths(args.data_dir, args.prefs, "train")]
     val = {name: features(sft, enc, reward.load_rankings(path, enc, block), pad)
            for name, path in runtime.preference_paths(args.data_dir, args.prefs, "val")}
+    weights = {fit_name: fit(train, names) for fit_name, names in FITS.items()}  # one fit serves every set
     for name, (rows, utility, pairs, family) in val.items():
         print(f"{name}: {len(pairs)} held-out pairs; expected accuracy over the raters' draws (Bayes-optimal)")
         for fit_name, names in FITS.items():
-            res = expected_accuracy(matrix(rows, names) @ fit(train, names), utility, pairs, family)
+            res = expected_accuracy(matrix(rows, names) @ weights[fit_name], utility, pairs, family)
             per_family = ", ".join(f"{f} {e:.1%}" for f, (e, _) in res.items() if f != "all")
             print(f"  {fit_name:17s} {res['all'][0]:.1%} ({res['all'][1]:.1%})   {per_family}")
         bayes = expected_accuracy(utility, utility, pairs, family)
