@@ -75,12 +75,14 @@ def parse_config(cls, argv=None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
         helps = _field_help(cls)
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(doc[0] if doc else cls.__name__)
-        print(f"\nusage: python {os.path.basename(sys.argv[0])} [--name=value ...]\n")
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+        print(" ".join(doc.split()) or cls.__name__)  # the docstring's first paragraph
+        print(f"\nusage: python {os.path.relpath(sys.argv[0])} [--name=value ...]\n")
         defaults = cls()
-        for name in fields:
-            print(f"  --{name}={getattr(defaults, name)!s:<18} {helps.get(name, '')}")
+        flags = {name: f"--{name}={getattr(defaults, name)!s}" for name in fields}
+        width = max(map(len, flags.values()))
+        for name, flag in flags.items():
+            print(f"  {flag:<{width}}  {helps.get(name, '')}")
         sys.exit(0)
     values = {}
     for arg in argv:

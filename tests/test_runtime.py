@@ -1,6 +1,7 @@
 """The shared runtime: flags, schedule, atomic files, JSONL and checkpoint loading."""
 
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -38,6 +39,9 @@ def test_help_lists_fields_with_comments(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--lr=0.001" in out and "learning rate" in out and "--flag=False" in out
+    flag_lines = [line for line in out.splitlines() if line.startswith("  --")]
+    comments = {re.match(r"  --\S+ +", line).end() for line in flag_lines}
+    assert len(comments) == 1  # the comments start in one column, whatever the lengths of the flags
 
 
 def test_lr_schedule():
