@@ -57,8 +57,10 @@ def value_likelihoods(sft, enc, task, values, pad):
     mask = response_mask(tokens.size(1), plens, lengths)
     logits = sft(tokens)[0]
     logp = token_logprobs(logits, tokens, mask)
-    best = F.log_softmax(logits[:, :-1].float(), -1).max(-1).values
-    rows = torch.stack([logp, logp.clamp(min=-3), (logp - best).clamp(min=-3), logp.exp()], -1) * mask[:, 1:, None]
+    # log p(y) − max log p = logit(y) − max logit: the normaliser cancels, no second softmax
+    shifted = logits[:, :-1].float()
+    gap = shifted.gather(-1, tokens[:, 1:, None]).squeeze(-1) - shifted.max(-1).values
+    rows = torch.stack([logp, logp.clamp(min=-3), gap.clamp(min=-3), logp.exp()], -1) * mask[:, 1:, None]
     return dict(zip(values, rows.sum(1).tolist()))
 
 
