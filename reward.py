@@ -197,7 +197,9 @@ def evaluate(score_fn, rankings, pad, device):
     for rk in rankings:
         start.append(start[-1] + len(rk["seqs"]))
     pairs = [(start[k] + c, start[k] + j, k) for k, rk in enumerate(rankings) for c, j in rk["pairs"]]
-    right = [float(r[c] > r[j]) for c, j, _ in pairs]
+    chosen, rejected = [c for c, _, _ in pairs], [j for _, j, _ in pairs]
+    margin = r[chosen] - r[rejected]
+    right = (margin > 0).float().tolist()
     out = dict(accuracy=sum(right) / len(right), pairs=len(right))
     resp = [x for rk in rankings for x in rk["rec"]["responses"]]
     if not all("gold" in x and "utility" in x and "style" in x for x in resp):
@@ -207,7 +209,6 @@ def evaluate(score_fn, rankings, pad, device):
     util = torch.tensor([float(x["utility"]) for x in resp])
     words = torch.tensor([float(len(x["text"].split())) for x in resp])
     pre = torch.tensor([float(world.has_preamble(x["text"])) for x in resp])
-    chosen, rejected = [c for c, _, _ in pairs], [j for _, j, _ in pairs]
     p = torch.sigmoid(util[chosen] - util[rejected])  # raters' P(chosen wins)
     is_correct = gold > 0.75  # the gold score counts the answer as right only above this
 
@@ -216,7 +217,7 @@ def evaluate(score_fn, rankings, pad, device):
 
     oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
     # expected and Bayes-optimal accuracy are free of the noise of the labels that were drawn
-    expected, bayes = against_raters(p, r[chosen] - r[rejected])
+    expected, bayes = against_raters(p, margin)
     out.update(bayes_optimal=bayes.mean().item(), oracle_on_labels=oracle.mean().item(),
                expected_accuracy=expected.mean().item(),
                by_family=per_family(expected, bayes, [rankings[k]["rec"].get("family", "") for _, _, k in pairs]),
