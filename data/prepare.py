@@ -46,6 +46,8 @@ class Config:
     K: int = 4                   # responses per preference ranking
     max_add: int = 29            # add/sub operands are 0..max_add
     max_compare: int = 99        # compared numbers are 0..max_compare
+    sort_min: int = 3            # lists to sort have sort_min..sort_max digits
+    sort_max: int = 5
     imperfect: float = 0.06      # share of demonstrations that are imperfect
     habit: float = 0.6           # share of the other demonstrations of world.SIGN_OFFS kinds that sign off
     rater_k: float = 3.0         # raters: how sharply they follow the gold gap
@@ -59,6 +61,26 @@ def write_jsonl(path, records):
             f.write(json.dumps(r) + "\n")
 
 
+def check_task_ranges(cfg, wc):
+    """Each number kind must have tasks in both splits: training data and held-out prompts."""
+    for name in ("max_add", "max_compare"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    sort = f"--sort_min={cfg.sort_min} --sort_max={cfg.sort_max}"
+    if not 2 <= cfg.sort_min <= cfg.sort_max:
+        raise UserError(f"{sort}: need 2 <= sort_min <= sort_max")
+    flags = {"add": f"--max_add={cfg.max_add}", "sub": f"--max_add={cfg.max_add}",
+             "larger": f"--max_compare={cfg.max_compare}", "smaller": f"--max_compare={cfg.max_compare}",
+             "sort": sort}
+    for kind, flag in flags.items():
+        for split in ("train", "heldout"):
+            try:
+                world.sample_task(random.Random(0), kind, split, wc)
+            except RuntimeError:
+                raise UserError(f"{flag}: the range is too small to give {kind} tasks in the {split} split "
+                                f"(a fixed hash holds out {wc.heldout_pct}% of them); widen it") from None
+
+
 def main(cfg):
     if cfg.K < 2:
         raise UserError(f"--K={cfg.K}: a ranking needs at least 2 responses")
@@ -66,8 +88,11 @@ def main(cfg):
         raise UserError(f"--K={cfg.K}: at most {len(world.STYLES)} (one response per style)")
     if min(cfg.n_docs, cfg.n_sft, cfg.n_prefs, cfg.n_rl, cfg.n_eval) < 1:
         raise UserError("--n_docs, --n_sft, --n_prefs, --n_rl and --n_eval must be at least 1")
+    if cfg.vocab_size < 256:
+        raise UserError(f"--vocab_size={cfg.vocab_size}: must be at least 256 (one token per byte)")
+    wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare, sort_len=(cfg.sort_min, cfg.sort_max))
+    check_task_ranges(cfg, wc)
     t0 = time.time()
-    wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare)
     out = Path(cfg.out_dir)
     tmp = out.with_name(out.name + ".tmp")  # written whole, then swapped in: no partial folder
     shutil.rmtree(tmp, ignore_errors=True)

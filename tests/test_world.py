@@ -133,3 +133,32 @@ def test_prepare_is_deterministic_and_keeps_heldout_out(tmp_path):
     # held-out number questions never appear in the corpus
     corpus = (tmp_path / "a" / "corpus.txt").read_text()
     assert not any(r["prompt"] in corpus for r in evals if r["family"] in ("arithmetic", "comparison", "sorting"))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--max_add=0"], "--max_add=0: must be at least 1"),
+    (["--max_add=1"], "--max_add=1: the range is too small to give add tasks in the heldout split"),
+    (["--max_compare=2"], "--max_compare=2: the range is too small"),
+    (["--sort_min=6", "--sort_max=5"], "--sort_min=6 --sort_max=5: need 2 <= sort_min <= sort_max"),
+    (["--vocab_size=100"], "--vocab_size=100: must be at least 256"),
+])
+def test_prepare_rejects_task_ranges_it_cannot_fill(tmp_path, flags, needle):
+    p = subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path / 'w'}", *flags], cwd=ROOT,
+                       capture_output=True, text=True)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the temporary folder
+
+
+def test_prepare_task_ranges_reach_every_file(tmp_path):
+    args = ["--n_docs=200", "--vocab_size=300", "--n_sft=200", "--n_prefs=30", "--n_rl=200", "--n_eval=3",
+            "--max_add=99", "--max_compare=999", "--sort_min=6", "--sort_max=7"]
+    subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path}/w", *args], cwd=ROOT, check=True,
+                   capture_output=True)
+    tasks = [W.Task.from_dict(json.loads(line)["task"]) for f in ("sft_train", "prompts_train", "eval")
+             for line in (tmp_path / "w" / f"{f}.jsonl").read_text().splitlines()]
+    sorts = [t.args for t in tasks if t.kind == "sort"]
+    assert sorts and all(6 <= len(a) <= 7 for a in sorts)
+    assert max(max(t.args) for t in tasks if t.kind == "add") > 29  # the wider range is used
+    assert max(max(t.args) for t in tasks if t.kind == "larger") > 99
+    assert all(max(t.args) <= 99 for t in tasks if t.kind in ("add", "sub"))
