@@ -91,6 +91,8 @@ def main(cfg):
         raise runtime.UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
                                 f"--block_size={cfg.block_size}: generate more documents or shorten the context")
 
+    if cfg.n_embd % cfg.n_head:
+        raise runtime.UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} (the heads split it)")
     mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       n_embd=cfg.n_embd, dropout=cfg.dropout)
     raw_model = GPT(mconf).to(run.device)

@@ -108,8 +108,8 @@ AT_LEAST_1 = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_
 NON_NEGATIVE = {"learning_rate", "value_lr", "warmup_steps", "weight_decay", "grad_clip", "kl_coef", "target_kl",
                 "entropy_coef", "beta", "simpo_beta", "simpo_gamma", "orpo_lambda", "kto_desirable_weight",
                 "kto_undesirable_weight", "temperature", "norm_temperature", "sample_interval", "clip_range",
-                "clip_range_value", "n_docs", "n_sft", "n_prefs", "n_rl", "n_eval", "rater_k", "rater_b_len",
-                "rater_b_style"}
+                "clip_range_value", "ptx_coef", "n_docs", "n_sft", "n_prefs", "n_rl", "n_eval", "rater_k",
+                "rater_b_len", "rater_b_style"}
 FRACTION = {"dropout", "beta1", "beta2", "gamma", "lam", "label_smoothing", "imperfect", "habit"}
 
 
