@@ -48,13 +48,16 @@ class Config:
     grad_clip: float = 1.0         # clip the gradient norm (0 = off)
     # bookkeeping
     eval_interval: int = 200       # steps between validation losses
-    eval_batches: int = 8          # batches per validation loss
+    eval_batches: int = 8          # draws of 64 validation windows per validation loss
     log_interval: int = 50         # steps between log lines
     ckpt_interval: int = 200       # steps between checkpoints
     seed: int = 1337               # same seed, same numbers (on CPU)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     compile: bool = False          # torch.compile the model
     resume: bool = False           # continue from out_dir/ckpt.pt
+
+
+VAL_DRAW = 64  # windows per validation draw
 
 
 def micro_batches(data, step, seed, cfg, run):
@@ -73,12 +76,21 @@ def lm_loss(model, batch):
 
 @torch.no_grad()
 def val_loss(model, data, cfg, run):
-    """Mean loss on fixed validation windows (the same ones at every evaluation)."""
+    """Mean loss on fixed validation windows: eval_batches draws of VAL_DRAW windows, the
+    same at every evaluation and whatever --batch_size, so that runs with different batch
+    sizes are scored on the same text. Each draw is shared out over the ranks and cut into
+    micro-batches no larger than training's."""
     model.eval()
-    losses = [lm_loss(model, b).item() for i in range(cfg.eval_batches)
-              for b in micro_batches(data, i, 999_983, cfg, run)]
+    micro = cfg.batch_size // run.world_size // cfg.grad_accum
+    total, count = 0.0, 0
+    for i in range(cfg.eval_batches):
+        g = torch.Generator().manual_seed(999_983 * 1_000_003 + i)
+        mine = torch.randint(len(data) - cfg.block_size - 1, (VAL_DRAW,), generator=g)[run.rank::run.world_size]
+        for j in range(0, len(mine), micro):
+            x, y = runtime.token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
+            total, count = total + lm_loss(model, (x, y)).item() * len(x), count + len(x)
     model.train()
-    return runtime.all_reduce_mean(sum(losses) / len(losses), run)
+    return runtime.all_reduce_mean(total, run) / runtime.all_reduce_mean(count, run)
 
 
 def main(cfg):

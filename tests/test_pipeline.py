@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,6 +281,23 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     assert_same_curve("pretrain.py", [f"--data_dir={world}", *TINY, "--batch_size=8", "--max_steps=8",
                                       "--eval_interval=100", "--eval_batches=1", "--log_interval=1",
                                       "--warmup_steps=2"], tmp_path, steps=8)
+    val = {n: [r["val_loss"] for r in map(json.loads, (tmp_path / n / "log.jsonl").read_text().splitlines())
+               if "val_loss" in r] for n in ("one", "two")}
+    assert len(val["one"]) == 1 and abs(val["one"][0] - val["two"][0]) < 1e-4, val
+
+
+def test_validation_windows_do_not_depend_on_the_batch_size(world):
+    """Runs with different --batch_size (or --grad_accum) are validated on the same windows."""
+    import pretrain
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=16))
+    data = np.memmap(world / "val.bin", dtype=np.uint16, mode="r")
+    run = SimpleNamespace(rank=0, world_size=1, device="cpu", ddp=False)
+    losses = [pretrain.val_loss(model, data, pretrain.Config(block_size=32, batch_size=b, grad_accum=a,
+                                                             eval_batches=2), run)
+              for b, a in ((64, 1), (16, 1), (24, 2), (5, 1))]
+    assert max(losses) - min(losses) < 1e-5, losses
 
 
 def test_sft_same_curve_for_any_split_of_the_batch(world, pipeline, tmp_path):
