@@ -60,11 +60,15 @@ class Config:
 VAL_DRAW = 64  # windows per validation draw
 
 
-def micro_batches(data, step, seed, cfg, run):
-    """The global batch of a step is drawn from (seed, step) alone, the same on every rank
-    and after a resume; each rank takes its slice and splits it into micro-batches."""
+def window_starts(data, seed, step, n, block_size):
+    """n window starts drawn from (seed, step) alone: the same on every rank and after a resume."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=g)
+    return torch.randint(len(data) - block_size - 1, (n,), generator=g)
+
+
+def micro_batches(data, step, seed, cfg, run):
+    """The global batch of a step; each rank takes its slice and splits it into micro-batches."""
+    starts = window_starts(data, seed, step, cfg.batch_size, cfg.block_size)
     return [runtime.token_windows(data, s, cfg.block_size, run.device)
             for s in runtime.rank_chunks(starts, run, cfg.grad_accum)]
 
@@ -81,16 +85,15 @@ def val_loss(model, data, cfg, run):
     sizes are scored on the same text. Each draw is shared out over the ranks and cut into
     micro-batches no larger than training's."""
     model.eval()
-    micro = cfg.batch_size // run.world_size // cfg.grad_accum
+    micro = runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     total, count = 0.0, 0
     for i in range(cfg.eval_batches):
-        g = torch.Generator().manual_seed(999_983 * 1_000_003 + i)
-        mine = torch.randint(len(data) - cfg.block_size - 1, (VAL_DRAW,), generator=g)[run.rank::run.world_size]
+        mine = window_starts(data, 999_983, i, VAL_DRAW, cfg.block_size)[run.rank::run.world_size]
         for j in range(0, len(mine), micro):
-            x, y = runtime.token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
-            total, count = total + lm_loss(model, (x, y)).item() * len(x), count + len(x)
+            batch = runtime.token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
+            total, count = total + lm_loss(model, batch).double() * len(batch[0]), count + len(batch[0])
     model.train()
-    return runtime.all_reduce_mean(total, run) / runtime.all_reduce_mean(count, run)
+    return runtime.all_reduce_mean(float(total), run) / runtime.all_reduce_mean(count, run)
 
 
 def main(cfg):
