@@ -91,9 +91,9 @@ def val_loss(model, data, cfg, run):
         mine = window_starts(data, 999_983, i, VAL_DRAW, cfg.block_size)[run.rank::run.world_size]
         for j in range(0, len(mine), micro):
             batch = runtime.token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
-            total, count = total + lm_loss(model, batch).double() * len(batch[0]), count + len(batch[0])
+            total, count = total + lm_loss(model, batch).item() * len(batch[0]), count + len(batch[0])
     model.train()
-    return runtime.all_reduce_mean(float(total), run) / runtime.all_reduce_mean(count, run)
+    return runtime.all_reduce_mean(total, run) / runtime.all_reduce_mean(count, run)
 
 
 def main(cfg):
