@@ -36,16 +36,23 @@ estimate of KL(π‖π_ref) on held-out prompts.
 """
 
 import copy
+import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-import runtime
-from data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from model import sequence_kl, token_logprobs
-from runtime import print0
+import checkpoint
+import distributed
+import optim
+from batch import collate, sample_responses, sequence_kl, sequence_logprobs
+from cli import UserError, parse_config, ranges, user_errors
+from data.tokenizer import load_tokenizer
+from distributed import print0
+from logger import Logger
+from records import load_preference_sets, read_jsonl
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 
@@ -82,6 +89,13 @@ class Config:
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
     compile: bool = False            # torch.compile the model
     resume: bool = False             # continue from out_dir/ckpt.pt
+
+    RANGES: ClassVar = ranges(
+        at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval log_interval "
+                   "ckpt_interval",
+        non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight kto_undesirable_weight "
+                     "learning_rate warmup_steps weight_decay grad_clip",
+        fraction="label_smoothing beta1 beta2")
 
 
 # --- the losses: sequence log-probs in, per-example loss out ------------------------------
@@ -130,80 +144,44 @@ def kto_reference_point(p, r):
 # --- data: responses, with the pairs (or kto labels) as indices into them -----------------
 
 
-def load_preferences(path, enc, block_size):
-    """All responses of every ranking as (tokens, prompt length); the (chosen, rejected)
-    pairs of each ranking; each response's kto label (top half of its ranking)."""
-    seqs, pairs, desirable = [], [], []
-    for rec in runtime.read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
-        where, resp, ranking = f"{path}:{rec['_line']}", rec["responses"], rec["ranking"]
-        if len(resp) < 2 or sorted(ranking) != list(range(len(resp))):
-            raise runtime.UserError(f"{where}: 'ranking' must order all of at least 2 responses, got {ranking}")
-        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in resp):
-            raise runtime.UserError(f"{where}: every response needs a string field 'text'")
-        p = encode_prompt(enc, rec["prompt"])
-        base = len(seqs)
-        for r in resp:
-            s = p + encode_response(enc, r["text"], bool(r.get("ended", True)))
-            if len(s) > block_size:
-                raise runtime.UserError(f"{where}: {len(s)} tokens, longer than the context of {block_size} tokens")
-            seqs.append((s, len(p)))
-        pairs += [(base + ranking[a], base + ranking[b]) for a in range(len(ranking))
-                  for b in range(a + 1, len(ranking))]
-        top = set(ranking[:len(ranking) // 2])
-        desirable += [i in top for i in range(len(resp))]
-    return seqs, pairs, desirable
-
-
 def load_sets(data_dir, prefs, split, enc, block_size):
-    """load_preferences over the --prefs sets' NAME_<split>.jsonl files, as one."""
+    """Every response of every ranking of the --prefs sets as (tokens, prompt length);
+    the (chosen, rejected) pairs of each ranking as indices into them; each response's
+    kto label (desirable: in the top half of its ranking)."""
     seqs, pairs, desirable = [], [], []
-    for _, path in runtime.preference_paths(data_dir, prefs, split):
-        s, p, d = load_preferences(path, enc, block_size)
-        pairs += [(len(seqs) + a, len(seqs) + b) for a, b in p]
-        seqs, desirable = seqs + s, desirable + d
+    for rankings in load_preference_sets(data_dir, prefs, split, enc, block_size).values():
+        for r in rankings:
+            base = len(seqs)
+            seqs += [(s, r["prompt_len"]) for s in r["seqs"]]
+            pairs += [(base + c, base + j) for c, j in r["pairs"]]
+            top = set(r["ranking"][:len(r["ranking"]) // 2])
+            desirable += [i in top for i in range(len(r["seqs"]))]
     return seqs, pairs, desirable
-
-
-def collate(seqs, pad, device):
-    """Right-padded tokens and the response mask (True on response tokens)."""
-    T = max(len(s) for s, _ in seqs)
-    tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (s, n_prompt) in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-        mask[i, n_prompt:len(s)] = True
-    return tokens.to(device), mask.to(device)
-
-
-def sequence_logps(model, tokens, mask):
-    """Summed log-probs of the response tokens, and their count, per sequence."""
-    logits, _ = model(tokens)
-    lp = token_logprobs(logits, tokens, mask)  # (B, T-1), 0 off the response
-    return lp.sum(-1), mask[:, 1:].sum(-1).float()
 
 
 @torch.no_grad()
 def reference_logps(ref, seqs, pad, device, batch=128):
     """The frozen reference's summed log-probs of every response, computed once."""
-    out = [sequence_logps(ref, *collate(seqs[i:i + batch], pad, device))[0] for i in range(0, len(seqs), batch)]
-    return torch.cat(out)
+    return torch.cat([sequence_logprobs(ref, collate([s for s, _ in seqs[i:i + batch]],
+                                                     [n for _, n in seqs[i:i + batch]], pad, device))[0]
+                      for i in range(0, len(seqs), batch)])
 
 
 # --- one batch: the loss and what to log ---------------------------------------------------
 
 
 def batch_loss(model, batch, cfg):
-    """batch: (tokens, mask, reference log-probs[, kto labels]). Returns (mean loss, metrics)."""
-    tokens, mask, ref = batch[:3]
-    logp, n = sequence_logps(model, tokens, mask)
+    """batch: (Batch, reference log-probs[, kto labels]). Returns (mean loss, metrics)."""
+    rows, ref = batch[:2]
+    logp, n = sequence_logprobs(model, rows)
     if cfg.loss == "kto":
-        desirable = batch[3]
+        desirable = batch[2]
         z0 = kto_reference_point(logp, ref)
         loss = kto_loss(logp, ref, desirable, cfg.beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         reward = cfg.beta * (logp - ref).detach()
         return loss.mean(), {"kto/z0": z0.item(), "rewards/desirable": reward[desirable].mean().item(),
                              "rewards/undesirable": reward[~desirable].mean().item()}
-    B = tokens.size(0) // 2  # chosen first, then rejected, in one forward pass
+    B = len(rows) // 2  # chosen first, then rejected, in one forward pass
     pc, pr, rc, rr, nc, nr = logp[:B], logp[B:], ref[:B], ref[B:], n[:B], n[B:]
     if cfg.loss == "dpo":
         loss = dpo_loss(pc, pr, rc, rr, cfg.beta)
@@ -223,22 +201,21 @@ def batch_loss(model, batch, cfg):
 
 
 def make_batch(data, chosen_items, cfg, pad, device):
-    """(tokens, mask, reference log-probs[, kto labels]) for the given pairs (chosen
-    responses first, then rejected) or, for kto, responses."""
+    """(Batch, reference log-probs[, kto labels]) for the given pairs (chosen responses
+    first, then rejected) or, for kto, responses."""
     seqs, items, ref, labels = data
     if cfg.loss == "kto":
         rows = [items[i] for i in chosen_items]
     else:
         rows = [items[i][0] for i in chosen_items] + [items[i][1] for i in chosen_items]
-    tokens, mask = collate([seqs[j] for j in rows], pad, device)
-    batch = (tokens, mask, ref[rows].to(device))
+    batch = (collate([seqs[j][0] for j in rows], [seqs[j][1] for j in rows], pad, device), ref[rows].to(device))
     return batch + (torch.tensor([labels[j] for j in rows], device=device),) if cfg.loss == "kto" else batch
 
 
 def make_batches(data, step, cfg, run, pad):
     """This rank's micro-batches of the step's global batch."""
-    idx = runtime.global_batch(len(data[1]), step, cfg.batch_size, cfg.seed)
-    return [make_batch(data, chunk, cfg, pad, run.device) for chunk in runtime.rank_chunks(idx, run, cfg.grad_accum)]
+    idx = distributed.global_batch(len(data[1]), step, cfg.batch_size, cfg.seed)
+    return [make_batch(data, chunk, cfg, pad, run.device) for chunk in distributed.rank_chunks(idx, run, cfg.grad_accum)]
 
 
 @torch.no_grad()
@@ -256,32 +233,32 @@ def validate(model, data, cfg, pad, device, chunk=256):
 @torch.no_grad()
 def kl_to_reference(policy, ref, enc, prompts, cfg, device):
     """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
-    samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
-                                       batch_size=len(prompts))
+    samples = sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
+                               batch_size=len(prompts))
     kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device, batch_size=len(samples))
     return sum(kls) / len(kls)
 
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    run = distributed.setup(cfg.seed, cfg.device)
+    distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     if cfg.loss not in LOSSES:
-        raise runtime.UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
+        raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    sft_path = os.path.join(cfg.init_from, "ckpt.pt")
-    ref, _ = runtime.load_model(sft_path, "python sft.py", enc, device=run.device)
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")
     seqs, pairs, desirable = load_sets(cfg.data_dir, cfg.prefs, "train", enc, ref.config.block_size)
     vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc, ref.config.block_size)
-    prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
-                                                       {"prompt": str})][:cfg.kl_prompts]
+    prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
+                                               {"prompt": str})][:cfg.kl_prompts]
     # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)
-    ref_lp, vref_lp = reference_logps(ref, seqs, pad, run.device).cpu(), reference_logps(ref, vseqs, pad,
-                                                                                        run.device).cpu()
+    ref_lp = reference_logps(ref, seqs, pad, run.device).cpu()
+    vref_lp = reference_logps(ref, vseqs, pad, run.device).cpu()
     items = list(range(len(seqs))) if cfg.loss == "kto" else pairs
     vitems = list(range(len(vseqs))) if cfg.loss == "kto" else vpairs
     data, vdata = (seqs, items, ref_lp, desirable), (vseqs, vitems, vref_lp, vdesirable)
@@ -291,24 +268,30 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
-    model = runtime.wrap(raw_model, run, cfg.compile)
-    log = runtime.Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
-    metrics = {}
+    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = distributed.wrap(raw_model, run, cfg.compile)
+    log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
-    def loss_fn(m, batch):  # keep the last micro-batch's diagnostics for the log
-        loss, diag = batch_loss(m, batch, cfg)
-        metrics.update(diag)
-        return loss
-
-    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
     while step < cfg.max_steps:
-        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        # forward and backward over this rank's micro-batches; the loss is their mean
         batches = make_batches(data, step, cfg, run, pad)
-        metrics.clear()
-        loss = runtime.accumulate(model, batches, loss_fn, run)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
-        guard.update(grad_norm, step)
+        loss, metrics = 0.0, {}
+        for i, batch in enumerate(batches):
+            with distributed.grad_sync(model, run, last=i == len(batches) - 1), run.autocast:
+                micro_loss, diagnostics = batch_loss(model, batch, cfg)
+            (micro_loss * (1.0 / len(batches))).backward()
+            loss += micro_loss.item() * (1.0 / len(batches))
+            metrics.update(diagnostics)  # the last micro-batch's diagnostics are logged
+        loss = distributed.all_reduce_mean(loss, run)
+        # clip, step (unless the loss or gradient is not finite), zero
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        if guard.ok(grad_norm, step, loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
         metrics.update(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -316,15 +299,15 @@ def main(cfg):
             metrics.update({f"val/{k}": v for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
             metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device)
             raw_model.train()
-        log.step(step - 1, sum(b[0].numel() for b in batches) * run.world_size, force="objective/kl" in metrics,
-                 **metrics)
+        log.step(step - 1, sum(b[0].tokens.numel() for b in batches) * run.world_size,
+                 force="objective/kl" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             cfg.loss, raw_model, cfg, step, optimizer, enc)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

@@ -31,14 +31,19 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-import runtime
+import checkpoint
+import distributed
+from batch import reward_scores, sample_responses, sequence_kl
+from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response, load_tokenizer
-from model import score_batch, sequence_kl
-from runtime import print0
+from distributed import print0
+from records import read_jsonl
+from reward_model import load_reward_model
 
 STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
 NAMES = {"pretrain": "base"}  # how a stage is called in the report
@@ -60,6 +65,8 @@ class Config:
     seed: int = 1337                 # sampling seed
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
 
+    RANGES: ClassVar = ranges(at_least_1="max_new_tokens batch_size n_show", non_negative="temperature")
+
 
 # ---- scoring answers -------------------------------------------------------------------------
 
@@ -69,25 +76,15 @@ def grade_answers(tasks, answers):
             for t, (text, ended) in zip(tasks, answers)]
 
 
-@torch.no_grad()
-def proxy_rewards(reward_model, pairs, pad, device, batch_size=64):
-    """The reward model's normalised score of each (prompt tokens, response tokens)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        out += reward_model(*score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)).tolist()
-    return out
-
-
 def evaluate(model, enc, tasks, cfg, device, temperature, seed, reward_model=None, ref=None):
     """Graded answers of one model; with a reward model each row carries its proxy reward,
     with a reference its log-ratio Σ log π/π_ref (a KL sample when temperature is 1)."""
-    pairs = runtime.sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed,
-                                     device, cfg.batch_size)
+    pairs = sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed, device,
+                             cfg.batch_size)
     rows = grade_answers(tasks, [decode_response(enc, r) for _, r in pairs])
     pad = enc.encode_single_token("<|endoftext|>")
     if reward_model is not None:
-        for row, s in zip(rows, proxy_rewards(reward_model, pairs, pad, device, cfg.batch_size)):
+        for row, s in zip(rows, reward_scores(reward_model, pairs, pad, device, cfg.batch_size).tolist()):
             row["proxy"] = s
     if ref is not None:
         for row, k in zip(rows, sequence_kl(model, ref, pairs, pad, device, cfg.batch_size)):
@@ -99,10 +96,10 @@ def best_of_n(model, reward_model, enc, tasks, ns, cfg, device):
     """Rows of best-of-n for each n: max(ns) samples per prompt at temperature 1, and for
     each n the reward model's favourite among the first n (so the n's share samples)."""
     N = max(ns)
-    pairs = runtime.sample_responses(model, enc, [t.prompt for t in tasks for _ in range(N)], cfg.max_new_tokens,
-                                     1.0, cfg.seed + 1, device, cfg.batch_size)
+    pairs = sample_responses(model, enc, [t.prompt for t in tasks for _ in range(N)], cfg.max_new_tokens, 1.0,
+                             cfg.seed + 1, device, cfg.batch_size)
     pad = enc.encode_single_token("<|endoftext|>")
-    scores = torch.tensor(proxy_rewards(reward_model, pairs, pad, device, cfg.batch_size)).view(len(tasks), N)
+    scores = reward_scores(reward_model, pairs, pad, device, cfg.batch_size).cpu().view(len(tasks), N)
     answers = [decode_response(enc, r) for _, r in pairs]
     out = {}
     for n in ns:
@@ -254,7 +251,7 @@ def training_curves(out, cfg):
         ax.axis("off")
     fig.tight_layout()
     png = os.path.join(out, "curves.png")
-    runtime.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
+    checkpoint.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return f"![training curves](curves.png)\n\n{text}"
 
@@ -262,17 +259,18 @@ def training_curves(out, cfg):
 # ---- main ----------------------------------------------------------------------------------
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    records = runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
+    run = distributed.setup(cfg.seed, cfg.device)
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]
-    ns = runtime.number_list(cfg.best_of, "--best_of", minimum=1)
+    ns = number_list(cfg.best_of, "--best_of", minimum=1)
     found = [s for s in STAGES if os.path.exists(os.path.join(cfg.out, s, "ckpt.pt"))]
     wanted = [s for s in cfg.stages.split(",") if s] or found
     if not wanted:
-        raise runtime.UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
+        raise UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
                                 f"run `python pretrain.py` and `python sft.py` first")
-    load = lambda s: runtime.load_model(os.path.join(cfg.out, s, "ckpt.pt"), f"python {s}.py", enc,  # noqa: E731
+    load = lambda s: checkpoint.load_model(os.path.join(cfg.out, s, "ckpt.pt"), f"python {s}.py", enc,  # noqa: E731
                                         device=run.device)[0].eval()
     ref = None
     if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
@@ -283,7 +281,7 @@ def main(cfg):
     if cfg.reward_from != "none":
         path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto" else cfg.reward_from, "ckpt.pt")
         if os.path.exists(path) or cfg.reward_from != "auto":  # one named on the command line must be there
-            reward_model, _ = runtime.load_reward_model(path, "python reward.py", enc, device=run.device)
+            reward_model, _ = load_reward_model(path, "python reward.py", enc, device=run.device)
         else:
             print0(f"({path} not found: no proxy reward and no best-of-n; run `python reward.py` for them)")
 
@@ -313,7 +311,7 @@ def main(cfg):
     for name, rows in samples.items():
         results[name] = dict(overall=summarize(rows, base), families=by_family(rows, base))
     for stage in wanted:
-        runtime.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
+        checkpoint.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
                              lambda f: f.write(json.dumps(results[NAMES.get(stage, stage)], indent=1).encode()))
 
     decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
@@ -334,11 +332,11 @@ def main(cfg):
         with open(overopt, encoding="utf-8") as f:
             report += ["## Over-optimisation (from overopt.py)\n",
                        f.read().split("\n", 1)[1].replace("](", "](overopt/")]
-    runtime.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write("\n".join(report).encode()))
+    checkpoint.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write("\n".join(report).encode()))
     print0("\n" + main_table(results) + "\n\n" + family_table(results) + "\n\n" + shown)
     print0(f"report: {cfg.out}/report.md")
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

@@ -1,14 +1,12 @@
 """
-A GPT language model in plain PyTorch, plus the pieces RLHF needs on top of it:
+A GPT language model in plain PyTorch, and what every model of the pipeline needs:
 
 - GPT: decoder-only transformer; forward() returns logits for *every* position, because
   reward models, PPO and DPO score whole sequences, not just the next token.
-- ScalarGPT: the same trunk with one number per position (reward and value models).
+- ScalarGPT: the same trunk with one number per position (value model, reward trunk).
 - GPT.generate(): batched sampling with a key/value cache and left padding.
 - token_logprobs() / token_entropy(): the one place log p(token) is computed, so PPO
   ratios, KL penalties and DPO all agree on exactly the same numbers.
-- score_batch() / sequence_kl(): prompt+response token lists as the reward model reads
-  them, and the sampled KL estimate that eval.py reports and dpo.py logs.
 
 Right padding needs no mask (causal attention hides later pads from real tokens); left
 padding, used by generate, needs attn_mask (B, T) bool, True for real tokens.
@@ -367,26 +365,13 @@ def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float
 
 
 class ScalarGPT(GPT):
-    """GPT trunk + one scalar per position: the reward model and the PPO value model.
+    """GPT trunk + one scalar per position: PPO's value model, and the trunk of the
+    reward model (reward_model.RewardMember).
 
-    The tied lm_head is kept (it costs no parameters), so a language-model state dict loads
-    with strict=False and only the new heads are reported missing.
+    The tied lm_head is kept (it costs no parameters), so a language-model state dict
+    loads with strict=False and only the new head is missing."""
 
-    likelihood=True (reward models) adds the trunk's own surprise at the response to the
-    scalar: value_t = head(h_t) + Σ_{s ≤ t, s in the response} gate(h_{s−1})·log p(y_s | y_<s),
-    a running sum over the response, so the value at its last token is
-
-        r(x, y) = head(h_last) + Σ_s gate(h_{s−1})·log p(y_s | x, y_<s).
-
-    A language model that ranks the right answer above a near miss by likelihood far more
-    often than it produces the right answer greedily already holds a verifier; a head on
-    the last hidden state has to rebuild that comparison from a noisy preference signal
-    and mostly does not. The learned gate decides which tokens' likelihood counts (the
-    answer, not the preamble). Compare DPO's implicit reward β·log π(y|x)/π_ref(y|x)
-    (Rafailov et al. 2023), also a reward made of the policy's own log-likelihood.
-    """
-
-    def __init__(self, config: GPTConfig, likelihood: bool = False):
+    def __init__(self, config: GPTConfig):
         super().__init__(config)
         self.score = nn.Linear(config.n_embd, 1)
         # zero init: a fresh reward model has no random preference and a fresh value head
@@ -394,107 +379,17 @@ class ScalarGPT(GPT):
         # non-zero), and the trunk does from the next step on.
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
-        self.gate = None
-        if likelihood:
-            # starts as a constant weight: 0.3 × the response's log-likelihood
-            self.gate = nn.Linear(config.n_embd, 1)
-            nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, 0.3)
 
-    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None,
-                prompt_lengths: Tensor | None = None) -> Tensor:
-        """(B, T) ids -> (B, T) float scalar per position. With the likelihood term,
-        prompt_lengths (B,) say where each response starts (right padding is harmless:
-        a pad position only adds to values after the sequence's last token)."""
-        h = self.hidden(idx, attn_mask=attn_mask)  # (B, T, C)
-        values = self.score(h).squeeze(-1)  # (B, T)
-        if self.gate is None:
-            return values
-        if prompt_lengths is None:
-            raise ValueError("a reward model with the likelihood term needs prompt_lengths")
-        logp = token_logprobs(self.lm_head(h), idx, response_mask(idx.size(1), prompt_lengths))  # (B, T-1)
-        term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
-        return values.float() + F.pad(term, (1, 0))  # position t holds the sum up to token t
+    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T) scalar per position."""
+        return self.score(self.hidden(idx, attn_mask=attn_mask)).squeeze(-1)
 
     @classmethod
-    def from_lm(cls, gpt: GPT, likelihood: bool = False) -> "ScalarGPT":
-        """A ScalarGPT whose trunk is a copy of gpt's weights (same device and dtype)."""
+    def from_lm(cls, gpt: GPT, **kwargs) -> "ScalarGPT":
+        """A model of this class whose trunk is a copy of gpt's weights (same device and
+        dtype); the modules GPT does not have keep their initial values."""
         p = next(gpt.parameters())
-        model = cls(gpt.config, likelihood).to(device=p.device, dtype=p.dtype)
+        model = cls(gpt.config, **kwargs).to(device=p.device, dtype=p.dtype)
         missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
-        assert {k.split(".")[0] for k in missing} == ({"score", "gate"} if likelihood else {"score"}), missing
-        assert not unexpected
+        assert set(missing) == set(model.state_dict()) - set(gpt.state_dict()) and not unexpected
         return model
-
-    def trunk_and_head(self) -> dict:
-        """The state dict without the likelihood gate: what a value model starts from."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("gate.")}
-
-
-def score_batch(seqs: list[list[int]], prompt_lengths: list[int], pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """prompt+response token lists -> what the reward model reads: right-padded tokens
-    (B, T), lengths (B,) and prompt lengths (B,)."""
-    tokens = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    lengths = torch.tensor([len(s) for s in seqs])
-    return tokens.to(device), lengths.to(device), torch.tensor(prompt_lengths).to(device)
-
-
-def response_mask(T: int, prompt_lengths: Tensor, lengths: Tensor | None = None) -> Tensor:
-    """(B, T) bool, True on the response tokens of right-padded prompt+response rows:
-    positions from prompt_lengths on, and before lengths when given."""
-    t = torch.arange(T, device=prompt_lengths.device)[None, :]
-    m = t >= prompt_lengths[:, None]
-    return m if lengths is None else m & (t < lengths[:, None])
-
-
-@torch.no_grad()
-def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
-    """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
-    temperature 1, for (prompt tokens, response tokens) pairs. The mean over responses
-    sampled from π estimates KL(π‖π_ref)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        tokens, lengths, plens = score_batch([p + r for p, r in chunk], [len(p) for p, _ in chunk], pad, device)
-        response = response_mask(tokens.size(1), plens, lengths)  # right padding is causal-safe
-        logp = token_logprobs(model(tokens)[0], tokens, response)
-        logp_ref = token_logprobs(ref(tokens)[0], tokens, response)
-        out += (logp - logp_ref).sum(1).tolist()
-    return out
-
-
-def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling: str = "last") -> Tensor:
-    """(B, T) per-position scalars of right-padded prompt+response sequences -> (B,).
-    "last": the value at the last real token (the end token when the response ended);
-    "mean": the mean over the response's tokens."""
-    if pooling == "last":
-        return values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-    if pooling == "mean":
-        m = response_mask(values.size(1), prompt_lengths, lengths)
-        return (values * m).sum(1) / m.sum(1).clamp(min=1)
-    raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-
-
-class RewardModel(nn.Module):
-    """The trained reward model as its users see it: one or more ScalarGPT members, each
-    normalised by its stored gain and bias (mean 0, std 1 on SFT samples), combined by
-    their mean or, more cautiously, their minimum."""
-
-    def __init__(self, members: list, norms: list, pooling: str = "last", reduce: str = "mean"):
-        super().__init__()
-        if reduce not in ("mean", "min"):
-            raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
-        self.members = nn.ModuleList(members)
-        self.register_buffer("norms", torch.tensor(norms, dtype=torch.float32).reshape(-1, 2))  # (M, 2) gain, bias
-        self.pooling, self.reduce = pooling, reduce
-
-    @torch.no_grad()
-    def forward(self, tokens: Tensor, lengths: Tensor, prompt_lengths: Tensor) -> Tensor:
-        """(B, T) right-padded prompt+response tokens -> (B,) normalised reward."""
-        raw = torch.stack([pool_scores(m(tokens, prompt_lengths=prompt_lengths).float(), lengths, prompt_lengths,
-                                       self.pooling)
-                           for m in self.members])  # (M, B)
-        scores = raw * self.norms[:, :1] + self.norms[:, 1:]
-        return scores.mean(0) if self.reduce == "mean" else scores.min(0).values

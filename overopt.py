@@ -34,12 +34,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
+import checkpoint
+import distributed
 import eval as evaluation
-import runtime
+from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import load_tokenizer
-from runtime import print0
+from distributed import print0
+from records import read_jsonl
+from reward_model import load_reward_model
 
 
 @dataclass
@@ -57,12 +62,14 @@ class Config:
     batch_size: int = 64                # prompts per generation batch in the evaluation
     device: str = "auto"                # auto, cpu, cuda, cuda:N or mps
 
+    RANGES: ClassVar = ranges(at_least_1="iterations max_new_tokens batch_size")
+
 
 def ppo_run(cfg, seed, beta):
     """Run ppo.py for one (seed, β) unless it already finished; returns its folder."""
     out = os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}")
     ckpt = os.path.join(out, "ckpt.pt")
-    if os.path.exists(ckpt) and runtime.load_checkpoint(ckpt).get("step") == cfg.iterations:
+    if os.path.exists(ckpt) and checkpoint.load(ckpt).get("step") == cfg.iterations:
         print0(f"PPO β={beta:g} seed {seed}: finished earlier, reusing {out}")
         return out
     cmd = [sys.executable, "ppo.py", f"--kl_coef={beta}", "--adaptive_kl=false", f"--seed={seed}",
@@ -74,7 +81,7 @@ def ppo_run(cfg, seed, beta):
     with open(os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}.out"), "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise runtime.UserError(f"`python {' '.join(cmd[1:])}` failed (exit {rc}): see {f.name}")
+        raise UserError(f"`python {' '.join(cmd[1:])}` failed (exit {rc}): see {f.name}")
     print0(f"  done in {time.time() - t0:.0f}s")
     return out
 
@@ -147,24 +154,24 @@ def plot(points, paths, png):
         ax.set_title(f"{key} vs distance from SFT (thin: PPO training rollouts)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    runtime.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=100))
+    checkpoint.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 
 
 def main(cfg):
-    run = runtime.setup(0, cfg.device)
-    seeds = runtime.number_list(cfg.seeds, "--seeds")
-    betas = runtime.number_list(cfg.betas, "--betas", float, minimum=0.0)
-    ns = runtime.number_list(cfg.best_of, "--best_of", minimum=1)
+    run = distributed.setup(0, cfg.device)
+    seeds = number_list(cfg.seeds, "--seeds")
+    betas = number_list(cfg.betas, "--betas", float, minimum=0.0)
+    ns = number_list(cfg.best_of, "--best_of", minimum=1)
     if not seeds or not (betas or ns):
-        raise runtime.UserError("--seeds and at least one of --betas and --best_of must name something to run")
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    ref, _ = runtime.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
-    reward_model, _ = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py", enc,
+        raise UserError("--seeds and at least one of --betas and --best_of must name something to run")
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    reward_model, _ = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py", enc,
                                                 device=run.device)
     ref.eval()
-    records = runtime.read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
+    records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]
     ecfg = evaluation.Config(data_dir=cfg.data_dir, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -175,7 +182,7 @@ def main(cfg):
         t0 = time.time()
         for beta in betas:
             out = ppo_run(cfg, seed, beta)
-            policy, _ = runtime.load_model(os.path.join(out, "ckpt.pt"), "python ppo.py", enc, device=run.device)
+            policy, _ = checkpoint.load_model(os.path.join(out, "ckpt.pt"), "python ppo.py", enc, device=run.device)
             rows = evaluation.evaluate(policy.eval(), enc, tasks, ecfg, run.device, 1.0, seed, reward_model, ref)
             points.append(point(rows, seed=seed, method=f"PPO β={beta:g}"))
             paths[(seed, beta)] = trajectory(os.path.join(out, "log.jsonl"))
@@ -192,7 +199,7 @@ def main(cfg):
         print0(f"seed {seed}: {time.time() - t0:.0f}s")
         results = dict(config=dataclasses.asdict(cfg), points=points,
                        paths={f"seed{s}_beta{b:g}": p for (s, b), p in paths.items()})
-        runtime.atomic_write(os.path.join(cfg.out_dir, "results.json"),
+        checkpoint.atomic_write(os.path.join(cfg.out_dir, "results.json"),
                              lambda f: f.write(json.dumps(results, indent=1).encode()))
 
     png = os.path.join(cfg.out_dir, "overopt.png")
@@ -205,11 +212,11 @@ def main(cfg):
         f"{len(tasks)} held-out prompts at temperature 1; proxy: the reward model's score of those answers; gold: "
         f"the gold scorer's; KL: the mean of Σ log π/π_sft over the same answers (best-of-n: log n − (n−1)/n).\n",
         figure + "\n", findings(points) + "\n", table(points) + "\n"])
-    runtime.atomic_write(os.path.join(cfg.out_dir, "report.md"), lambda f: f.write(report.encode()))
+    checkpoint.atomic_write(os.path.join(cfg.out_dir, "report.md"), lambda f: f.write(report.encode()))
     print0("\n" + table(points) + "\n\n" + findings(points))
     print0(f"report: {cfg.out_dir}/report.md")
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

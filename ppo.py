@@ -40,20 +40,28 @@ proxy reward (objective/score) is real progress or reward hacking.
 """
 
 import copy
-import functools
+import math
 import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-import runtime
+import checkpoint
+import distributed
+import optim
+from batch import left_pad, response_logprobs, reward_scores, token_windows
+from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response, encode_prompt, load_tokenizer
-from model import ScalarGPT, score_batch, token_entropy, token_logprobs
-from runtime import print0
+from distributed import print0
+from logger import Logger
+from model import ScalarGPT
+from records import read_jsonl
+from reward_model import load_reward_model
 
 
 @dataclass
@@ -94,6 +102,13 @@ class Config:
     device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
     compile: bool = False             # torch.compile the trained models' forward passes
     resume: bool = False              # continue from out_dir/ckpt.pt
+
+    RANGES: ClassVar = ranges(
+        at_least_1="iterations batch_size minibatch_size ppo_epochs max_new_tokens kl_horizon log_interval "
+                   "ckpt_interval",
+        non_negative="learning_rate value_lr weight_decay grad_clip kl_coef target_kl clip_range clip_range_value "
+                     "entropy_coef ptx_coef temperature sample_interval",
+        fraction="gamma lam")
 
 
 # --- pure functions: masked statistics, GAE, the two losses, the KL controller ---------------
@@ -174,7 +189,7 @@ def ptx_windows(data, n, length, generator, device):
     """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
     inputs and next-token targets (B, length) each."""
     starts = torch.randint(len(data) - length - 1, (n,), generator=generator, device=generator.device)
-    return runtime.token_windows(data, starts, length, device)
+    return token_windows(data, starts, length, device)
 
 
 def adaptive_kl_step(beta, kl, target, n_rollouts, horizon):
@@ -195,38 +210,10 @@ def explained_variance(values, returns, mask):
 # --- the rollout: steps 1 to 4 ------------------------------------------------------------------
 
 
-def left_pad(rows, pad, device):
-    """Token lists -> (tokens, mask) (B, P), right-aligned so every row ends in column P−1."""
-    P = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), P), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), P, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, P - len(r):] = torch.tensor(r)
-        mask[i, P - len(r):] = True
-    return tokens.to(device), mask.to(device)
-
-
-def response_logprobs(model, tokens, attn, P, temperature, entropy=False):
-    """Log-probs (B, N) of the response tokens (columns P..), temperature applied, and
-    with entropy=True the entropies of those next-token distributions. The prompt is
-    left-padded so every response starts in column P; only the positions that predict a
-    response token (P−1 on) go through the log-softmax."""
-    logits = model(tokens, attn_mask=attn)[0][:, P - 1:]
-    logp = token_logprobs(logits, tokens[:, P - 1:], temperature=temperature)
-    return (logp, token_entropy(logits, temperature=temperature)) if entropy else logp
-
-
 def response_values(value_model, tokens, attn, P):
     """V(state before each response token) (B, N): the value head read at the position
     that predicts that token."""
     return value_model(tokens, attn_mask=attn).float()[:, P - 1:-1]
-
-
-@torch.no_grad()
-def score(reward_model, prompts, responses, *, pad, device):
-    """Reward of each prompt + response, right-padded as the reward model expects."""
-    return reward_model(*score_batch([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], pad,
-                                     device))
 
 
 @torch.no_grad()
@@ -248,8 +235,9 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
     # 3. log-probs under policy and reference (same temperature); per-token rewards
-    logp, entropy = response_logprobs(policy, tokens, attn, P, cfg.temperature, entropy=True)
-    ref_logp = response_logprobs(ref, tokens, attn, P, cfg.temperature)
+    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P, temperature=cfg.temperature,
+                                      entropy=True)
+    ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P, temperature=cfg.temperature)
     logp, ref_logp = logp * mask, ref_logp * mask
     rewards, kl = per_token_rewards(logp, ref_logp, scores, mask, beta)
     if cfg.whiten_rewards:
@@ -270,10 +258,10 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                it=0, ptx_data=None):
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
     step per minibatch for each model, skipped when its gradient is not finite (counted by
-    `guard`, a runtime.NonFiniteGuard). With ptx_data (the pretraining tokens, passed when
+    `guard`, an optim.NonFiniteGuard). With ptx_data (the pretraining tokens, passed when
     --ptx_coef > 0) the policy's step also descends γ·(pretraining loss). Returns the mean
     of each statistic."""
-    guard = guard or runtime.NonFiniteGuard()
+    guard = guard or optim.NonFiniteGuard()
     B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
     stats = {}
     for _ in range(cfg.ppo_epochs):
@@ -281,8 +269,10 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
         for start in range(0, B, mb):
             idx = torch.tensor(order[start:start + mb], device=batch["tokens"].device)
             tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
+            # the policy: clipped surrogate (minus the entropy bonus), then PPO-ptx's term
             with run.autocast:
-                logp, entropy = response_logprobs(policy, tokens, attn, batch["P"], cfg.temperature, entropy=True)
+                logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=batch["P"],
+                                                  temperature=cfg.temperature, entropy=True)
                 pg_loss, clipfrac, approx_kl, ratio = policy_loss(logp, batch["logp"][idx], batch["advantages"][idx],
                                                                   mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
@@ -292,13 +282,22 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                     ptx = policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, generator, tokens.device))[1]
                     (cfg.ptx_coef * ptx).backward()
                 stats.setdefault("loss/ptx", []).append(ptx.item())
-            guard.update(runtime.optimizer_step(policy, opt_policy, lr, cfg.grad_clip), it)
+            optim.set_lr(opt_policy, lr)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf).item()
+            if guard.ok(grad_norm, it):
+                opt_policy.step()
+            opt_policy.zero_grad(set_to_none=True)
+            # the value model: clipped value loss
             with run.autocast:
                 values = response_values(value_model, tokens, attn, batch["P"])
                 vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
                                                   cfg.clip_range_value)
                 vf_loss.backward()
-            guard.update(runtime.optimizer_step(value_model, opt_value, value_lr, cfg.grad_clip), it)
+            optim.set_lr(opt_value, value_lr)
+            grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or math.inf).item()
+            if guard.ok(grad_norm, it):
+                opt_value.step()
+            opt_value.zero_grad(set_to_none=True)
             for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                          ("policy/approxkl", approx_kl), ("policy/ratio", ratio), ("policy/entropy", ent),
                          ("value/clipfrac", vf_clipfrac)):
@@ -313,10 +312,10 @@ def load_prompts(path, enc, max_prompt_len):
     """Training prompts (text, tokens, task), tokenized once; one too long for the context
     is an error naming its line."""
     texts, prompts, tasks = [], [], []
-    for rec in runtime.read_jsonl(path, {"prompt": str, "task": dict}):
+    for rec in read_jsonl(path, {"prompt": str, "task": dict}):
         ids = encode_prompt(enc, rec["prompt"])
         if len(ids) > max_prompt_len:
-            raise runtime.UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room for "
+            raise UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room for "
                                     f"--max_new_tokens in the context (at most {max_prompt_len} prompt tokens)")
         texts.append(rec["prompt"])
         prompts.append(ids)
@@ -346,24 +345,25 @@ def show_samples(enc, texts, batch, n=3):
 
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    local_batch = runtime.micro_batch_size(cfg.batch_size, 1, run)
+    run = distributed.setup(cfg.seed, cfg.device)
+    local_batch = distributed.micro_batch_size(cfg.batch_size, 1, run)
     if cfg.minibatch_size <= 0 or cfg.minibatch_size % run.world_size or local_batch % (cfg.minibatch_size
                                                                                         // run.world_size):
-        raise runtime.UserError(f"--minibatch_size={cfg.minibatch_size} must split --batch_size={cfg.batch_size} "
+        raise UserError(f"--minibatch_size={cfg.minibatch_size} must split --batch_size={cfg.batch_size} "
                                 f"evenly, and into {run.world_size} process(es)")
     if cfg.temperature <= 0:
-        raise runtime.UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+        raise UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
     tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>"))
 
     if cfg.reward not in ("model", "verifiable"):
-        raise runtime.UserError(f"--reward={cfg.reward}: expected model or verifiable")
-    ref, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+        raise UserError(f"--reward={cfg.reward}: expected model or verifiable")
+    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
     policy = copy.deepcopy(ref)
     if cfg.reward == "model":
-        reward_model, rm_ckpt = runtime.load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
-                                                          "python reward.py", enc, device=run.device)
+        reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py", enc,
+                                                  device=run.device)
         value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
         value_model.load_state_dict(reward_model.members[0].trunk_and_head())  # (the gate is the reward's own)
         reward_model.requires_grad_(False).eval()
@@ -377,34 +377,37 @@ def main(cfg):
     ptx_data = None
     if cfg.ptx_coef > 0:
         if not 0 < cfg.ptx_len <= policy.config.block_size or cfg.ptx_batch < 1:
-            raise runtime.UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} (the "
+            raise UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} (the "
                                     f"policy's context) and --ptx_batch={cfg.ptx_batch} at least 1")
-        path = runtime.require(os.path.join(cfg.data_dir, "train.bin"), "python data/prepare.py")
+        path = checkpoint.require(os.path.join(cfg.data_dir, "train.bin"), "python data/prepare.py")
         ptx_data = np.memmap(path, dtype=np.uint16, mode="r")
         if len(ptx_data) <= cfg.ptx_len + 1:
-            raise runtime.UserError(f"{path} holds {len(ptx_data)} tokens, too few for --ptx_len={cfg.ptx_len}")
+            raise UserError(f"{path} holds {len(ptx_data)} tokens, too few for --ptx_len={cfg.ptx_len}")
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), run.device_type)
     opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95), run.device_type)
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        it, ckpt = runtime.resume(ckpt_path, policy, opt_policy)
+        it, ckpt = checkpoint.resume(ckpt_path, policy, opt_policy)
         value_model.load_state_dict(ckpt["value_model"])
         opt_value.load_state_dict(ckpt["value_optimizer"])
         beta = ckpt["kl_coef"]
-    train_policy, train_value = runtime.wrap(policy, run, cfg.compile), runtime.wrap(value_model, run, cfg.compile)
-    log = runtime.Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
+    train_policy, train_value = distributed.wrap(policy, run, cfg.compile), distributed.wrap(value_model, run, cfg.compile)
+    log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), β {beta:g}"
            f"{' adaptive' if cfg.adaptive_kl else ''}, on {run.device} x {run.world_size}")
 
-    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
-    rm_score = functools.partial(score, reward_model, pad=tok.pad, device=run.device) if reward_model is not None else None
+    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    rm_score = None
+    if reward_model is not None:  # every rollout of the batch scored in one forward pass
+        def rm_score(prompts, responses):
+            return reward_scores(reward_model, list(zip(prompts, responses)), tok.pad, run.device, len(prompts))
     while it < cfg.iterations:
         t0 = time.time()
         g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
-        mine = runtime.rank_chunks(runtime.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
+        mine = distributed.rank_chunks(distributed.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4
         score_fn = rm_score or verifiable_score(enc, [tasks[i] for i in mine])
         batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg, tok, g,
@@ -422,20 +425,20 @@ def main(cfg):
         t_update = time.time() - t0 - t_rollout
 
         # 6. the KL coefficient for the next iteration
-        mean = lambda x: runtime.all_reduce_mean(x.float().mean().item(), run)  # noqa: E731
+        mean = lambda x: distributed.all_reduce_mean(x.float().mean().item(), run)  # noqa: E731
         kl = mean(batch["kl"].sum(1))
         metrics = {
             "objective/score": mean(batch["scores"]), "objective/kl": kl,
             "objective/non_score_reward": mean(-beta * batch["kl"].sum(1)),
             "objective/entropy": mean(batch["entropy"].mul(batch["mask"]).sum(1) / batch["mask"].sum(1)),
-            "objective/beta": beta, **{k: runtime.all_reduce_mean(v, run) for k, v in update.items()},
-            "value/explained_variance": runtime.all_reduce_mean(
+            "objective/beta": beta, **{k: distributed.all_reduce_mean(v, run) for k, v in update.items()},
+            "value/explained_variance": distributed.all_reduce_mean(
                 explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
             "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
             "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
             "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
             "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
-            "time/rollout_tok_per_s": runtime.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
+            "time/rollout_tok_per_s": distributed.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
             **guard.logged(),
         }
@@ -448,14 +451,14 @@ def main(cfg):
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             show_samples(enc, [texts[i] for i in mine], batch)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
-                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
                             value_optimizer=opt_value.state_dict(), kl_coef=beta,
                             reward_model=rm_ckpt["config"])))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

@@ -13,17 +13,24 @@ GPU-sized preset (one GPU, bf16 autocast): --n_layer=12 --n_head=12 --n_embd=768
 --block_size=1024 --batch_size=64 --max_steps=5000 --learning_rate=6e-4 --compile=true --device=cuda
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-import runtime
+import checkpoint
+import distributed
+import optim
+from batch import token_windows
+from cli import UserError, parse_config, ranges, user_errors
 from data.tokenizer import load_tokenizer
+from distributed import print0
+from logger import Logger
 from model import GPT, GPTConfig
-from runtime import print0
 
 
 @dataclass
@@ -56,6 +63,11 @@ class Config:
     compile: bool = False          # torch.compile the model
     resume: bool = False           # continue from out_dir/ckpt.pt
 
+    RANGES: ClassVar = ranges(
+        at_least_1="n_layer n_head n_embd block_size batch_size grad_accum max_steps eval_interval eval_batches "
+                   "log_interval ckpt_interval",
+        non_negative="learning_rate warmup_steps weight_decay grad_clip", fraction="dropout beta1 beta2")
+
 
 VAL_DRAW = 64  # windows per validation draw
 
@@ -69,13 +81,8 @@ def window_starts(data, seed, step, n, block_size):
 def micro_batches(data, step, seed, cfg, run):
     """The global batch of a step; each rank takes its slice and splits it into micro-batches."""
     starts = window_starts(data, seed, step, cfg.batch_size, cfg.block_size)
-    return [runtime.token_windows(data, s, cfg.block_size, run.device)
-            for s in runtime.rank_chunks(starts, run, cfg.grad_accum)]
-
-
-def lm_loss(model, batch):
-    x, y = batch
-    return model(x, y)[1]
+    return [token_windows(data, s, cfg.block_size, run.device)
+            for s in distributed.rank_chunks(starts, run, cfg.grad_accum)]
 
 
 @torch.no_grad()
@@ -85,51 +92,65 @@ def val_loss(model, data, cfg, run):
     sizes are scored on the same text. Each draw is shared out over the ranks and cut into
     micro-batches no larger than training's."""
     model.eval()
-    micro = runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    micro = distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     total, count = 0.0, 0
     for i in range(cfg.eval_batches):
         mine = window_starts(data, 999_983, i, VAL_DRAW, cfg.block_size)[run.rank::run.world_size]
         for j in range(0, len(mine), micro):
-            batch = runtime.token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
-            total, count = total + lm_loss(model, batch).item() * len(batch[0]), count + len(batch[0])
+            x, y = token_windows(data, mine[j:j + micro], cfg.block_size, run.device)
+            total, count = total + model(x, y)[1].item() * len(x), count + len(x)
     model.train()
-    return runtime.all_reduce_mean(total, run) / runtime.all_reduce_mean(count, run)
+    return distributed.all_reduce_mean(total, run) / distributed.all_reduce_mean(count, run)
 
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    run = distributed.setup(cfg.seed, cfg.device)
+    distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
     train_data = np.memmap(os.path.join(cfg.data_dir, "train.bin"), dtype=np.uint16, mode="r")
     val_data = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=np.uint16, mode="r")
     if len(val_data) <= cfg.block_size + 1:
-        raise runtime.UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
-                                f"--block_size={cfg.block_size}: generate more documents or shorten the context")
+        raise UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
+                        f"--block_size={cfg.block_size}: generate more documents or shorten the context")
 
     if cfg.n_embd % cfg.n_head:
-        raise runtime.UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} (the heads split it)")
+        raise UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} (the heads split it)")
     mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       n_embd=cfg.n_embd, dropout=cfg.dropout)
     raw_model = GPT(mconf).to(run.device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
-    model = runtime.wrap(raw_model, run, cfg.compile)
+    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of {cfg.batch_size} x "
            f"{cfg.block_size} tokens; {run.world_size} process(es) on {run.device}")
-    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
-    peak = runtime.peak_flops(run.device)
+    peak = distributed.peak_flops(run.device)
     val = float("nan")
-    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
+    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
     while step < cfg.max_steps:
         t0 = time.time()
-        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        loss = runtime.accumulate(model, micro_batches(train_data, step, cfg.seed, cfg, run), lm_loss, run)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
-        guard.update(grad_norm, step)
+        # forward and backward over this rank's micro-batches; the loss is their mean
+        micro = micro_batches(train_data, step, cfg.seed, cfg, run)
+        loss = 0.0
+        for i, (x, y) in enumerate(micro):
+            with distributed.grad_sync(model, run, last=i == len(micro) - 1), run.autocast:
+                _, micro_loss = model(x, y)
+            (micro_loss * (1.0 / len(micro))).backward()
+            loss += micro_loss.item() * (1.0 / len(micro))
+        loss = distributed.all_reduce_mean(loss, run)
+        # clip, step (unless the loss or gradient is not finite), zero
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        if guard.ok(grad_norm, step, loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         if peak:
             metrics["mfu"] = flops_per_step / (time.time() - t0) / (peak * run.world_size)
@@ -138,12 +159,12 @@ def main(cfg):
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
         log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "pretrain", raw_model, cfg, step, optimizer, enc, val_loss=val)))  # also on SIGTERM
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

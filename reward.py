@@ -8,7 +8,7 @@ encoded once (InstructGPT, Ouyang et al. 2022, section 3.5):
     loss = −log σ(r(x, y_chosen) − r(x, y_rejected)), averaged over the pairs.
 
 By default (--likelihood=true) the reward also reads the trunk's own log-likelihood of
-the response, each token's weighted by a learned gate (model.ScalarGPT):
+the response, each token's weighted by a learned gate (reward_model.RewardMember):
 
     r(x, y) = head(h_last) + Σ_t gate(h_{t−1})·log p(y_t | x, y_<t)
 
@@ -31,18 +31,26 @@ a longer answer, against the raters' own and against the gold scorer's.
     python reward.py --resume=true
 """
 
-import functools
+import math
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-import runtime
+import checkpoint
+import distributed
+import optim
+from batch import collate as collate_rows
+from batch import reward_scores, sample_responses
+from cli import UserError, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from model import ScalarGPT, pool_scores, score_batch
-from runtime import print0
+from data.tokenizer import load_tokenizer
+from distributed import print0
+from logger import Logger, append_jsonl
+from records import load_preference_sets, read_jsonl
+from reward_model import RewardMember, load_reward_model, member_scores
 
 
 @dataclass
@@ -52,7 +60,7 @@ class Config:
     out_dir: str = "out/reward"      # checkpoint and log go here
     prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train.jsonl and NAME_val.jsonl each
     pooling: str = "last"            # last: value at the last token; mean: mean over the response tokens
-    likelihood: bool = True          # add the trunk's gated log-likelihood of the response (see model.ScalarGPT)
+    likelihood: bool = True          # add the trunk's gated log-likelihood of the response (reward_model.py)
     members: int = 1                 # ensemble size: members differ by seed (data order)
     reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
     batch_size: int = 32             # rankings per optimizer step (each K responses), over all ranks
@@ -75,6 +83,11 @@ class Config:
     compile: bool = False            # torch.compile the model
     resume: bool = False             # continue from out_dir/ckpt.pt
 
+    RANGES: ClassVar = ranges(
+        at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens eval_interval "
+                   "log_interval ckpt_interval",
+        non_negative="learning_rate warmup_steps weight_decay grad_clip norm_temperature", fraction="beta1 beta2")
+
 
 # --- the loss ----------------------------------------------------------------------------
 
@@ -85,69 +98,30 @@ def bradley_terry_loss(r_chosen, r_rejected):
     return -F.logsigmoid(margin), (margin > 0).float()
 
 
-def ranking_pairs(ranking):
-    """Every (chosen, rejected) pair of a ranking given best first."""
-    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
-
-
 # --- data ----------------------------------------------------------------------------------
 
 
-def load_rankings(path, enc, block_size):
-    """Each ranking as its K token sequences (prompt + response), the prompt length and
-    the (chosen, rejected) pairs; bad records name their line."""
-    out = []
-    for rec in runtime.read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
-        where = f"{path}:{rec['_line']}"
-        resp, ranking = rec["responses"], rec["ranking"]
-        if len(resp) < 2:
-            raise runtime.UserError(f"{where}: a ranking needs at least 2 responses, got {len(resp)}")
-        if sorted(ranking) != list(range(len(resp))):
-            raise runtime.UserError(f"{where}: 'ranking' must order all {len(resp)} responses (indices 0.."
-                                    f"{len(resp) - 1}, each once), got {ranking}")
-        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in resp):
-            raise runtime.UserError(f"{where}: every response needs a string field 'text'")
-        p = encode_prompt(enc, rec["prompt"])
-        seqs = [p + encode_response(enc, r["text"], bool(r.get("ended", True))) for r in resp]
-        if max(map(len, seqs)) > block_size:
-            raise runtime.UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context of {block_size}"
-                                    f" tokens (block_size)")
-        out.append(dict(seqs=seqs, prompt_len=len(p), pairs=ranking_pairs(ranking), rec=rec))
-    return out
-
-
 def collate(rankings, pad, device):
-    """All responses of the rankings, right-padded into one batch, with the pairs as
-    indices into it."""
-    batch = score_batch([s for r in rankings for s in r["seqs"]],
-                        [r["prompt_len"] for r in rankings for _ in r["seqs"]], pad, device)
+    """All responses of the rankings, right-padded into one Batch, and the pairs as
+    indices into it: (batch, chosen, rejected)."""
+    batch = collate_rows([s for r in rankings for s in r["seqs"]],
+                         [r["prompt_len"] for r in rankings for _ in r["seqs"]], pad, device)
     chosen, rejected, offset = [], [], 0
     for r in rankings:
         chosen += [offset + c for c, _ in r["pairs"]]
         rejected += [offset + j for _, j in r["pairs"]]
         offset += len(r["seqs"])
-    return [*batch, torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)]
+    return batch, torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
 
 
 def micro_batches(rankings, step, seed, cfg, run, pad):
     """This rank's micro-batches of the step's global batch of rankings, and their
     weights (each one's share of the global batch's pairs, times the ranks)."""
-    idx = runtime.global_batch(len(rankings), step, cfg.batch_size, seed)
+    idx = distributed.global_batch(len(rankings), step, cfg.batch_size, seed)
     n_pairs = sum(len(rankings[i]["pairs"]) for i in idx)
-    chunks = [[rankings[i] for i in c] for c in runtime.rank_chunks(idx, run, cfg.grad_accum)]
+    chunks = [[rankings[i] for i in c] for c in distributed.rank_chunks(idx, run, cfg.grad_accum)]
     weights = [sum(len(r["pairs"]) for r in c) / n_pairs * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
-
-
-def scores(model, batch, pooling):
-    tokens, lengths, prompt_lens = batch[:3]
-    return pool_scores(model(tokens, prompt_lengths=prompt_lens).float(), lengths, prompt_lens, pooling)
-
-
-def pair_loss(model, batch, pooling):
-    r = scores(model, batch, pooling)
-    loss, _ = bradley_terry_loss(r[batch[3]], r[batch[4]])
-    return loss.mean()
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -192,7 +166,7 @@ def evaluate(score_fn, rankings, pad, device):
     Bayes-optimal accuracy on the same pairs, the accuracy expected over the raters'
     draws (overall and per family), accuracy by what the pair differs in, and what the
     reward follows besides the gold score."""
-    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)).cpu() for i in range(0, len(rankings), 64)])
+    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)[0]).cpu() for i in range(0, len(rankings), 64)])
     start = [0]
     for rk in rankings:
         start.append(start[-1] + len(rk["seqs"]))
@@ -234,29 +208,17 @@ def evaluate(score_fn, rankings, pad, device):
     return out
 
 
-# --- normalisation -----------------------------------------------------------------------
-
-
-def sft_samples(policy, enc, prompts, cfg, device):
-    """Responses sampled from the SFT model, as (tokens, lengths, prompt_lengths) batches."""
-    pad = enc.encode_single_token("<|endoftext|>")
-    samples = runtime.sample_responses(policy, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature, cfg.seed,
-                                       device)
-    return [score_batch([p + r for p, r in samples[i:i + 64]], [len(p) for p, _ in samples[i:i + 64]], pad, device)
-            for i in range(0, len(samples), 64)]
-
-
 # --- training --------------------------------------------------------------------------
 
 
 def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     """Train ensemble member m (its own seed and data order) from the SFT trunk; `state`
     is what a resumed run restores, `save(step, model, optimizer)` writes a checkpoint,
-    `stop` (runtime.StopSignal) says when SIGTERM or Ctrl-C asks to save and stop."""
+    `stop` (distributed.StopSignal) says when SIGTERM or Ctrl-C asks to save and stop."""
     pad = enc.encode_single_token("<|endoftext|>")
     seed = cfg.seed + 1000 * m
     torch.manual_seed(seed)
-    raw = ScalarGPT.from_lm(sft, cfg.likelihood).to(run.device).train()
+    raw = RewardMember.from_lm(sft, likelihood=cfg.likelihood).to(run.device).train()
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
     step = 0
     if state:
@@ -265,24 +227,38 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         step = state["step"]
         if "rng" in state:
             torch.set_rng_state(state["rng"])
-    model = runtime.wrap(raw, run, cfg.compile)
-    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
-                         append=m > 0)  # one log for all members
-    loss_fn = functools.partial(pair_loss, pooling=cfg.pooling)
-    guard = runtime.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    model = distributed.wrap(raw, run, cfg.compile)
+    log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
+                 append=m > 0)  # one log for all members
+    guard = optim.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     while step < cfg.max_steps:
-        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        # forward and backward: every response of the micro-batch's rankings in one pass,
+        # then the Bradley-Terry loss of each pair; micro-batches weighted by their pairs
         batches, weights = micro_batches(train, step, seed, cfg, run, pad)
-        loss = runtime.accumulate(model, batches, loss_fn, run, weights)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
-        guard.update(grad_norm, step)
+        loss = 0.0
+        for i, ((batch, chosen, rejected), w) in enumerate(zip(batches, weights)):
+            with distributed.grad_sync(model, run, last=i == len(batches) - 1), run.autocast:
+                r = member_scores(model, batch, cfg.pooling)
+                micro_loss = bradley_terry_loss(r[chosen], r[rejected])[0].mean()
+            (micro_loss * w).backward()
+            loss += micro_loss.item() * w
+        loss = distributed.all_reduce_mean(loss, run)
+        # clip, step (unless the loss or gradient is not finite), zero
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        if guard.ok(grad_norm, step, loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
         metrics = dict(member=m, loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw.eval()
-            metrics["val_accuracy"] = evaluate(lambda b: scores(raw, b, cfg.pooling), val, pad, run.device)["accuracy"]
+            metrics["val_accuracy"] = evaluate(lambda b: member_scores(raw, b, cfg.pooling), val, pad,
+                                               run.device)["accuracy"]
             raw.train()
-        tokens = sum(b[0].numel() for b in batches) * run.world_size
+        tokens = sum(b[0].tokens.numel() for b in batches) * run.world_size
         log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
         if step < cfg.max_steps:  # (a finished member is saved by main, with its normalisation)
             stop.checkpoint(run, step, step % cfg.ckpt_interval == 0, os.path.join(cfg.out_dir, "ckpt.pt"),
@@ -291,21 +267,20 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
 
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min") or cfg.members < 1:
-        raise runtime.UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce} --members={cfg.members}: expected "
-                                f"pooling last|mean, reduce mean|min, members >= 1")
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    sft, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    run = distributed.setup(cfg.seed, cfg.device)
+    distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
+        raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling last|mean, "
+                        f"reduce mean|min")
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
     block = sft.config.block_size
-    train = [r for _, path in runtime.preference_paths(cfg.data_dir, cfg.prefs, "train")
-             for r in load_rankings(path, enc, block)]
-    vals = {name: load_rankings(path, enc, block)
-            for name, path in runtime.preference_paths(cfg.data_dir, cfg.prefs, "val")}
+    train = [r for rs in load_preference_sets(cfg.data_dir, cfg.prefs, "train", enc, block).values() for r in rs]
+    vals = load_preference_sets(cfg.data_dir, cfg.prefs, "val", enc, block)
     val = next(iter(vals.values()))  # the first set's held-out rankings are validated during training
-    prompts = [r["prompt"] for r in runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
-                                                       {"prompt": str})][:cfg.norm_prompts]
+    prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                                               {"prompt": str})][:cfg.norm_prompts]
     print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) from {', '.join(vals)}, "
            f"{sum(map(len, vals.values()))} held out; "
            f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings on {run.device}")
@@ -315,7 +290,7 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     done, norms, state = [], [], None
     if cfg.resume:
-        ck = runtime.load_checkpoint(ckpt_path)
+        ck = checkpoint.load(ckpt_path)
         done, norms = list(ck.get("members", [])), [list(x) for x in ck.get("norms", [])]
         state = ck if "model" in ck else None
         print0(f"resuming {ckpt_path}: {len(done)} member(s) finished"
@@ -324,32 +299,32 @@ def main(cfg):
     def save(step, raw, optimizer):
         """raw is the member in training, or None once every member is finished."""
         if run.master:
-            p = runtime.stage_checkpoint("reward", raw, cfg, step, optimizer, enc) if raw is not None else dict(
+            p = checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc) if raw is not None else dict(
                 stage="reward", model_config=asdict(sft.config), config=asdict(cfg), tokenizer=enc.name, step=step)
-            runtime.save_checkpoint(ckpt_path, {**p, "members": done, "norms": norms})
+            checkpoint.save(ckpt_path, {**p, "members": done, "norms": norms})
 
-    stop = runtime.StopSignal()
-    norm_batches = sft_samples(sft, enc, prompts, cfg, run.device)
+    stop = distributed.StopSignal()
+    pad = enc.encode_single_token("<|endoftext|>")
+    # the SFT model's answers to training prompts, whose rewards set the normalisation
+    norm_pairs = sample_responses(sft, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature, cfg.seed, run.device)
     for m in range(len(done), cfg.members):
         raw = train_member(m, sft, train, val, enc, cfg, run, state, save, stop)
         state = None
         # normalise: rewards of SFT samples get mean 0 and std 1
-        with torch.no_grad():
-            r = torch.cat([scores(raw, b, cfg.pooling) for b in norm_batches])
+        r = reward_scores(lambda b: member_scores(raw, b, cfg.pooling), norm_pairs, pad, run.device)
         norms.append([1 / r.std().clamp(min=1e-6).item(), -(r.mean() / r.std().clamp(min=1e-6)).item()])
         done.append(raw.state_dict())
         print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, std {r.std():.3f}; normalised")
         save(cfg.max_steps, None, None)
 
     if run.master:  # the held-out evaluation of the reward model as PPO and eval will load it
-        rm = runtime.load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
-        pad = enc.encode_single_token("<|endoftext|>")
-        results = {name: evaluate(lambda b: rm(*b[:3]), v, pad, run.device) for name, v in vals.items()}
-        runtime.append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": results})
+        rm = load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
+        results = {name: evaluate(rm, v, pad, run.device) for name, v in vals.items()}
+        append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": results})
         for name, res in results.items():
             report(name, res)
         print0(f"done: checkpoint {ckpt_path}")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 def report(name, res):
@@ -374,5 +349,5 @@ def report(name, res):
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

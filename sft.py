@@ -15,15 +15,23 @@ from pretraining, with a country from the demos (held-out facts: 90% -> 0%).
     python sft.py --resume=true                      # continue out/sft
 """
 
+import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-import runtime
+import checkpoint
+import distributed
+import optim
+from batch import collate as collate_rows
+from cli import UserError, parse_config, ranges, user_errors
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from distributed import print0
+from logger import Logger
 from model import IGNORE_INDEX
-from runtime import print0
+from records import read_jsonl
 
 
 @dataclass
@@ -48,31 +56,29 @@ class Config:
     compile: bool = False                # torch.compile the model
     resume: bool = False                 # continue from out_dir/ckpt.pt
 
+    RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval log_interval ckpt_interval",
+                              non_negative="learning_rate warmup_steps weight_decay grad_clip",
+                              fraction="beta1 beta2")
+
 
 def load_examples(path, enc, block_size):
     """(tokens, n_prompt_tokens) per demonstration; an example too long for the context
     is an error that names its line."""
     examples = []
-    for rec in runtime.read_jsonl(path, {"prompt": str, "response": str}):
+    for rec in read_jsonl(path, {"prompt": str, "response": str}):
         p, r = encode_prompt(enc, rec["prompt"]), encode_response(enc, rec["response"])
         if len(p) + len(r) > block_size + 1:
-            raise runtime.UserError(f"{path}:{rec['_line']}: {len(p) + len(r)} tokens, longer than the context of "
+            raise UserError(f"{path}:{rec['_line']}: {len(p) + len(r)} tokens, longer than the context of "
                                     f"{block_size} tokens (block_size)")
         examples.append((p + r, len(p)))
     return examples
 
 
 def collate(examples, pad, device):
-    """Right-pad to the longest example. Targets are the next tokens, IGNORE_INDEX on the
+    """Inputs and next-token targets, right-padded; the targets are IGNORE_INDEX on the
     prompt and the padding, so only answer tokens (end token included) are learned."""
-    T = max(len(toks) for toks, _ in examples) - 1
-    x = torch.full((len(examples), T), pad, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (toks, n_prompt) in enumerate(examples):
-        t = torch.tensor(toks)
-        x[i, :len(t) - 1] = t[:-1]
-        y[i, n_prompt - 1:len(t) - 1] = t[n_prompt:]
-    return x.to(device), y.to(device)
+    b = collate_rows([toks for toks, _ in examples], [n for _, n in examples], pad, device)
+    return b.tokens[:, :-1], b.tokens[:, 1:].masked_fill(~b.mask[:, 1:], IGNORE_INDEX)
 
 
 def micro_batches(examples, step, cfg, run, pad):
@@ -80,33 +86,29 @@ def micro_batches(examples, step, cfg, run, pad):
     one's share of the global batch's answer tokens (times the ranks, which DDP averages
     over), so the loss is the mean over every answer token of the global batch, however
     the examples are split."""
-    idx = runtime.global_batch(len(examples), step, cfg.batch_size, cfg.seed)
+    idx = distributed.global_batch(len(examples), step, cfg.batch_size, cfg.seed)
     n_targets = sum(len(examples[i][0]) - examples[i][1] for i in idx)
-    chunks = [[examples[i] for i in c] for c in runtime.rank_chunks(idx, run, cfg.grad_accum)]
+    chunks = [[examples[i] for i in c] for c in distributed.rank_chunks(idx, run, cfg.grad_accum)]
     weights = [sum(len(t) - p for t, p in c) / n_targets * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
-
-
-def lm_loss(model, batch):
-    x, y = batch
-    return model(x, y)[1]
 
 
 @torch.no_grad()
 def val_loss(model, examples, pad, run):
     model.eval()
-    losses = [lm_loss(model, collate(examples[i:i + 64], pad, run.device)).item()
+    losses = [model(*collate(examples[i:i + 64], pad, run.device))[1].item()
               for i in range(run.rank * 64, len(examples), 64 * run.world_size)]
     model.train()
-    return runtime.all_reduce_mean(sum(losses) / max(1, len(losses)), run)
+    return distributed.all_reduce_mean(sum(losses) / max(1, len(losses)), run)
 
 
 def main(cfg):
-    run = runtime.setup(cfg.seed, cfg.device)
-    runtime.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    raw_model, _ = runtime.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py", enc,
-                                      device=run.device)
+    run = distributed.setup(cfg.seed, cfg.device)
+    distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    raw_model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py", enc,
+                                         device=run.device)
     raw_model.train()
     pad = enc.encode_single_token("<|endoftext|>")
     train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, raw_model.config.block_size)
@@ -114,21 +116,34 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = runtime.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
-    model = runtime.wrap(raw_model, run, cfg.compile)
+    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
            f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); {run.world_size} process(es) on {run.device}")
-    log = runtime.Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
+    log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
-    guard, stop = runtime.NonFiniteGuard(ckpt_path=ckpt_path), runtime.StopSignal()
+    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
     while step < cfg.max_steps:
-        lr = runtime.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        # forward and backward over this rank's micro-batches, each weighted by its share
+        # of the global batch's answer tokens
         batches, weights = micro_batches(train, step, cfg, run, pad)
-        loss = runtime.accumulate(model, batches, lm_loss, run, weights)
-        grad_norm = runtime.optimizer_step(model, optimizer, lr, cfg.grad_clip, loss)
-        guard.update(grad_norm, step)
+        loss = 0.0
+        for i, ((x, y), w) in enumerate(zip(batches, weights)):
+            with distributed.grad_sync(model, run, last=i == len(batches) - 1), run.autocast:
+                _, micro_loss = model(x, y)
+            (micro_loss * w).backward()
+            loss += micro_loss.item() * w
+        loss = distributed.all_reduce_mean(loss, run)
+        # clip, step (unless the loss or gradient is not finite), zero
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        if guard.ok(grad_norm, step, loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -136,12 +151,12 @@ def main(cfg):
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: runtime.save_checkpoint(ckpt_path, runtime.stage_checkpoint(
+                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "sft", raw_model, cfg, step, optimizer, enc, val_loss=val_l)))  # also on SIGTERM
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

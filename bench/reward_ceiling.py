@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import checkpoint  # noqa: E402
 import reward  # noqa: E402
-import runtime  # noqa: E402
+from batch import collate  # noqa: E402
+from cli import user_errors  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer  # noqa: E402
-from model import response_mask, score_batch, token_logprobs  # noqa: E402
+from model import token_logprobs  # noqa: E402
+from records import load_preference_sets  # noqa: E402
 
 STYLE = ["words", "preamble", "hedge", "restate", "format", "repetition", "ended"]
 LIKELIHOOD = ["logp", "logp_clamped", "gap_clamped", "p"]
@@ -52,9 +55,9 @@ FITS = {"style only": STYLE, "trunk likelihood": STYLE + LIKELIHOOD, "trunk beli
 def value_likelihoods(sft, enc, task, values, pad):
     """For each value: the LIKELIHOOD features of the canonical answer sentence with it."""
     p = encode_prompt(enc, task.prompt)
-    tokens, lengths, plens = score_batch([p + encode_response(enc, world.render(task, v), True) for v in values],
-                                         [len(p)] * len(values), pad, "cpu")
-    mask = response_mask(tokens.size(1), plens, lengths)
+    b = collate([p + encode_response(enc, world.render(task, v), True) for v in values], [len(p)] * len(values),
+                pad, "cpu")
+    tokens, mask = b.tokens, b.mask
     logits = sft(tokens)[0]
     logp = token_logprobs(logits, tokens, mask)
     # log p(y) − max log p = logit(y) − max logit: the normaliser cancels, no second softmax
@@ -130,14 +133,15 @@ def main():
     ap.add_argument("--sft", default="out/sft", help="folder of the SFT checkpoint (the reward model's trunk)")
     ap.add_argument("--prefs", default="prefs,prefs_sft", help="preference sets, as reward.py --prefs")
     args = ap.parse_args()
-    enc = load_tokenizer(runtime.require(os.path.join(args.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    sft, _ = runtime.load_model(os.path.join(args.sft, "ckpt.pt"), "python sft.py", enc)
+    enc = load_tokenizer(checkpoint.require(os.path.join(args.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    sft, _ = checkpoint.load_model(os.path.join(args.sft, "ckpt.pt"), "python sft.py", enc)
     pad = enc.encode_single_token("<|endoftext|>")
     block = sft.config.block_size
-    train = [features(sft, enc, reward.load_rankings(path, enc, block), pad)
-             for _, path in runtime.preference_paths(args.data_dir, args.prefs, "train")]
-    val = {name: features(sft, enc, reward.load_rankings(path, enc, block), pad)
-           for name, path in runtime.preference_paths(args.data_dir, args.prefs, "val")}
+    train = [features(sft, enc, rankings, pad)
+             for rankings in load_preference_sets(args.data_dir, args.prefs, "train", enc, block).values()]
+    val = {name: features(sft, enc, rankings, pad)
+           for name, rankings in load_preference_sets(args.data_dir, args.prefs, "val", enc, block).items()}
     weights = {fit_name: fit(train, names) for fit_name, names in FITS.items()}  # one fit serves every set
     for name, (rows, utility, pairs, family) in val.items():
         print(f"{name}: {len(pairs)} held-out pairs; expected accuracy over the raters' draws (Bayes-optimal)")
@@ -151,5 +155,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
+    with user_errors():
         main()

@@ -2,7 +2,7 @@
 
 Times full optimizer steps (forward, backward, AdamW) on random tokens, after
 warm-up steps (which also absorb torch.compile's compilation), and prints the median
-step time, tokens/s and, on a GPU whose peak is known (runtime.PEAK_FLOPS), the model
+step time, tokens/s and, on a GPU whose peak is known (distributed.PEAK_FLOPS), the model
 FLOPs utilisation: achieved FLOP/s (PaLM estimate, model.flops_per_token) / peak.
 
     python bench/train.py                                   # the CPU default model
@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import torch  # noqa: E402
 
-import runtime  # noqa: E402
+import distributed  # noqa: E402
+from cli import UserError, parse_config, user_errors  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PRESETS = {  # name: (model config, sequences per step)
@@ -42,24 +43,25 @@ class Config:
 
 def main(cfg):
     if cfg.preset not in PRESETS:
-        raise runtime.UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
-    run = runtime.setup(cfg.seed, cfg.device)
+        raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+    run = distributed.setup(cfg.seed, cfg.device)
     mconf, batch = PRESETS[cfg.preset]
     raw = GPT(mconf).to(run.device)
-    model = runtime.wrap(raw, run, cfg.compile)
+    model = distributed.wrap(raw, run, cfg.compile)
     optimizer = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), run.device_type)
     x = torch.randint(mconf.vocab_size, (batch, mconf.block_size + 1), device=run.device)
-
-    def loss_fn(m, b):
-        return m(b[:, :-1], b[:, 1:])[1]
 
     times = []
     for i in range(cfg.warmup + cfg.steps):
         if run.device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        runtime.accumulate(model, [x], loss_fn, run)
-        runtime.optimizer_step(model, optimizer, 3e-4, 1.0)
+        with run.autocast:
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if run.device_type == "cuda":
             torch.cuda.synchronize()
         if i >= cfg.warmup:
@@ -67,7 +69,7 @@ def main(cfg):
     dt = statistics.median(times)
     tokens = batch * mconf.block_size
     flops = raw.flops_per_token(mconf.block_size) * tokens / dt
-    peak = runtime.peak_flops(run.device)
+    peak = distributed.peak_flops(run.device)
     name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"preset={cfg.preset} ({raw.num_params() / 1e6:.1f}M parameters, batch {batch} x {mconf.block_size}) "
           f"device={name} compile={cfg.compile} torch={torch.__version__}")
@@ -77,5 +79,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

@@ -21,13 +21,18 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-import runtime  # noqa: E402
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
+from batch import sample_responses  # noqa: E402
+from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import decode_response, load_tokenizer  # noqa: E402
+from records import read_jsonl  # noqa: E402
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Config:
     max_new_tokens: int = 48       # answer length limit
     seed: int = 1337               # sampling and the raters' draws
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
+
+    RANGES: ClassVar = ranges(at_least_1="n_prompts max_new_tokens", non_negative="temperature")
 
 
 def label(records, answers, K, raters, rng):
@@ -62,31 +69,31 @@ def label(records, answers, K, raters, rng):
 
 def main(cfg):
     if cfg.K < 2 or cfg.n_prompts < 1:
-        raise runtime.UserError(f"need --K >= 2 and --n_prompts >= 1, got --K={cfg.K} --n_prompts={cfg.n_prompts}")
-    run = runtime.setup(cfg.seed, cfg.device)
-    meta_path = runtime.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
+        raise UserError(f"need --K >= 2 and --n_prompts >= 1, got --K={cfg.K} --n_prompts={cfg.n_prompts}")
+    run = distributed.setup(cfg.seed, cfg.device)
+    meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
     raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
-    enc = load_tokenizer(runtime.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    policy, _ = runtime.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc, device=run.device)
-    records = runtime.read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"), {"task": dict, "prompt": str,
-                                                                                      "family": str})
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
+    policy, _ = checkpoint.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    records = read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                         {"task": dict, "prompt": str, "family": str})
     n = min(len(records), cfg.n_prompts + cfg.n_prompts // 10)
     records = records[-n:]  # the last prompts of the RL set, labelled once
-    samples = runtime.sample_responses(policy, enc, [r["prompt"] for r in records for _ in range(cfg.K)],
-                                       cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
+    samples = sample_responses(policy, enc, [r["prompt"] for r in records for _ in range(cfg.K)],
+                               cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
     answers = [decode_response(enc, response) for _, response in samples]
     rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
     n_val = max(1, len(rankings) // 11)
     for name, part in (("prefs_sft_train", rankings[:-n_val]), ("prefs_sft_val", rankings[-n_val:])):
-        runtime.atomic_write(os.path.join(cfg.data_dir, f"{name}.jsonl"),
-                             lambda f: f.write("".join(json.dumps(r) + "\n" for r in part).encode()))
+        checkpoint.atomic_write(os.path.join(cfg.data_dir, f"{name}.jsonl"),
+                                lambda f: f.write("".join(json.dumps(r) + "\n" for r in part).encode()))
     correct = sum(world.grade(world.Task.from_dict(r["task"]), *a)["correct"]
                   for r, a in zip([r for r in records for _ in range(cfg.K)], answers)) / len(answers)
     print(f"wrote {cfg.data_dir}/prefs_sft_train.jsonl and prefs_sft_val.jsonl: {len(rankings)} rankings of "
           f"the answers of {cfg.policy} to {n} prompts (K={cfg.K}, {correct:.0%} of the sampled answers correct)")
-    runtime.teardown(run)
+    distributed.teardown(run)
 
 
 if __name__ == "__main__":
-    with runtime.user_errors():
-        main(runtime.parse_config(Config))
+    with user_errors():
+        main(parse_config(Config))

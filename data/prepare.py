@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from data import tokenizer as tok  # noqa: E402
 from data import world  # noqa: E402
-from runtime import UserError, parse_config, user_errors  # noqa: E402
+from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Config:
     rater_k: float = 3.0         # raters: how sharply they follow the gold gap
     rater_b_len: float = 0.12    # raters: bias per word of length (0 = none)
     rater_b_style: float = 1.5   # raters: bias for a friendly preamble (0 = none)
+
+    RANGES: ClassVar = ranges(at_least_1="vocab_size", fraction="imperfect habit",
+                              non_negative="n_docs n_sft n_prefs n_rl n_eval rater_k rater_b_len rater_b_style")
 
 
 def write_jsonl(path, records):

@@ -1,0 +1,139 @@
+"""Prompt+response batches: how every stage and eval feed token lists to the models.
+
+- collate: right-padded prompt+response rows with their prompt lengths, lengths and
+  response mask. Right padding needs no attention mask: causal attention hides the
+  later pads from every real token.
+- left_pad: prompts right-aligned, for the one layout generation needs (every row's
+  next token in the last column); PPO keeps its rollouts in that layout.
+- response_logprobs / sequence_logprobs: log π of the response tokens, per token or
+  summed (with the count, for means), through model.token_logprobs, the one place
+  log-softmax is taken.
+- sample_responses: answers sampled with the KV cache, batch by batch.
+- reward_scores: a reward model's (or any scorer's) score of many prompt+response pairs.
+- sequence_kl: the sampled estimate of KL(π‖π_ref) that eval reports and DPO logs.
+- token_windows: next-token windows of a token stream (pretraining and PPO-ptx).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cli import UserError
+from data.tokenizer import encode_prompt
+from model import token_entropy, token_logprobs
+
+
+@dataclass
+class Batch:
+    tokens: Tensor          # (B, T) prompt + response, right-padded
+    prompt_lengths: Tensor  # (B,) where each response starts
+    lengths: Tensor         # (B,) real tokens per row
+    mask: Tensor            # (B, T) bool, True on response tokens
+
+    def __len__(self):
+        return self.tokens.size(0)
+
+
+def response_mask(T, prompt_lengths, lengths=None):
+    """(B, T) bool, True on the response tokens of right-padded prompt+response rows:
+    positions from prompt_lengths on, and before lengths when given."""
+    t = torch.arange(T, device=prompt_lengths.device)[None, :]
+    m = t >= prompt_lengths[:, None]
+    return m if lengths is None else m & (t < lengths[:, None])
+
+
+def collate(seqs, prompt_lengths, pad, device):
+    """Token lists (prompt + response) and their prompt lengths -> a right-padded Batch."""
+    tokens = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths, prompt_lengths = torch.tensor([len(s) for s in seqs]), torch.tensor(prompt_lengths)
+    return Batch(tokens.to(device), prompt_lengths.to(device), lengths.to(device),
+                 response_mask(tokens.size(1), prompt_lengths, lengths).to(device))
+
+
+def collate_pairs(pairs, pad, device):
+    """collate for (prompt tokens, response tokens) pairs."""
+    return collate([p + r for p, r in pairs], [len(p) for p, _ in pairs], pad, device)
+
+
+def left_pad(rows, pad, device):
+    """Token lists -> (tokens, mask) (B, P), right-aligned so every row ends in column P−1;
+    mask is True on real tokens."""
+    P = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r):] = torch.tensor(r)
+        mask[i, P - len(r):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temperature=1.0,
+                      entropy=False):
+    """log π(tokens[:, t] | tokens[:, :t]) for the columns t ≥ start, (B, T − start)
+    float32, logits divided by the temperature; 0 where mask[:, t] is False (mask None:
+    every column). Only the positions that predict those tokens go through the
+    log-softmax. With entropy=True, also the entropies of those distributions."""
+    logits = model(tokens, attn_mask=attn_mask)[0][:, start - 1:]
+    m = None if mask is None else mask[:, start - 1:]
+    logp = token_logprobs(logits, tokens[:, start - 1:], m, temperature=temperature)
+    return (logp, token_entropy(logits, m, temperature=temperature)) if entropy else logp
+
+
+def sequence_logprobs(model, batch):
+    """Summed log-probs of each row's response tokens, and their count: (B,), (B,)."""
+    logp = response_logprobs(model, batch.tokens, batch.mask)
+    return logp.sum(-1), batch.mask[:, 1:].sum(-1).float()
+
+
+@torch.no_grad()
+def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, device, batch_size=64):
+    """Answer each prompt (text) in the chat format with the KV cache, batch by batch,
+    from one generator seeded with `seed`. Returns (prompt tokens, response tokens) per
+    prompt; a response keeps its end token when it emitted one."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = [encode_prompt(enc, p) for p in prompts[i:i + batch_size]]
+        longest = max(len(b) for b in batch)
+        if longest + max_new_tokens > model.config.block_size:
+            raise UserError(f"a prompt of {longest} tokens + --max_new_tokens={max_new_tokens} exceeds the "
+                            f"context of {model.config.block_size} tokens")
+        tokens, mask = model.generate(batch, max_new_tokens, temperature=temperature, stop_token=end,
+                                      pad_token=pad, generator=g)
+        out += [(p, [t for t, keep in zip(row, m) if keep]) for p, row, m in zip(batch, tokens.tolist(),
+                                                                                   mask.tolist())]
+    return out
+
+
+@torch.no_grad()
+def reward_scores(score_fn, pairs, pad, device, batch_size=64):
+    """score_fn(Batch) -> (B,) scores, over (prompt tokens, response tokens) pairs in
+    batches of batch_size: a 1-D float tensor on the device. Inference only."""
+    return torch.cat([score_fn(collate_pairs(pairs[i:i + batch_size], pad, device)).float()
+                      for i in range(0, len(pairs), batch_size)])
+
+
+@torch.no_grad()
+def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
+    """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at
+    temperature 1, for (prompt tokens, response tokens) pairs. The mean over responses
+    sampled from π estimates KL(π‖π_ref)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        b = collate_pairs(pairs[i:i + batch_size], pad, device)
+        logp, ref_logp = response_logprobs(model, b.tokens, b.mask), response_logprobs(ref, b.tokens, b.mask)
+        out += (logp - ref_logp).sum(1).tolist()
+    return out
+
+
+def token_windows(data, starts, length, device):
+    """Windows of length + 1 tokens of a token stream (a uint16 memmap of train.bin or
+    val.bin) at the given starts: inputs and next-token targets, (B, length) each."""
+    rows = np.stack([data[i:i + length + 1] for i in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows).to(device)
+    return xy[:, :-1], xy[:, 1:]

@@ -1,0 +1,106 @@
+"""Files a run writes and reads back: atomic writes, checkpoints, and a stage's model.
+
+A checkpoint is a plain dict loaded with weights_only=True (no pickled code runs). It
+holds what rebuilds the model without the code's defaults (the model config), what
+resumes the run (optimizer, step, the global random generator), and what refuses a
+mismatch (the stage, the tokenizer's name).
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from cli import UserError
+from distributed import print0
+from model import GPT, GPTConfig
+
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder, fsync, rename: a reader never
+    sees a half-written file, and a crash leaves the old one."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def require(path, made_by):
+    """The path, if it exists; otherwise a UserError naming the command that makes it."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `{made_by}` first")
+    return path
+
+
+def save(path, payload):
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load(path, made_by=None):
+    """Load a checkpoint. `made_by` is the command that writes it, named in the error
+    when the file is missing."""
+    path = str(path)
+    if not os.path.exists(path):
+        hint = f": run `{made_by}` first" if made_by else ""
+        raise UserError(f"{path} not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+
+
+def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
+    """What every stage's checkpoint holds (see the module docstring), plus `extra`."""
+    return dict(stage=stage, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                config=dataclasses.asdict(cfg), step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
+                rng=torch.get_rng_state(), **extra)
+
+
+def resume(path, model, optimizer):
+    """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt)."""
+    ckpt = load(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:  # the global generator (dropout); data order and sampling have their own seeds
+        torch.set_rng_state(ckpt["rng"])
+    print0(f"resuming {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt
+
+
+def check_tokenizer(path, ckpt, enc):
+    if ckpt.get("tokenizer") != enc.name:
+        raise UserError(f"{path} was trained with tokenizer {ckpt.get('tokenizer')!r}, but the data uses "
+                        f"{enc.name!r}: retrain it on this data (or point --data_dir at its data)")
+
+
+def load_model(path, made_by, enc, cls=GPT, device="cpu"):
+    """Rebuild a stage's language model from its checkpoint, after checking it was
+    trained with this tokenizer. Returns (model, ckpt); the model is in eval mode."""
+    ckpt = load(path, made_by)
+    if isinstance(ckpt, dict) and "members" in ckpt:
+        raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), not a language model: "
+                        f"expected the output of `{made_by}`")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a minRLHF checkpoint (no model weights or model config)")
+    check_tokenizer(path, ckpt, enc)
+    model = cls(GPTConfig(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {type(model).__name__} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,133 @@
+"""Config from the command line, and the one-line error a user gets for a mistake.
+
+Every script has one config dataclass. Each field is a flag (`--name=value`), the
+comment after the field is its `--help` text, and the dataclass's RANGES (built with
+`ranges` beside the fields) says which values each flag accepts. This module imports
+nothing else of the project, so every other module can raise UserError.
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import re
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, malformed record). The
+    script prints its message as one line and exits with status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Wrap a script's main(): a UserError becomes one line on stderr and exit status 2;
+    Ctrl-C outside a training loop exits 130 without a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def ranges(at_least_1="", non_negative="", fraction=""):
+    """The accepted values of a config's fields, by kind: counts and intervals must be at
+    least 1, rates and coefficients at least 0, fractions in [0, 1]. Each argument is a
+    space-separated list of field names. Returns {name: (low, high or None)}."""
+    out = {}
+    for names, bounds in ((at_least_1, (1, None)), (non_negative, (0, None)), (fraction, (0, 1))):
+        out.update({name: bounds for name in names.split()})
+    return out
+
+
+def _field_help(cls):
+    """The comment after each field in the dataclass source is its --help text."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def _convert(name, typ, text):
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ in (int, float, str):
+            return typ(text)
+    except ValueError:
+        pass
+    raise UserError(f"--{name}={text}: expected {typ.__name__}")
+
+
+def _check_range(name, value, text, bounds):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{name}={text}: must be a finite number")
+    if bounds is None or isinstance(value, str):
+        return
+    low, high = bounds
+    if high is not None and not low <= value <= high:
+        raise UserError(f"--{name}={text}: must be between {low} and {high}")
+    if value < low:
+        raise UserError(f"--{name}={text}: must be at least {low}")
+
+
+def print_help(cls):
+    """The docstring's first paragraph, the usage line, and one line per flag with its
+    default and its comment, the comments in one column."""
+    helps = _field_help(cls)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+    print(" ".join(doc.split()) or cls.__name__)
+    print(f"\nusage: python {os.path.relpath(sys.argv[0])} [--name=value ...]\n")
+    defaults = cls()
+    flags = {f.name: f"--{f.name}={getattr(defaults, f.name)!s}" for f in dataclasses.fields(cls)}
+    width = max(map(len, flags.values()))
+    for name, flag in flags.items():
+        print(f"  {flag:<{width}}  {helps.get(name, '')}")
+
+
+def parse_config(cls, argv=None):
+    """Fill a config dataclass from --name=value flags; --help lists the fields."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print_help(cls)
+        sys.exit(0)
+    bounds = getattr(cls, "RANGES", {})
+    values = {}
+    for arg in argv:
+        m = re.fullmatch(r"--([A-Za-z_]\w*)=(.*)", arg, flags=re.S)
+        if not m:
+            raise UserError(f"argument {arg!r}: flags look like --name=value (see --help)")
+        name, text = m.groups()
+        if name not in fields:
+            close = [f for f in fields if f.startswith(name[:3])]
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"--{name}: unknown flag{hint}; see --help")
+        values[name] = _convert(name, fields[name].type, text)
+        _check_range(name, values[name], text, bounds.get(name))
+    return cls(**values)
+
+
+def number_list(text, flag, typ=int, minimum=None):
+    """A comma-separated flag value ("1,4,16") as a list of numbers; "" is the empty list."""
+    try:
+        values = [typ(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}={text}: expected comma-separated {typ.__name__} values, "
+                        f"e.g. {flag}=1,4,16") from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise UserError(f"{flag}={text}: every value must be at least {minimum}")
+    return values

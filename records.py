@@ -1,0 +1,93 @@
+"""JSONL input records: every data file a stage reads, checked line by line.
+
+A bad line is a UserError naming the file and the line. Preference rankings are read
+and checked here once, for the reward model and the DPO family alike.
+"""
+
+import json
+import os
+
+from checkpoint import require
+from cli import UserError
+from data.tokenizer import encode_prompt, encode_response
+
+
+def read_jsonl(path, fields):
+    """Records from a JSONL file; `fields` maps each required field to its type. Each
+    record gets `_line`, its line number."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python data/prepare.py` first")
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            for name, typ in fields.items():
+                if name not in rec:
+                    raise UserError(f"{path}:{lineno}: missing field {name!r}")
+                if not isinstance(rec[name], typ) or (typ is int and isinstance(rec[name], bool)):
+                    raise UserError(f"{path}:{lineno}: field {name!r} should be {typ.__name__}, "
+                                    f"got {type(rec[name]).__name__}")
+            rec["_line"] = lineno
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def preference_paths(data_dir, prefs, split):
+    """(name, path) of each preference set named in a --prefs value ("prefs,prefs_sft")
+    for one split (train or val), each checked to exist: prefs_*.jsonl are written by
+    data/prepare.py, prefs_sft_*.jsonl by data/label.py."""
+    names = [x for x in prefs.split(",") if x]
+    if not names:
+        raise UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
+    made_by = {"prefs_sft": "python data/label.py"}
+    return [(name, require(os.path.join(data_dir, f"{name}_{split}.jsonl"),
+                           made_by.get(name, "python data/prepare.py")))
+            for name in names]
+
+
+def ranking_pairs(ranking):
+    """Every (chosen, rejected) pair of a ranking given best first (InstructGPT: a
+    ranking of K responses gives K(K-1)/2 comparisons)."""
+    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
+
+
+def load_rankings(path, enc, block_size):
+    """Each ranking record as its K token sequences (prompt + response), the prompt
+    length, the ranking (best first), its (chosen, rejected) pairs and the record."""
+    out = []
+    for rec in read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
+        where = f"{path}:{rec['_line']}"
+        resp, ranking = rec["responses"], rec["ranking"]
+        if len(resp) < 2:
+            raise UserError(f"{where}: a ranking needs at least 2 responses, got {len(resp)}")
+        if sorted(ranking) != list(range(len(resp))):
+            raise UserError(f"{where}: 'ranking' must order all {len(resp)} responses (indices 0.."
+                            f"{len(resp) - 1}, each once), got {ranking}")
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in resp):
+            raise UserError(f"{where}: every response needs a string field 'text'")
+        p = encode_prompt(enc, rec["prompt"])
+        seqs = [p + encode_response(enc, r["text"], bool(r.get("ended", True))) for r in resp]
+        if max(map(len, seqs)) > block_size:
+            raise UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context of {block_size}"
+                            f" tokens (block_size)")
+        out.append(dict(seqs=seqs, prompt_len=len(p), ranking=ranking, pairs=ranking_pairs(ranking), rec=rec))
+    return out
+
+
+def load_preference_sets(data_dir, prefs, split, enc, block_size):
+    """{name: rankings} of each preference set named in --prefs, for one split."""
+    return {name: load_rankings(path, enc, block_size) for name, path in preference_paths(data_dir, prefs, split)}
