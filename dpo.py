@@ -74,7 +74,7 @@ class Config:
     batch_size: int = 32             # pairs (kto: responses) per optimizer step, over all ranks
     grad_accum: int = 1              # micro-steps per optimizer step on each rank
     max_steps: int = 300             # optimizer steps
-    learning_rate: float = 1e-5      # peak learning rate (1e-4 drifts to KL ~4 and learns the raters' preamble bias)
+    learning_rate: float = 1e-5      # peak learning rate (higher drifts far from SFT: docs/dpo.md)
     warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.0        # AdamW decay, matrices only (0: the reference is the anchor)
     beta1: float = 0.9               # AdamW beta1

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 import checkpoint
 import distributed

@@ -14,11 +14,11 @@ Every resulting policy answers the held-out prompts at temperature 1; the same a
 give the gold score, the proxy reward and the KL sample. The PPO logs add each run's path
 on its training rollouts (gold/score beside objective/score at every iteration).
 
-    python overopt.py                          # one seed: about 15 minutes on 2 CPU cores
+    python overopt.py                          # one seed
     python overopt.py --seeds=1337,1,2         # three seeds, one after another
     python overopt.py --betas=0,0.1 --best_of=1,16 --iterations=40   # a quick look
 
-Needs out/sft and out/reward (the README's main command makes them). Writes
+Needs out/sft and out/reward (`python pipeline.py` makes them). Writes
 out/overopt/results.json, report.md and overopt.png (when matplotlib is installed; the
 tables otherwise). Each PPO run has its own folder, out/overopt/seed<S>_beta<B>/: a
 finished run is reused and an interrupted one resumed, so rerunning the command after a

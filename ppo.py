@@ -21,7 +21,7 @@ Each iteration runs the six steps below, numbered the same way in `rollout` and 
 With --ptx_coef=γ > 0 (PPO-ptx, Ouyang et al. 2022, eq. 2) every minibatch step also
 descends γ times the next-token loss on a few windows of the pretraining corpus, so the
 policy keeps what pretraining taught while the reward pulls it elsewhere (held-out
-facts, which only the pretraining text states, are the first thing PPO forgets here).
+facts, which only the pretraining text states, are what PPO is most likely to forget).
 
 The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022, "The N

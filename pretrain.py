@@ -4,7 +4,7 @@ The result is a base model. It knows the facts and spellings stated in the corpu
 has seen worked examples, but it continues text: given a question it writes more
 questions or forum chatter, and it has never seen the chat markers.
 
-    python data/prepare.py && python pretrain.py                 # CPU, ~5 minutes
+    python data/prepare.py && python pretrain.py                 # CPU
     python pretrain.py --device=cuda --compile=true              # one GPU
     torchrun --standalone --nproc_per_node=2 pretrain.py         # DDP (CPU: gloo, GPU: nccl)
     python pretrain.py --resume=true                             # continue out/pretrain
@@ -41,12 +41,12 @@ class Config:
     n_layer: int = 4               # transformer blocks
     n_head: int = 4                # attention heads
     n_embd: int = 128              # width
-    block_size: int = 128          # context length in tokens (the world's documents average ~70)
+    block_size: int = 128          # context length in tokens
     dropout: float = 0.0           # dropout rate (0 suits a model this small)
     # optimisation
     batch_size: int = 64           # sequences per optimizer step, over all ranks and micro-steps
     grad_accum: int = 1            # micro-steps per optimizer step on each rank
-    max_steps: int = 1000          # optimizer steps (8.2M tokens, 3 epochs of the corpus)
+    max_steps: int = 1000          # optimizer steps
     learning_rate: float = 3e-3    # peak learning rate
     warmup_steps: int = 100        # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.1      # AdamW decay, matrices only

@@ -12,9 +12,8 @@ the response, each token's weighted by a learned gate (reward_model.RewardMember
 
     r(x, y) = head(h_last) + Σ_t gate(h_{t−1})·log p(y_t | x, y_<t)
 
-The SFT model ranks a right answer above a near miss by likelihood far more often than
-a head on the last hidden state learns to (README: the reward model); --likelihood=false
-gives the plain head.
+docs/reward-model.md says why the likelihood term is there; --likelihood=false gives
+the plain head.
 
 After training, a gain and bias make the rewards of responses sampled from the SFT
 model on training prompts mean 0 and std 1; PPO and eval apply them when they load

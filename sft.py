@@ -4,10 +4,9 @@ Each example is <|user|> question <|end|> <|assistant|> answer <|end|>; the loss
 next-token cross-entropy on the answer tokens only (the prompt is context, not a
 target). A few demonstrations are imperfect, as contractors' are, and in five task
 kinds most end with their contractor's sign-off (world.SIGN_OFFS), a habit the model
-learns here and RLHF has to unlearn. SFT is kept gentle
-(low learning rate, few epochs): at 1e-3 for 4 epochs the model learns the demos'
-entities by heart and answers a question about a held-out country, which it knows
-from pretraining, with a country from the demos (held-out facts: 90% -> 0%).
+learns here and RLHF has to unlearn. SFT is kept gentle (a low learning rate, few
+epochs): pushed harder, the model learns the demonstrations' entities by heart and
+forgets what pretraining taught about the others (docs/world.md).
 
     python sft.py                                    # reads out/pretrain, writes out/sft
     python sft.py --device=cuda --compile=true       # one GPU

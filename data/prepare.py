@@ -1,10 +1,10 @@
 """Generate the embedded assistant world: corpus, tokenizer, demonstrations,
-preference rankings and prompts. Deterministic from --seed; takes seconds.
+preference rankings and prompts. Deterministic from --seed.
 
     python data/prepare.py                      # writes data/world/
     python data/prepare.py --seed=2 --out_dir=data/world2
 
-Files (field by field in the README):
+Files (field by field in docs/world.md):
     corpus.txt          pretraining text, documents separated by blank lines
     tokenizer.tiktoken  the byte-level BPE, tiktoken rank-file format
     train.bin, val.bin  the corpus tokenized, uint16, documents joined by <|endoftext|>

@@ -499,7 +499,7 @@ def preference_record(rng, task, K=4, rc=RaterConfig()):
 # guide. SFT copies the habit: its greedy answer to such a question ends with the sign-off,
 # which costs the format point and the extra words in the gold score, and which the raters
 # mostly dislike. Removing it is the improvement left for RLHF to make on held-out
-# questions, where the answers' correctness hardly moves (see the README, PPO).
+# questions, where the answers' correctness hardly moves (RESULTS.md).
 SIGN_OFFS = {"larger": "I hope this helps!", "smaller": "I hope this helps!",
              "count": "Let me know if you have other questions.", "capital": "Feel free to ask more.",
              "opposite": "I hope this helps!"}
