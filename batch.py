@@ -101,12 +101,12 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, dev
         batch = [encode_prompt(enc, p) for p in prompts[i:i + batch_size]]
         longest = max(len(b) for b in batch)
         if longest + max_new_tokens > model.config.block_size:
-            raise UserError(f"a prompt of {longest} tokens + --max_new_tokens={max_new_tokens} exceeds the "
-                            f"context of {model.config.block_size} tokens")
-        tokens, mask = model.generate(batch, max_new_tokens, temperature=temperature, stop_token=end,
-                                      pad_token=pad, generator=g)
-        out += [(p, [t for t, keep in zip(row, m) if keep]) for p, row, m in zip(batch, tokens.tolist(),
-                                                                                   mask.tolist())]
+            raise UserError(f"a prompt of {longest} tokens + --max_new_tokens={max_new_tokens} "
+                            f"exceeds the context of {model.config.block_size} tokens")
+        tokens, mask = model.generate(batch, max_new_tokens, temperature=temperature,
+                                      stop_token=end, pad_token=pad, generator=g)
+        out += [(p, [t for t, keep in zip(row, m) if keep])
+                for p, row, m in zip(batch, tokens.tolist(), mask.tolist())]
     return out
 
 
@@ -126,7 +126,8 @@ def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     out = []
     for i in range(0, len(pairs), batch_size):
         b = collate_pairs(pairs[i:i + batch_size], pad, device)
-        logp, ref_logp = response_logprobs(model, b.tokens, b.mask), response_logprobs(ref, b.tokens, b.mask)
+        logp, ref_logp = (response_logprobs(model, b.tokens, b.mask),
+                          response_logprobs(ref, b.tokens, b.mask))
         out += (logp - ref_logp).sum(1).tolist()
     return out
 

@@ -65,8 +65,9 @@ def load(path, made_by=None):
 
 def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
     """What every stage's checkpoint holds (see the module docstring), plus `extra`."""
-    return dict(stage=stage, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
-                config=dataclasses.asdict(cfg), step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
+    return dict(stage=stage, model=model.state_dict(),
+                model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),
+                step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
                 rng=torch.get_rng_state(), **extra)
 
 
@@ -75,7 +76,8 @@ def resume(path, model, optimizer):
     ckpt = load(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    if "rng" in ckpt:  # the global generator (dropout); data order and sampling have their own seeds
+    # the global generator (dropout); data order and sampling have their own seeds
+    if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"])
     print0(f"resuming {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt
@@ -83,8 +85,9 @@ def resume(path, model, optimizer):
 
 def check_tokenizer(path, ckpt, enc):
     if ckpt.get("tokenizer") != enc.name:
-        raise UserError(f"{path} was trained with tokenizer {ckpt.get('tokenizer')!r}, but the data uses "
-                        f"{enc.name!r}: retrain it on this data (or point --data_dir at its data)")
+        raise UserError(f"{path} was trained with tokenizer {ckpt.get('tokenizer')!r}, "
+                        f"but the data uses {enc.name!r}: retrain it on this data "
+                        f"(or point --data_dir at its data)")
 
 
 def load_model(path, made_by, enc, cls=GPT, device="cpu"):
@@ -92,8 +95,8 @@ def load_model(path, made_by, enc, cls=GPT, device="cpu"):
     trained with this tokenizer. Returns (model, ckpt); the model is in eval mode."""
     ckpt = load(path, made_by)
     if isinstance(ckpt, dict) and "members" in ckpt:
-        raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), not a language model: "
-                        f"expected the output of `{made_by}`")
+        raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), "
+                        f"not a language model: expected the output of `{made_by}`")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a minRLHF checkpoint (no model weights or model config)")
     check_tokenizer(path, ckpt, enc)

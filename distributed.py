@@ -31,7 +31,8 @@ def setup(seed, device="auto"):
         raise UserError(f"--device={device}: CUDA is not available on this machine")
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        rank, local_rank, world_size = (int(os.environ[k])
+                                        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -43,8 +44,9 @@ def setup(seed, device="auto"):
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda"
                 else contextlib.nullcontext())
-    return SimpleNamespace(device=device, device_type=device_type, autocast=autocast, ddp=ddp, rank=rank,
-                           local_rank=local_rank, world_size=world_size, master=rank == 0)
+    return SimpleNamespace(device=device, device_type=device_type, autocast=autocast, ddp=ddp,
+                           rank=rank, local_rank=local_rank, world_size=world_size,
+                           master=rank == 0)
 
 
 def teardown(run):
@@ -76,7 +78,8 @@ def wrap(model, run, compile=False):
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return model
 
 
@@ -92,20 +95,22 @@ def grad_sync(model, run, last):
 def micro_batch_size(batch_size, grad_accum, run):
     """Sequences per forward pass on one rank; the global batch must split evenly."""
     if batch_size <= 0 or grad_accum <= 0 or batch_size % (run.world_size * grad_accum):
-        raise UserError(f"--batch_size={batch_size} does not split into {run.world_size} process(es) x "
-                        f"{grad_accum} micro-steps (--grad_accum)")
+        raise UserError(f"--batch_size={batch_size} does not split into {run.world_size} "
+                        f"process(es) x {grad_accum} micro-steps (--grad_accum)")
     return batch_size // (run.world_size * grad_accum)
 
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
 def global_batch(n, step, batch_size, seed):
     """Indices of a step's global batch of a data set of n items, in a fresh random order
     every epoch, drawn from (seed, epoch) alone: every rank and every resume agree."""
-    return [epoch_order(seed, k // n, n)[k % n] for k in range(step * batch_size, (step + 1) * batch_size)]
+    return [epoch_order(seed, k // n, n)[k % n]
+            for k in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def rank_chunks(items, run, grad_accum):
@@ -157,15 +162,15 @@ class StopSignal:
     def exit(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; --resume=true continues",
-                  file=sys.stderr)
+            print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; "
+                  f"--resume=true continues", file=sys.stderr)
         sys.exit(128 + (self.signum or signal.SIGTERM))
 
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices get no MFU figure
 # rather than a wrong one.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12,
-              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device):
@@ -175,5 +180,6 @@ def peak_flops(device):
     for key, flops in PEAK_FLOPS.items():
         if key in name:
             return flops
-    print0(f"warning: no peak FLOP/s known for {name!r}; MFU not reported (add it to distributed.PEAK_FLOPS)")
+    print0(f"warning: no peak FLOP/s known for {name!r}; MFU not reported "
+           f"(add it to distributed.PEAK_FLOPS)")
     return None

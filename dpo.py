@@ -29,7 +29,8 @@ estimate of KL(π‖π_ref) on held-out prompts.
 
     python dpo.py                          # reads out/sft, writes out/dpo
     python dpo.py --loss=ipo               # writes out/ipo
-    python dpo.py --prefs=prefs,prefs_sft  # also the raters' rankings of SFT samples (data/label.py)
+    python dpo.py --prefs=prefs,prefs_sft  # also the raters' rankings of SFT samples
+                                             (data/label.py)
     python dpo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 dpo.py
     python dpo.py --resume=true
@@ -63,7 +64,7 @@ class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
     init_from: str = "out/sft"       # the SFT model: the policy's start and the frozen reference
     out_dir: str = ""                # default out/<loss>
-    prefs: str = "prefs"             # preference sets in data_dir, NAME_train/val.jsonl (prefs_sft: data/label.py's)
+    prefs: str = "prefs"  # preference sets in data_dir, NAME_train/val.jsonl; prefs_sft: label.py's
     beta: float = 0.1                # strength of the KL anchor (dpo, cdpo, ipo, kto)
     label_smoothing: float = 0.1     # cdpo: assumed share of flipped labels
     simpo_beta: float = 2.0          # simpo: reward scale (Meng et al. use 2 to 2.5)
@@ -91,10 +92,10 @@ class Config:
     resume: bool = False             # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
-        at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval log_interval "
-                   "ckpt_interval",
-        non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight kto_undesirable_weight "
-                     "learning_rate warmup_steps weight_decay grad_clip",
+        at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
+                   "log_interval ckpt_interval",
+        non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight "
+                     "kto_undesirable_weight learning_rate warmup_steps weight_decay grad_clip",
         fraction="label_smoothing beta1 beta2")
 
 
@@ -131,7 +132,8 @@ def orpo_loss(pc, pr, nc, nr, lam):
 def kto_loss(p, r, desirable, beta, z0, w_desirable, w_undesirable):
     """p, r: summed log-probs of each response under policy and reference; desirable: bool."""
     ratio = p - r
-    v = torch.where(desirable, torch.sigmoid(beta * (ratio - z0)), torch.sigmoid(beta * (z0 - ratio)))
+    v = torch.where(desirable, torch.sigmoid(beta * (ratio - z0)),
+                    torch.sigmoid(beta * (z0 - ratio)))
     w = torch.where(desirable, torch.full_like(p, w_desirable), torch.full_like(p, w_undesirable))
     return w * (1 - v)
 
@@ -163,7 +165,8 @@ def load_sets(data_dir, prefs, split, enc, block_size):
 def reference_logps(ref, seqs, pad, device, batch=128):
     """The frozen reference's summed log-probs of every response, computed once."""
     return torch.cat([sequence_logprobs(ref, collate([s for s, _ in seqs[i:i + batch]],
-                                                     [n for _, n in seqs[i:i + batch]], pad, device))[0]
+                                                     [n for _, n in seqs[i:i + batch]],
+                                                     pad, device))[0]
                       for i in range(0, len(seqs), batch)])
 
 
@@ -177,9 +180,11 @@ def batch_loss(model, batch, cfg):
     if cfg.loss == "kto":
         desirable = batch[2]
         z0 = kto_reference_point(logp, ref)
-        loss = kto_loss(logp, ref, desirable, cfg.beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        loss = kto_loss(logp, ref, desirable, cfg.beta, z0, cfg.kto_desirable_weight,
+                        cfg.kto_undesirable_weight)
         reward = cfg.beta * (logp - ref).detach()
-        return loss.mean(), {"kto/z0": z0.item(), "rewards/desirable": reward[desirable].mean().item(),
+        return loss.mean(), {"kto/z0": z0.item(),
+                             "rewards/desirable": reward[desirable].mean().item(),
                              "rewards/undesirable": reward[~desirable].mean().item()}
     B = len(rows) // 2  # chosen first, then rejected, in one forward pass
     pc, pr, rc, rr, nc, nr = logp[:B], logp[B:], ref[:B], ref[B:], n[:B], n[B:]
@@ -194,7 +199,8 @@ def batch_loss(model, batch, cfg):
     else:
         loss = orpo_loss(pc, pr, nc, nr, cfg.orpo_lambda)
     chosen, rejected = cfg.beta * (pc - rc).detach(), cfg.beta * (pr - rr).detach()
-    return loss.mean(), {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+    return loss.mean(), {"rewards/chosen": chosen.mean().item(),
+                         "rewards/rejected": rejected.mean().item(),
                          "rewards/margin": (chosen - rejected).mean().item(),
                          "rewards/accuracy": (chosen > rejected).float().mean().item(),
                          "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
@@ -208,14 +214,17 @@ def make_batch(data, chosen_items, cfg, pad, device):
         rows = [items[i] for i in chosen_items]
     else:
         rows = [items[i][0] for i in chosen_items] + [items[i][1] for i in chosen_items]
-    batch = (collate([seqs[j][0] for j in rows], [seqs[j][1] for j in rows], pad, device), ref[rows].to(device))
-    return batch + (torch.tensor([labels[j] for j in rows], device=device),) if cfg.loss == "kto" else batch
+    batch = (collate([seqs[j][0] for j in rows], [seqs[j][1] for j in rows], pad, device),
+             ref[rows].to(device))
+    return (batch + (torch.tensor([labels[j] for j in rows], device=device),)
+            if cfg.loss == "kto" else batch)
 
 
 def make_batches(data, step, cfg, run, pad):
     """This rank's micro-batches of the step's global batch."""
     idx = distributed.global_batch(len(data[1]), step, cfg.batch_size, cfg.seed)
-    return [make_batch(data, chunk, cfg, pad, run.device) for chunk in distributed.rank_chunks(idx, run, cfg.grad_accum)]
+    return [make_batch(data, chunk, cfg, pad, run.device)
+            for chunk in distributed.rank_chunks(idx, run, cfg.grad_accum)]
 
 
 @torch.no_grad()
@@ -235,7 +244,8 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device):
     """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
     samples = sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
                                batch_size=len(prompts))
-    kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device, batch_size=len(samples))
+    kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device,
+                      batch_size=len(samples))
     return sum(kls) / len(kls)
 
 
@@ -247,13 +257,15 @@ def main(cfg):
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
     enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
                                             "python data/prepare.py"))
-    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
+                                   device=run.device)
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")
     seqs, pairs, desirable = load_sets(cfg.data_dir, cfg.prefs, "train", enc, ref.config.block_size)
-    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc, ref.config.block_size)
+    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc,
+                                          ref.config.block_size)
     prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
                                                {"prompt": str})][:cfg.kl_prompts]
     # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)
@@ -265,8 +277,8 @@ def main(cfg):
     print0(f"--loss={cfg.loss}: {len(items)} {'responses' if cfg.loss == 'kto' else 'pairs'} "
            f"({len(vitems)} held out), {cfg.max_steps} steps of {cfg.batch_size} on {run.device}")
 
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               run.device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
@@ -287,7 +299,8 @@ def main(cfg):
         # clip, step (unless the loss or gradient is not finite), zero
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or math.inf).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -296,13 +309,14 @@ def main(cfg):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw_model.eval()
-            metrics.update({f"val/{k}": v for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
+            metrics.update({f"val/{k}": v
+                            for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
             metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device)
             raw_model.train()
         log.step(step - 1, sum(b[0].tokens.numel() for b in batches) * run.world_size,
                  force="objective/kl" in metrics, **metrics)
-        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
+                        ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             cfg.loss, raw_model, cfg, step, optimizer, enc)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     distributed.teardown(run)

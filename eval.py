@@ -44,7 +44,8 @@ from distributed import print0
 from records import read_jsonl
 from reward_model import load_reward_model
 
-STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")  # language-model stages
+# language-model stages
+STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 NAMES = {"pretrain": "base"}  # how a stage is called in the report
 
 
@@ -53,7 +54,7 @@ class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
     out: str = "out"                 # where the stages' checkpoints are; the report goes here
     stages: str = ""                 # comma-separated stages to score (default: every one found)
-    reward_from: str = "auto"        # reward model for proxy and best-of-n: auto = <out>/reward if there; none
+    reward_from: str = "auto"  # reward model (proxy, best-of-n): auto = <out>/reward if there; none
     reference: str = "sft"           # the stage KL and win rates are measured against
     best_of: str = "1,4,16"          # n for best-of-n from the reference ("" = none)
     temperature: float = 0.0         # 0 = greedy decoding
@@ -64,26 +65,29 @@ class Config:
     seed: int = 1337                 # sampling seed
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
 
-    RANGES: ClassVar = ranges(at_least_1="max_new_tokens batch_size n_show", non_negative="temperature")
+    RANGES: ClassVar = ranges(at_least_1="max_new_tokens batch_size n_show",
+                              non_negative="temperature")
 
 
 # ---- scoring answers -------------------------------------------------------------------------
 
 def grade_answers(tasks, answers):
     """One row per answer (text, ended): the gold scorer's verdict and what it was given."""
-    return [dict(family=t.family, kind=t.kind, prompt=t.prompt, text=text, ended=ended, **world.grade(t, text, ended))
+    return [dict(family=t.family, kind=t.kind, prompt=t.prompt, text=text, ended=ended,
+                 **world.grade(t, text, ended))
             for t, (text, ended) in zip(tasks, answers)]
 
 
 def evaluate(model, enc, tasks, cfg, device, temperature, seed, reward_model=None, ref=None):
     """Graded answers of one model; with a reward model each row carries its proxy reward,
     with a reference its log-ratio Σ log π/π_ref (a KL sample when temperature is 1)."""
-    pairs = sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature, seed, device,
-                             cfg.batch_size)
+    pairs = sample_responses(model, enc, [t.prompt for t in tasks], cfg.max_new_tokens, temperature,
+                             seed, device, cfg.batch_size)
     rows = grade_answers(tasks, [decode_response(enc, r) for _, r in pairs])
     pad = enc.encode_single_token("<|endoftext|>")
     if reward_model is not None:
-        for row, s in zip(rows, reward_scores(reward_model, pairs, pad, device, cfg.batch_size).tolist()):
+        for row, s in zip(rows, reward_scores(reward_model, pairs, pad, device,
+                                              cfg.batch_size).tolist()):
             row["proxy"] = s
     if ref is not None:
         for row, k in zip(rows, sequence_kl(model, ref, pairs, pad, device, cfg.batch_size)):
@@ -95,10 +99,11 @@ def best_of_n(model, reward_model, enc, tasks, ns, cfg, device):
     """Rows of best-of-n for each n: max(ns) samples per prompt at temperature 1, and for
     each n the reward model's favourite among the first n (so the n's share samples)."""
     N = max(ns)
-    pairs = sample_responses(model, enc, [t.prompt for t in tasks for _ in range(N)], cfg.max_new_tokens, 1.0,
-                             cfg.seed + 1, device, cfg.batch_size)
+    pairs = sample_responses(model, enc, [t.prompt for t in tasks for _ in range(N)],
+                             cfg.max_new_tokens, 1.0, cfg.seed + 1, device, cfg.batch_size)
     pad = enc.encode_single_token("<|endoftext|>")
-    scores = reward_scores(reward_model, pairs, pad, device, cfg.batch_size).cpu().view(len(tasks), N)
+    scores = reward_scores(reward_model, pairs, pad, device,
+                           cfg.batch_size).cpu().view(len(tasks), N)
     answers = [decode_response(enc, r) for _, r in pairs]
     out = {}
     for n in ns:
@@ -117,7 +122,8 @@ def best_of_n_kl(n):
 
 def win_rate(rows, base_rows):
     """Share of prompts where the gold score beats the base rows' answer; ties count half."""
-    wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0 for a, b in zip(rows, base_rows)]
+    wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0
+            for a, b in zip(rows, base_rows)]
     return sum(wins) / max(1, len(wins))
 
 
@@ -125,7 +131,8 @@ def summarize(rows, base_rows=None):
     """Means over rows of every graded figure (proxy and kl when the rows have them)."""
     n = max(1, len(rows))
     s = {k: sum(float(r[k]) for r in rows) / n
-         for k in ("gold", "correct", "format", "words", "ended", "preamble", "restate", "proxy", "kl")
+         for k in ("gold", "correct", "format", "words", "ended", "preamble", "restate", "proxy",
+                   "kl")
          if rows and k in rows[0]}
     s["n"] = len(rows)
     if base_rows is not None:
@@ -137,7 +144,8 @@ def by_family(rows, base_rows=None):
     out = {}
     for fam in world.FAMILIES:
         idx = [i for i, r in enumerate(rows) if r["family"] == fam]
-        out[fam] = summarize([rows[i] for i in idx], None if base_rows is None else [base_rows[i] for i in idx])
+        out[fam] = summarize([rows[i] for i in idx],
+                             None if base_rows is None else [base_rows[i] for i in idx])
     return out
 
 
@@ -149,19 +157,21 @@ def fmt(s, key, spec):
 
 def main_table(results):
     """Markdown: one row per model, overall figures."""
-    lines = ["| model | gold | correct | format | proxy | KL to ref | words | ended | preamble | restate | "
-             "win vs ref |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | gold | correct | format | proxy | KL to ref | words | ended | preamble | "
+             "restate | win vs ref |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         s = res["overall"]
-        lines.append(f"| {name} | {s['gold']:.2f} | {s['correct']:.0%} | {s['format']:.0%} | {fmt(s, 'proxy', '+.2f')} "
-                     f"| {fmt(s, 'kl', '.2f')} | {s['words']:.1f} | {s['ended']:.0%} | {s['preamble']:.0%} | "
-                     f"{s['restate']:.0%} | {fmt(s, 'win', '.0%')} |")
+        lines.append(f"| {name} | {s['gold']:.2f} | {s['correct']:.0%} | {s['format']:.0%} | "
+                     f"{fmt(s, 'proxy', '+.2f')} | {fmt(s, 'kl', '.2f')} | {s['words']:.1f} | "
+                     f"{s['ended']:.0%} | {s['preamble']:.0%} | {s['restate']:.0%} | "
+                     f"{fmt(s, 'win', '.0%')} |")
     return "\n".join(lines)
 
 
 def family_table(results):
     """Markdown: correctness and win rate per model and task family."""
-    lines = ["| model | " + " | ".join(world.FAMILIES) + " |", "|---|" + "---|" * len(world.FAMILIES)]
+    lines = ["| model | " + " | ".join(world.FAMILIES) + " |",
+             "|---|" + "---|" * len(world.FAMILIES)]
     for name, res in results.items():
         cells = [f"{s['correct']:.0%} ({fmt(s, 'win', '.0%')})" for s in res["families"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -172,12 +182,14 @@ def side_by_side(records, samples, n_show):
     """The same prompts (n_show per family) answered by every model."""
     shown = []
     for fam in world.FAMILIES:
-        for i in [i for i, r in enumerate(records) if world.Task.from_dict(r["task"]).family == fam][:n_show]:
+        for i in [i for i, r in enumerate(records)
+                  if world.Task.from_dict(r["task"]).family == fam][:n_show]:
             shown.append(f"**{records[i]['prompt']}**\n")
             for name, rows in samples.items():
                 r = rows[i]
                 proxy = f", proxy {r['proxy']:+.2f}" if "proxy" in r else ""
-                shown.append(f"- {name}: `{r['text'][:120]!r}`{'' if r['ended'] else ' (no end token)'} "
+                shown.append(f"- {name}: `{r['text'][:120]!r}`"
+                             f"{'' if r['ended'] else ' (no end token)'} "
                              f"(gold {r['gold']:.2f}{proxy})")
             shown.append("")
     return "\n".join(shown)
@@ -188,7 +200,8 @@ CURVES = {
     "pretrain": [("loss", ["loss", "val_loss"])],
     "sft": [("loss", ["loss", "val_loss"])],
     "reward": [("loss", ["loss"]), ("held-out accuracy", ["val_accuracy"])],
-    "ppo": [("proxy and gold score of the rollouts", ["objective/score", "gold/score"]), ("KL", ["objective/kl"])],
+    "ppo": [("proxy and gold score of the rollouts", ["objective/score", "gold/score"]),
+            ("KL", ["objective/kl"])],
     **{s: [("implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margin"]),
            ("policy log-probs", ["logps/chosen", "logps/rejected"])] for s in STAGES[3:]},
 }
@@ -212,10 +225,12 @@ def read_log(path):
 def curves_table(name, recs, panels, n_rows=6):
     metrics = [m for _, ms in panels for m in ms if any(m in r for r in recs)]
     idx = sorted({round(i * (len(recs) - 1) / (n_rows - 1)) for i in range(n_rows)})
-    lines = [f"{name}:\n", "| step | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = [f"{name}:\n", "| step | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
     for i in idx:
         r = recs[i]
-        lines.append(f"| {r['step']} | " + " | ".join(f"{r[m]:.4g}" if m in r else "" for m in metrics) + " |")
+        lines.append(f"| {r['step']} | "
+                     + " | ".join(f"{r[m]:.4g}" if m in r else "" for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,11 +248,12 @@ def training_curves(out, cfg):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return text + "\n(matplotlib is not installed, so no plot: `pip install matplotlib` draws out/curves.png)\n"
+        return text + ("\n(matplotlib is not installed, so no plot: `pip install matplotlib` "
+                       "draws out/curves.png)\n")
     panels = [(s, title, ms) for s, recs in logs.items() for title, ms in CURVES[s]]
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols,
+                             figsize=(4 * cols, 3 * math.ceil(len(panels) / cols)), squeeze=False)
     for ax, (s, title, ms) in zip(axes.flat, panels):
         for m in ms:
             pts = [(r["step"], r[m]) for r in logs[s] if m in r]
@@ -269,8 +285,8 @@ def main(cfg):
     if not wanted:
         raise UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
                                 f"run `python pretrain.py` and `python sft.py` first")
-    load = lambda s: checkpoint.load_model(os.path.join(cfg.out, s, "ckpt.pt"), f"python {s}.py", enc,  # noqa: E731
-                                        device=run.device)[0].eval()
+    load = lambda s: checkpoint.load_model(os.path.join(cfg.out, s, "ckpt.pt"),  # noqa: E731
+                                           f"python {s}.py", enc, device=run.device)[0].eval()
     ref = None
     if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
         ref = load(cfg.reference)
@@ -278,11 +294,14 @@ def main(cfg):
         print0(f"({cfg.out}/{cfg.reference} not found: no KL, win rate or best-of-n against it)")
     reward_model = None
     if cfg.reward_from != "none":
-        path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto" else cfg.reward_from, "ckpt.pt")
-        if os.path.exists(path) or cfg.reward_from != "auto":  # one named on the command line must be there
+        path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto"
+                            else cfg.reward_from, "ckpt.pt")
+        # one named on the command line must be there
+        if os.path.exists(path) or cfg.reward_from != "auto":
             reward_model, _ = load_reward_model(path, "python reward.py", enc, device=run.device)
         else:
-            print0(f"({path} not found: no proxy reward and no best-of-n; run `python reward.py` for them)")
+            print0(f"({path} not found: no proxy reward and no best-of-n; "
+                   f"run `python reward.py` for them)")
 
     samples, results = {}, {}
     for stage in wanted:
@@ -295,9 +314,9 @@ def main(cfg):
                 row["kl"] = k["kl"]
         samples[NAMES.get(stage, stage)] = rows
         o = summarize(rows)
-        print0(f"{NAMES.get(stage, stage)}: gold {o['gold']:.2f}, correct {o['correct']:.0%}, format "
-               f"{o['format']:.0%}{', KL %.2f' % o['kl'] if 'kl' in o else ''} ({len(tasks)} held-out prompts, "
-               f"{time.time() - t0:.1f}s)")
+        print0(f"{NAMES.get(stage, stage)}: gold {o['gold']:.2f}, correct {o['correct']:.0%}, "
+               f"format {o['format']:.0%}{', KL %.2f' % o['kl'] if 'kl' in o else ''} "
+               f"({len(tasks)} held-out prompts, {time.time() - t0:.1f}s)")
     if reward_model is not None and ns and ref is not None:
         t0 = time.time()
         for n, rows in best_of_n(ref, reward_model, enc, tasks, ns, cfg, run.device).items():
@@ -311,17 +330,19 @@ def main(cfg):
         results[name] = dict(overall=summarize(rows, base), families=by_family(rows, base))
     for stage in wanted:
         checkpoint.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
-                             lambda f: f.write(json.dumps(results[NAMES.get(stage, stage)], indent=1).encode()))
+                                lambda f: f.write(json.dumps(results[NAMES.get(stage, stage)],
+                                                             indent=1).encode()))
 
     decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
     shown = side_by_side(records, samples, cfg.n_show)
     report = [
         "# minRLHF evaluation\n",
-        f"{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl. Models answer with {decoding} decoding; "
-        f"best-of-n picks the reward model's favourite of n answers sampled from {cfg.reference} at temperature 1. "
-        f"gold: the world's gold score (correct +1, format +0.5, preamble −0.4, restating −0.3, ...); proxy: "
-        f"the reward model's score (0 mean, 1 std on SFT samples); KL to ref: Σ log π/π_ref per answer, "
-        f"mean over answers sampled at temperature 1 (best-of-n: log n − (n−1)/n, exact); win: share of prompts "
+        f"{len(records)} held-out prompts from {cfg.data_dir}/eval.jsonl. Models answer with "
+        f"{decoding} decoding; best-of-n picks the reward model's favourite of n answers sampled "
+        f"from {cfg.reference} at temperature 1. gold: the world's gold score (correct +1, "
+        f"format +0.5, preamble −0.4, restating −0.3, ...); proxy: the reward model's score "
+        f"(0 mean, 1 std on SFT samples); KL to ref: Σ log π/π_ref per answer, mean over answers "
+        f"sampled at temperature 1 (best-of-n: log n − (n−1)/n, exact); win: share of prompts "
         f"where the gold score beats {cfg.reference}'s {decoding} answer, ties half.\n",
         main_table(results), "\n## Per task family: correct (win vs ref)\n", family_table(results),
         "\n## Answers side by side\n", shown, "## Training curves\n", training_curves(cfg.out, cfg),
@@ -331,7 +352,8 @@ def main(cfg):
         with open(overopt, encoding="utf-8") as f:
             report += ["## Over-optimisation (from overopt.py)\n",
                        f.read().split("\n", 1)[1].replace("](", "](overopt/")]
-    checkpoint.atomic_write(os.path.join(cfg.out, "report.md"), lambda f: f.write("\n".join(report).encode()))
+    checkpoint.atomic_write(os.path.join(cfg.out, "report.md"),
+                            lambda f: f.write("\n".join(report).encode()))
     print0("\n" + main_table(results) + "\n\n" + family_table(results) + "\n\n" + shown)
     print0(f"report: {cfg.out}/report.md")
 

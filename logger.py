@@ -19,7 +19,8 @@ class Logger:
     of each resume) is {"config": ...}. Only the master process writes."""
 
     def __init__(self, out_dir, cfg, total_steps, interval, master, start_step=0, append=False):
-        self.total, self.interval, self.master, self.start = total_steps, interval, master, start_step
+        self.total, self.interval, self.master, self.start = (total_steps, interval, master,
+                                                              start_step)
         self.path = os.path.join(out_dir, "log.jsonl")
         self.t0, self.last_t, self.tokens = time.time(), time.time(), 0
         if master:
@@ -44,8 +45,8 @@ class Logger:
         tok_s = self.tokens / max(dt, 1e-9)
         eta = (now - self.t0) / (step + 1 - self.start) * (self.total - step - 1)
         self.last_t, self.tokens = now, 0
-        rec = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tok_per_s": round(tok_s, 1),
-               "elapsed_s": round(now - self.t0, 2)}
+        rec = {"step": step, **{k: float(v) for k, v in metrics.items()},
+               "tok_per_s": round(tok_s, 1), "elapsed_s": round(now - self.t0, 2)}
         self.write(rec)
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if show is None or k in show)
         print0(f"step {step:>5}/{self.total} | {shown} | {tok_s / 1e3:.1f}k tok/s | eta {eta:.0f}s")

@@ -42,11 +42,13 @@ class NonFiniteGuard:
             return True
         self.skipped += 1
         self.in_a_row += 1
-        print0(f"warning: step {step}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
+        print0(f"warning: step {step}: non-finite loss or gradient, update skipped "
+               f"({self.skipped} so far)")
         if self.in_a_row >= self.limit:
-            kept = f"{self.ckpt_path} holds the last good weights; " if os.path.exists(self.ckpt_path) else ""
-            raise UserError(f"{self.limit} non-finite updates in a row, at step {step}: stopping; {kept}"
-                            f"try a lower --learning_rate or --grad_clip")
+            kept = (f"{self.ckpt_path} holds the last good weights; "
+                    if os.path.exists(self.ckpt_path) else "")
+            raise UserError(f"{self.limit} non-finite updates in a row, at step {step}: "
+                            f"stopping; {kept}try a lower --learning_rate or --grad_clip")
         return False
 
     def logged(self):

@@ -49,7 +49,7 @@ from reward_model import load_reward_model
 
 @dataclass
 class Config:
-    seeds: str = "1337"                 # comma-separated seeds: each one PPO run per β and one best-of-n
+    seeds: str = "1337"  # comma-separated seeds: each one PPO run per β and one best-of-n
     betas: str = "0,0.02,0.05,0.1,0.3"  # fixed KL coefficients for PPO
     best_of: str = "1,2,4,8,16,32,64"   # n for best-of-n from SFT
     iterations: int = 120               # PPO iterations per run (ppo.py's default)
@@ -73,9 +73,10 @@ def ppo_run(cfg, seed, beta):
         print0(f"PPO β={beta:g} seed {seed}: finished earlier, reusing {out}")
         return out
     cmd = [sys.executable, "ppo.py", f"--kl_coef={beta}", "--adaptive_kl=false", f"--seed={seed}",
-           f"--iterations={cfg.iterations}", f"--data_dir={cfg.data_dir}", f"--init_from={cfg.sft_from}",
-           f"--reward_from={cfg.reward_from}", f"--out_dir={out}", f"--device={cfg.device}", "--sample_interval=0",
-           f"--resume={os.path.exists(ckpt)}", *cfg.ppo_flags.split()]
+           f"--iterations={cfg.iterations}", f"--data_dir={cfg.data_dir}",
+           f"--init_from={cfg.sft_from}", f"--reward_from={cfg.reward_from}", f"--out_dir={out}",
+           f"--device={cfg.device}", "--sample_interval=0", f"--resume={os.path.exists(ckpt)}",
+           *cfg.ppo_flags.split()]
     print0(f"PPO β={beta:g} seed {seed}: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}.out"), "w") as f:
@@ -90,12 +91,14 @@ def point(rows, **extra):
     """One point of the curve: means over the held-out answers."""
     s = evaluation.summarize(rows)
     return dict(kl=s["kl"], sqrt_kl=math.sqrt(max(s["kl"], 0.0)), proxy=s["proxy"], gold=s["gold"],
-                correct=s["correct"], preamble=s["preamble"], restate=s["restate"], words=s["words"], **extra)
+                correct=s["correct"], preamble=s["preamble"], restate=s["restate"],
+                words=s["words"], **extra)
 
 
 def trajectory(log_path):
     """A PPO run's training path: (KL, proxy, gold) of its rollouts at every iteration."""
-    return [dict(step=r["step"], kl=r["objective/kl"], proxy=r["objective/score"], gold=r["gold/score"])
+    return [dict(step=r["step"], kl=r["objective/kl"], proxy=r["objective/score"],
+                 gold=r["gold/score"])
             for r in evaluation.read_log(log_path) if "gold/score" in r]
 
 
@@ -103,9 +106,9 @@ def table(points):
     lines = ["| seed | method | KL | √KL | proxy | gold | correct | preamble | restate | words |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p['seed']} | {p['method']} | {p['kl']:.2f} | {p['sqrt_kl']:.2f} | {p['proxy']:+.2f} | "
-                     f"{p['gold']:.2f} | {p['correct']:.0%} | {p['preamble']:.0%} | {p['restate']:.0%} | "
-                     f"{p['words']:.1f} |")
+        lines.append(f"| {p['seed']} | {p['method']} | {p['kl']:.2f} | {p['sqrt_kl']:.2f} | "
+                     f"{p['proxy']:+.2f} | {p['gold']:.2f} | {p['correct']:.0%} | "
+                     f"{p['preamble']:.0%} | {p['restate']:.0%} | {p['words']:.1f} |")
     return "\n".join(lines)
 
 
@@ -121,9 +124,10 @@ def findings(points):
                 continue
             peak = max(ps, key=lambda p: p["gold"])
             near, far = ps[0], ps[-1]
-            out.append(f"- seed {seed}, {kind}: from {near['method']} (√KL {near['sqrt_kl']:.2f}) to {far['method']} "
-                       f"(√KL {far['sqrt_kl']:.2f}) the proxy goes {near['proxy']:+.2f} → {far['proxy']:+.2f} and the "
-                       f"gold score {near['gold']:.2f} → {far['gold']:.2f}; gold peaks at {peak['method']} "
+            out.append(f"- seed {seed}, {kind}: from {near['method']} (√KL {near['sqrt_kl']:.2f}) "
+                       f"to {far['method']} (√KL {far['sqrt_kl']:.2f}) the proxy goes "
+                       f"{near['proxy']:+.2f} → {far['proxy']:+.2f} and the gold score "
+                       f"{near['gold']:.2f} → {far['gold']:.2f}; gold peaks at {peak['method']} "
                        f"({peak['gold']:.2f}, √KL {peak['sqrt_kl']:.2f}).")
     return "\n".join(out)
 
@@ -139,12 +143,12 @@ def plot(points, paths, png):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("gold", "proxy")):
         for (seed, beta), path in paths.items():  # training paths, thin
-            ax.plot([math.sqrt(max(p["kl"], 0)) for p in path], [p[key] for p in path], color="tab:blue", lw=0.5,
-                    alpha=0.3)
+            ax.plot([math.sqrt(max(p["kl"], 0)) for p in path], [p[key] for p in path],
+                    color="tab:blue", lw=0.5, alpha=0.3)
         for seed in sorted({p["seed"] for p in points}):
             for kind, color in (("PPO", "tab:blue"), ("best-of-n", "tab:orange")):
-                ps = sorted([p for p in points if p["seed"] == seed and p["method"].startswith(kind)],
-                            key=lambda p: p["kl"])
+                ps = sorted([p for p in points if p["seed"] == seed
+                             and p["method"].startswith(kind)], key=lambda p: p["kl"])
                 ax.plot([p["sqrt_kl"] for p in ps], [p[key] for p in ps], marker="o", color=color,
                         label=kind if seed == min(p["seed"] for p in points) else None)
                 for p in ps:
@@ -165,37 +169,45 @@ def main(cfg):
     betas = number_list(cfg.betas, "--betas", float, minimum=0.0)
     ns = number_list(cfg.best_of, "--best_of", minimum=1)
     if not seeds or not (betas or ns):
-        raise UserError("--seeds and at least one of --betas and --best_of must name something to run")
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
-    reward_model, _ = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py", enc,
-                                                device=run.device)
+        raise UserError("--seeds and at least one of --betas and --best_of must name something "
+                        "to run")
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc,
+                                   device=run.device)
+    reward_model, _ = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
+                                        "python reward.py", enc, device=run.device)
     ref.eval()
     records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]
-    ecfg = evaluation.Config(data_dir=cfg.data_dir, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    ecfg = evaluation.Config(data_dir=cfg.data_dir, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    print0(f"over-optimisation: seeds {seeds}, PPO β {betas}, best-of-n n {ns}, {len(tasks)} held-out prompts")
+    print0(f"over-optimisation: seeds {seeds}, PPO β {betas}, best-of-n n {ns}, "
+           f"{len(tasks)} held-out prompts")
 
     points, paths, t_start = [], {}, time.time()
     for seed in seeds:
         t0 = time.time()
         for beta in betas:
             out = ppo_run(cfg, seed, beta)
-            policy, _ = checkpoint.load_model(os.path.join(out, "ckpt.pt"), "python ppo.py", enc, device=run.device)
-            rows = evaluation.evaluate(policy.eval(), enc, tasks, ecfg, run.device, 1.0, seed, reward_model, ref)
+            policy, _ = checkpoint.load_model(os.path.join(out, "ckpt.pt"), "python ppo.py", enc,
+                                              device=run.device)
+            rows = evaluation.evaluate(policy.eval(), enc, tasks, ecfg, run.device, 1.0, seed,
+                                       reward_model, ref)
             points.append(point(rows, seed=seed, method=f"PPO β={beta:g}"))
             paths[(seed, beta)] = trajectory(os.path.join(out, "log.jsonl"))
-            print0(f"  PPO β={beta:g}: KL {points[-1]['kl']:.2f}, proxy {points[-1]['proxy']:+.2f}, "
-                   f"gold {points[-1]['gold']:.2f}")
+            print0(f"  PPO β={beta:g}: KL {points[-1]['kl']:.2f}, "
+                   f"proxy {points[-1]['proxy']:+.2f}, gold {points[-1]['gold']:.2f}")
         if ns:
             ecfg.seed = seed
-            for n, rows in evaluation.best_of_n(ref, reward_model, enc, tasks, ns, ecfg, run.device).items():
+            for n, rows in evaluation.best_of_n(ref, reward_model, enc, tasks, ns, ecfg,
+                                                run.device).items():
                 for row in rows:
                     row["kl"] = evaluation.best_of_n_kl(n)
                 points.append(point(rows, seed=seed, method=f"best-of-n n={n}"))
-                print0(f"  best-of-{n}: KL {points[-1]['kl']:.2f}, proxy {points[-1]['proxy']:+.2f}, "
-                       f"gold {points[-1]['gold']:.2f}")
+                print0(f"  best-of-{n}: KL {points[-1]['kl']:.2f}, "
+                       f"proxy {points[-1]['proxy']:+.2f}, gold {points[-1]['gold']:.2f}")
         print0(f"seed {seed}: {time.time() - t0:.0f}s")
         results = dict(config=dataclasses.asdict(cfg), points=points,
                        paths={f"seed{s}_beta{b:g}": p for (s, b), p in paths.items()})
@@ -204,15 +216,18 @@ def main(cfg):
 
     png = os.path.join(cfg.out_dir, "overopt.png")
     figure = ("![gold and proxy against √KL](overopt.png)" if plot(points, paths, png) else
-              "(matplotlib is not installed, so no figure: `pip install matplotlib` and rerun; the runs are reused)")
+              "(matplotlib is not installed, so no figure: `pip install matplotlib` and rerun; "
+              "the runs are reused)")
     report = "\n".join([
         "# Over-optimisation\n",
         f"`python overopt.py --seeds={cfg.seeds} --betas={cfg.betas} --best_of={cfg.best_of} "
-        f"--iterations={cfg.iterations}` ({(time.time() - t_start) / 60:.1f} min). Every policy answers the "
-        f"{len(tasks)} held-out prompts at temperature 1; proxy: the reward model's score of those answers; gold: "
-        f"the gold scorer's; KL: the mean of Σ log π/π_sft over the same answers (best-of-n: log n − (n−1)/n).\n",
+        f"--iterations={cfg.iterations}` ({(time.time() - t_start) / 60:.1f} min). "
+        f"Every policy answers the {len(tasks)} held-out prompts at temperature 1; "
+        f"proxy: the reward model's score of those answers; gold: the gold scorer's; "
+        f"KL: the mean of Σ log π/π_sft over the same answers (best-of-n: log n − (n−1)/n).\n",
         figure + "\n", findings(points) + "\n", table(points) + "\n"])
-    checkpoint.atomic_write(os.path.join(cfg.out_dir, "report.md"), lambda f: f.write(report.encode()))
+    checkpoint.atomic_write(os.path.join(cfg.out_dir, "report.md"),
+                            lambda f: f.write(report.encode()))
     print0("\n" + table(points) + "\n\n" + findings(points))
     print0(f"report: {cfg.out_dir}/report.md")
 

@@ -1,8 +1,8 @@
 """The whole pipeline in one command: every stage in order, each as its own process.
 
-    python pipeline.py                      # the default run on the embedded world
-    python pipeline.py --quick=true         # a tiny world and tiny models: checks that every stage runs
-    python pipeline.py --device=cuda        # every stage on the GPU
+    python pipeline.py                 # the default run on the embedded world
+    python pipeline.py --quick=true    # a tiny world and tiny models: checks that every stage runs
+    python pipeline.py --device=cuda   # every stage on the GPU
 
 Each stage is the command a user would type (printed before it runs), so a stage that
 fails can be rerun or resumed by hand. The first failure stops the pipeline with that
@@ -23,24 +23,26 @@ class Config:
     data_dir: str = "data/world"  # where data/prepare.py writes the world
     out: str = "out"              # where the stages write their checkpoints and eval the report
     device: str = "auto"          # auto, cpu, cuda, cuda:N or mps (every stage but data/prepare.py)
-    quick: bool = False           # tiny world and models, a few steps each: a check that everything runs
+    quick: bool = False           # tiny world and models, a few steps each: checks everything runs
 
 
 # A tiny world and one-layer models with a few steps each: numbers mean nothing, but
 # every stage runs, writes its checkpoint and its log, and the report is complete.
 QUICK = {
-    "data/prepare.py": ["--n_docs=400", "--vocab_size=320", "--n_sft=64", "--n_prefs=16", "--n_rl=16", "--n_eval=2"],
-    "pretrain.py": ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160", "--batch_size=8",
-                    "--max_steps=12", "--eval_interval=6", "--eval_batches=1", "--log_interval=4",
-                    "--ckpt_interval=6", "--warmup_steps=2"],
-    "sft.py": ["--batch_size=16", "--max_steps=6", "--eval_interval=3", "--log_interval=1", "--warmup_steps=2"],
+    "data/prepare.py": ["--n_docs=400", "--vocab_size=320", "--n_sft=64", "--n_prefs=16",
+                        "--n_rl=16", "--n_eval=2"],
+    "pretrain.py": ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=160",
+                    "--batch_size=8", "--max_steps=12", "--eval_interval=6", "--eval_batches=1",
+                    "--log_interval=4", "--ckpt_interval=6", "--warmup_steps=2"],
+    "sft.py": ["--batch_size=16", "--max_steps=6", "--eval_interval=3", "--log_interval=1",
+               "--warmup_steps=2"],
     "data/label.py": ["--n_prompts=10", "--K=3", "--max_new_tokens=8"],
-    "reward.py": ["--batch_size=4", "--max_steps=4", "--eval_interval=2", "--log_interval=1", "--warmup_steps=1",
-                  "--norm_prompts=8", "--max_new_tokens=8"],
-    "ppo.py": ["--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=8", "--iterations=3",
-               "--sample_interval=2"],
-    "dpo.py": ["--batch_size=4", "--max_steps=3", "--eval_interval=3", "--log_interval=1", "--warmup_steps=1",
-               "--kl_prompts=4", "--max_new_tokens=8"],
+    "reward.py": ["--batch_size=4", "--max_steps=4", "--eval_interval=2", "--log_interval=1",
+                  "--warmup_steps=1", "--norm_prompts=8", "--max_new_tokens=8"],
+    "ppo.py": ["--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=8",
+               "--iterations=3", "--sample_interval=2"],
+    "dpo.py": ["--batch_size=4", "--max_steps=3", "--eval_interval=3", "--log_interval=1",
+               "--warmup_steps=1", "--kl_prompts=4", "--max_new_tokens=8"],
     "eval.py": ["--max_new_tokens=8"],
 }
 
@@ -55,7 +57,8 @@ def commands(cfg):
         ("sft.py", [d, f"--init_from={o}/pretrain", f"--out_dir={o}/sft", *device]),
         ("data/label.py", [d, f"--policy={o}/sft", *device]),
         ("reward.py", [d, f"--init_from={o}/sft", f"--out_dir={o}/reward", *device]),
-        ("ppo.py", [d, f"--init_from={o}/sft", f"--reward_from={o}/reward", f"--out_dir={o}/ppo", *device]),
+        ("ppo.py", [d, f"--init_from={o}/sft", f"--reward_from={o}/reward", f"--out_dir={o}/ppo",
+                    *device]),
         ("dpo.py", [d, f"--init_from={o}/sft", f"--out_dir={o}/dpo", *device]),
         ("eval.py", [d, f"--out={o}", *device]),
     ]
@@ -77,7 +80,8 @@ def main(cfg):
         if code == 2:  # a user error: the stage has said what is wrong, in one line
             sys.exit(2)
         if code != 0:
-            print(f"error: `python {script}` failed (exit {code}); the stages before it are done", file=sys.stderr)
+            print(f"error: `python {script}` failed (exit {code}); the stages before it are done",
+                  file=sys.stderr)
             sys.exit(code if code > 0 else 1)
     print("\n" + "\n".join(f"{script:<16} {minutes(s)}" for script, s in times))
     print(f"total: {minutes(time.time() - t0)} for the whole pipeline; report: {cfg.out}/report.md")

@@ -68,8 +68,8 @@ from reward_model import load_reward_model
 class Config:
     data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
     init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
-    reward_from: str = "out/reward"   # the reward model; its first member also starts the value model
-    reward: str = "model"             # model: the reward model; verifiable: 1 if the answer is right, else 0
+    reward_from: str = "out/reward"   # reward model; its first member also starts the value model
+    reward: str = "model"             # model: the reward model; verifiable: 1 if right, else 0
     out_dir: str = "out/ppo"          # checkpoint and log go here
     iterations: int = 120             # rollout + update rounds
     batch_size: int = 64              # rollouts per iteration, all processes together
@@ -81,10 +81,10 @@ class Config:
     value_lr: float = 1e-4            # value model
     weight_decay: float = 0.0         # AdamW decay (matrices only)
     grad_clip: float = 1.0            # clip each model's gradient norm (0 = off)
-    kl_coef: float = 0.2              # β: weight of the per-token KL penalty (initial value if adaptive)
+    kl_coef: float = 0.2              # β: per-token KL penalty weight (initial value if adaptive)
     adaptive_kl: bool = False         # adapt β toward target_kl (Ziegler et al. 2019)
     target_kl: float = 2.0            # adaptive: wanted KL per response, nats
-    kl_horizon: int = 10000           # adaptive: rollouts over which β moves by at most ±20% per unit error
+    kl_horizon: int = 10000  # adaptive: rollouts over which β moves by at most ±20% per unit error
     gamma: float = 1.0                # discount
     lam: float = 0.95                 # GAE λ
     clip_range: float = 0.2           # policy ratio clip ε
@@ -104,10 +104,10 @@ class Config:
     resume: bool = False              # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
-        at_least_1="iterations batch_size minibatch_size ppo_epochs max_new_tokens kl_horizon log_interval "
-                   "ckpt_interval",
-        non_negative="learning_rate value_lr weight_decay grad_clip kl_coef target_kl clip_range clip_range_value "
-                     "entropy_coef ptx_coef temperature sample_interval",
+        at_least_1="iterations batch_size minibatch_size ppo_epochs max_new_tokens kl_horizon "
+                   "log_interval ckpt_interval",
+        non_negative="learning_rate value_lr weight_decay grad_clip kl_coef target_kl clip_range "
+                     "clip_range_value entropy_coef ptx_coef temperature sample_interval",
         fraction="gamma lam")
 
 
@@ -188,7 +188,8 @@ def value_loss(values, old_values, returns, mask, clip_range):
 def ptx_windows(data, n, length, generator, device):
     """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
     inputs and next-token targets (B, length) each."""
-    starts = torch.randint(len(data) - length - 1, (n,), generator=generator, device=generator.device)
+    starts = torch.randint(len(data) - length - 1, (n,), generator=generator,
+                           device=generator.device)
     return token_windows(data, starts, length, device)
 
 
@@ -235,8 +236,8 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
     # 3. log-probs under policy and reference (same temperature); per-token rewards
-    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P, temperature=cfg.temperature,
-                                      entropy=True)
+    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
+                                      temperature=cfg.temperature, entropy=True)
     ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P, temperature=cfg.temperature)
     logp, ref_logp = logp * mask, ref_logp * mask
     rewards, kl = per_token_rewards(logp, ref_logp, scores, mask, beta)
@@ -247,15 +248,15 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     values = response_values(value_model, tokens, attn, P) * mask
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return dict(tokens=tokens, attn=attn, mask=mask, P=P, logp=logp, values=values, returns=returns,
-                advantages=advantages, scores=scores, raw_scores=raw_score, ended=ended, kl=kl, entropy=entropy,
-                rewards=rewards, responses=responses)
+                advantages=advantages, scores=scores, raw_scores=raw_score, ended=ended, kl=kl,
+                entropy=entropy, rewards=rewards, responses=responses)
 
 
 # --- step 5: the PPO update ----------------------------------------------------------------------
 
 
-def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run, guard=None,
-               it=0, ptx_data=None):
+def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value_lr, generator, run,
+               guard=None, it=0, ptx_data=None):
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
     step per minibatch for each model, skipped when its gradient is not finite (counted by
     `guard`, an optim.NonFiniteGuard). With ptx_data (the pretraining tokens, passed when
@@ -273,33 +274,38 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
             with run.autocast:
                 logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=batch["P"],
                                                   temperature=cfg.temperature, entropy=True)
-                pg_loss, clipfrac, approx_kl, ratio = policy_loss(logp, batch["logp"][idx], batch["advantages"][idx],
-                                                                  mask, cfg.clip_range)
+                pg_loss, clipfrac, approx_kl, ratio = policy_loss(
+                    logp, batch["logp"][idx], batch["advantages"][idx], mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
                 (pg_loss - cfg.entropy_coef * ent).backward()
             if ptx_data is not None:  # (main passes it only when --ptx_coef > 0)
-                with run.autocast:  # its own forward and backward: the windows are longer than the rollouts
-                    ptx = policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, generator, tokens.device))[1]
+                # its own forward and backward: the windows are longer than the rollouts
+                with run.autocast:
+                    ptx = policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, generator,
+                                              tokens.device))[1]
                     (cfg.ptx_coef * ptx).backward()
                 stats.setdefault("loss/ptx", []).append(ptx.item())
             optim.set_lr(opt_policy, lr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                       cfg.grad_clip or math.inf).item()
             if guard.ok(grad_norm, it):
                 opt_policy.step()
             opt_policy.zero_grad(set_to_none=True)
             # the value model: clipped value loss
             with run.autocast:
                 values = response_values(value_model, tokens, attn, batch["P"])
-                vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
-                                                  cfg.clip_range_value)
+                vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
+                                                  batch["returns"][idx], mask, cfg.clip_range_value)
                 vf_loss.backward()
             optim.set_lr(opt_value, value_lr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or math.inf).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(),
+                                                       cfg.grad_clip or math.inf).item()
             if guard.ok(grad_norm, it):
                 opt_value.step()
             opt_value.zero_grad(set_to_none=True)
-            for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
-                         ("policy/approxkl", approx_kl), ("policy/ratio", ratio), ("policy/entropy", ent),
+            for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss),
+                         ("policy/clipfrac", clipfrac), ("policy/approxkl", approx_kl),
+                         ("policy/ratio", ratio), ("policy/entropy", ent),
                          ("value/clipfrac", vf_clipfrac)):
                 stats.setdefault(k, []).append(v.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
@@ -315,8 +321,9 @@ def load_prompts(path, enc, max_prompt_len):
     for rec in read_jsonl(path, {"prompt": str, "task": dict}):
         ids = encode_prompt(enc, rec["prompt"])
         if len(ids) > max_prompt_len:
-            raise UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room for "
-                                    f"--max_new_tokens in the context (at most {max_prompt_len} prompt tokens)")
+            raise UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room "
+                            f"for --max_new_tokens in the context "
+                            f"(at most {max_prompt_len} prompt tokens)")
         texts.append(rec["prompt"])
         prompts.append(ids)
         tasks.append(world.Task.from_dict(rec["task"]))
@@ -347,25 +354,28 @@ def show_samples(enc, texts, batch, n=3):
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     local_batch = distributed.micro_batch_size(cfg.batch_size, 1, run)
-    if cfg.minibatch_size <= 0 or cfg.minibatch_size % run.world_size or local_batch % (cfg.minibatch_size
-                                                                                        // run.world_size):
-        raise UserError(f"--minibatch_size={cfg.minibatch_size} must split --batch_size={cfg.batch_size} "
-                                f"evenly, and into {run.world_size} process(es)")
+    if (cfg.minibatch_size <= 0 or cfg.minibatch_size % run.world_size
+            or local_batch % (cfg.minibatch_size // run.world_size)):
+        raise UserError(f"--minibatch_size={cfg.minibatch_size} must split --batch_size="
+                        f"{cfg.batch_size} evenly, and into {run.world_size} process(es)")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
     enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
                                             "python data/prepare.py"))
-    tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"), pad=enc.encode_single_token("<|endoftext|>"))
+    tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"),
+                          pad=enc.encode_single_token("<|endoftext|>"))
 
     if cfg.reward not in ("model", "verifiable"):
         raise UserError(f"--reward={cfg.reward}: expected model or verifiable")
-    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
+                                   device=run.device)
     policy = copy.deepcopy(ref)
     if cfg.reward == "model":
-        reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"), "python reward.py", enc,
-                                                  device=run.device)
+        reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
+                                                  "python reward.py", enc, device=run.device)
         value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
-        value_model.load_state_dict(reward_model.members[0].trunk_and_head())  # (the gate is the reward's own)
+        # (the gate is the reward's own)
+        value_model.load_state_dict(reward_model.members[0].trunk_and_head())
         reward_model.requires_grad_(False).eval()
     else:  # no reward model: the value model starts from the SFT trunk with a zero head
         reward_model, rm_ckpt, value_model = None, {"config": None}, ScalarGPT.from_lm(ref)
@@ -377,15 +387,18 @@ def main(cfg):
     ptx_data = None
     if cfg.ptx_coef > 0:
         if not 0 < cfg.ptx_len <= policy.config.block_size or cfg.ptx_batch < 1:
-            raise UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} (the "
-                                    f"policy's context) and --ptx_batch={cfg.ptx_batch} at least 1")
+            raise UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} "
+                            f"(the policy's context) and --ptx_batch={cfg.ptx_batch} at least 1")
         path = checkpoint.require(os.path.join(cfg.data_dir, "train.bin"), "python data/prepare.py")
         ptx_data = np.memmap(path, dtype=np.uint16, mode="r")
         if len(ptx_data) <= cfg.ptx_len + 1:
-            raise UserError(f"{path} holds {len(ptx_data)} tokens, too few for --ptx_len={cfg.ptx_len}")
+            raise UserError(f"{path} holds {len(ptx_data)} tokens, "
+                            f"too few for --ptx_len={cfg.ptx_len}")
 
-    opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), run.device_type)
-    opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95), run.device_type)
+    opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
+                                             run.device_type)
+    opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95),
+                                                 run.device_type)
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
@@ -393,35 +406,42 @@ def main(cfg):
         value_model.load_state_dict(ckpt["value_model"])
         opt_value.load_state_dict(ckpt["value_optimizer"])
         beta = ckpt["kl_coef"]
-    train_policy, train_value = distributed.wrap(policy, run, cfg.compile), distributed.wrap(value_model, run, cfg.compile)
+    train_policy, train_value = (distributed.wrap(policy, run, cfg.compile),
+                                 distributed.wrap(value_model, run, cfg.compile))
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
-           f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), β {beta:g}"
-           f"{' adaptive' if cfg.adaptive_kl else ''}, on {run.device} x {run.world_size}")
+           f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), "
+           f"β {beta:g}{' adaptive' if cfg.adaptive_kl else ''}, "
+           f"on {run.device} x {run.world_size}")
 
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
     rm_score = None
     if reward_model is not None:  # every rollout of the batch scored in one forward pass
         def rm_score(prompts, responses):
-            return reward_scores(reward_model, list(zip(prompts, responses)), tok.pad, run.device, len(prompts))
+            return reward_scores(reward_model, list(zip(prompts, responses)), tok.pad, run.device,
+                                 len(prompts))
     while it < cfg.iterations:
         t0 = time.time()
         g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
-        mine = distributed.rank_chunks(distributed.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
+        mine = distributed.rank_chunks(
+            distributed.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4
         score_fn = rm_score or verifiable_score(enc, [tasks[i] for i in mine])
-        batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg, tok, g,
-                        run.device)
+        batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg,
+                        tok, g, run.device)
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
         n_tokens = batch["mask"].sum().item()
         t_rollout = time.time() - t0
-        # the world's gold scorer on the same rollouts: logged to show what the proxy hides, never optimised
-        grades = [world.grade(tasks[i], *decode_response(enc, r)) for i, r in zip(mine, batch["responses"])]
+        # the world's gold scorer on the same rollouts: logged to show what the proxy hides,
+        # never optimised
+        grades = [world.grade(tasks[i], *decode_response(enc, r))
+                  for i, r in zip(mine, batch["responses"])]
 
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
-        update = ppo_update(train_policy, train_value, opt_policy, opt_value, batch, cfg, cfg.learning_rate * frac,
-                            cfg.value_lr * frac, g, run, guard, it, ptx_data)
+        update = ppo_update(train_policy, train_value, opt_policy, opt_value, batch, cfg,
+                            cfg.learning_rate * frac, cfg.value_lr * frac, g, run, guard, it,
+                            ptx_data)
         t_update = time.time() - t0 - t_rollout
 
         # 6. the KL coefficient for the next iteration
@@ -430,29 +450,33 @@ def main(cfg):
         metrics = {
             "objective/score": mean(batch["scores"]), "objective/kl": kl,
             "objective/non_score_reward": mean(-beta * batch["kl"].sum(1)),
-            "objective/entropy": mean(batch["entropy"].mul(batch["mask"]).sum(1) / batch["mask"].sum(1)),
-            "objective/beta": beta, **{k: distributed.all_reduce_mean(v, run) for k, v in update.items()},
+            "objective/entropy": mean(batch["entropy"].mul(batch["mask"]).sum(1)
+                                      / batch["mask"].sum(1)),
+            "objective/beta": beta,
+            **{k: distributed.all_reduce_mean(v, run) for k, v in update.items()},
             "value/explained_variance": distributed.all_reduce_mean(
                 explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
             "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
             "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
             "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
             "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
-            "time/rollout_tok_per_s": distributed.all_reduce_mean(n_tokens / t_rollout, run) * run.world_size,
+            "time/rollout_tok_per_s": distributed.all_reduce_mean(n_tokens / t_rollout, run)
+                                      * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
             **guard.logged(),
         }
         if cfg.adaptive_kl:
             beta = adaptive_kl_step(beta, kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
         it += 1
-        shown = ("objective/score", "objective/kl", "objective/beta", "gold/score", "policy/clipfrac",
-                 "value/explained_variance", "rollout/length")
+        shown = ("objective/score", "objective/kl", "objective/beta", "gold/score",
+                 "policy/clipfrac", "value/explained_variance", "rollout/length")
         log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             show_samples(enc, [texts[i] for i in mine], batch)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "ppo", policy, cfg, it, opt_policy, enc, value_model=value_model.state_dict(),
+                            "ppo", policy, cfg, it, opt_policy, enc,
+                            value_model=value_model.state_dict(),
                             value_optimizer=opt_value.state_dict(), kl_coef=beta,
                             reward_model=rm_ckpt["config"])))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")

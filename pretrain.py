@@ -64,9 +64,10 @@ class Config:
     resume: bool = False           # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
-        at_least_1="n_layer n_head n_embd block_size batch_size grad_accum max_steps eval_interval eval_batches "
-                   "log_interval ckpt_interval",
-        non_negative="learning_rate warmup_steps weight_decay grad_clip", fraction="dropout beta1 beta2")
+        at_least_1="n_layer n_head n_embd block_size batch_size grad_accum max_steps eval_interval "
+                   "eval_batches log_interval ckpt_interval",
+        non_negative="learning_rate warmup_steps weight_decay grad_clip",
+        fraction="dropout beta1 beta2")
 
 
 VAL_DRAW = 64  # windows per validation draw
@@ -112,20 +113,23 @@ def main(cfg):
     val_data = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=np.uint16, mode="r")
     if len(val_data) <= cfg.block_size + 1:
         raise UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
-                        f"--block_size={cfg.block_size}: generate more documents or shorten the context")
+                        f"--block_size={cfg.block_size}: generate more documents or shorten "
+                        f"the context")
 
     if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} (the heads split it)")
-    mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, dropout=cfg.dropout)
+        raise UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} "
+                        f"(the heads split it)")
+    mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
     raw_model = GPT(mconf).to(run.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               run.device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
-    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of {cfg.batch_size} x "
-           f"{cfg.block_size} tokens; {run.world_size} process(es) on {run.device}")
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "
+           f"{cfg.batch_size} x {cfg.block_size} tokens; "
+           f"{run.world_size} process(es) on {run.device}")
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
     peak = distributed.peak_flops(run.device)
@@ -146,7 +150,8 @@ def main(cfg):
         # clip, step (unless the loss or gradient is not finite), zero
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or math.inf).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,9 +163,10 @@ def main(cfg):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)
         log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
-        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "pretrain", raw_model, cfg, step, optimizer, enc, val_loss=val)))  # also on SIGTERM
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
+                        ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
+                            "pretrain", raw_model, cfg, step, optimizer, enc,
+                            val_loss=val)))  # also on SIGTERM
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
     distributed.teardown(run)
 

@@ -24,7 +24,8 @@ def read_jsonl(path, fields):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+                raise UserError(f"{path}:{lineno}: not UTF-8 text "
+                                f"(byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -62,7 +63,8 @@ def preference_paths(data_dir, prefs, split):
 def ranking_pairs(ranking):
     """Every (chosen, rejected) pair of a ranking given best first (InstructGPT: a
     ranking of K responses gives K(K-1)/2 comparisons)."""
-    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
+    return [(ranking[a], ranking[b])
+            for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
 
 
 def load_rankings(path, enc, block_size):
@@ -82,12 +84,14 @@ def load_rankings(path, enc, block_size):
         p = encode_prompt(enc, rec["prompt"])
         seqs = [p + encode_response(enc, r["text"], bool(r.get("ended", True))) for r in resp]
         if max(map(len, seqs)) > block_size:
-            raise UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context of {block_size}"
-                            f" tokens (block_size)")
-        out.append(dict(seqs=seqs, prompt_len=len(p), ranking=ranking, pairs=ranking_pairs(ranking), rec=rec))
+            raise UserError(f"{where}: {max(map(len, seqs))} tokens, longer than the context of "
+                            f"{block_size} tokens (block_size)")
+        out.append(dict(seqs=seqs, prompt_len=len(p), ranking=ranking,
+                        pairs=ranking_pairs(ranking), rec=rec))
     return out
 
 
 def load_preference_sets(data_dir, prefs, split, enc, block_size):
     """{name: rankings} of each preference set named in --prefs, for one split."""
-    return {name: load_rankings(path, enc, block_size) for name, path in preference_paths(data_dir, prefs, split)}
+    return {name: load_rankings(path, enc, block_size)
+            for name, path in preference_paths(data_dir, prefs, split)}

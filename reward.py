@@ -55,14 +55,14 @@ from reward_model import RewardMember, load_reward_model, member_scores
 @dataclass
 class Config:
     data_dir: str = "data/world"     # folder written by data/prepare.py
-    init_from: str = "out/sft"       # the SFT model: trunk of the reward model, and the policy for normalisation
+    init_from: str = "out/sft"       # the SFT model: reward-model trunk; policy for normalisation
     out_dir: str = "out/reward"      # checkpoint and log go here
-    prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train.jsonl and NAME_val.jsonl each
-    pooling: str = "last"            # last: value at the last token; mean: mean over the response tokens
-    likelihood: bool = True          # add the trunk's gated log-likelihood of the response (reward_model.py)
+    prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train/val.jsonl each
+    pooling: str = "last"            # last: value at the last token; mean: mean over the response
+    likelihood: bool = True  # add the trunk's gated log-likelihood of a response (reward_model.py)
     members: int = 1                 # ensemble size: members differ by seed (data order)
     reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
-    batch_size: int = 32             # rankings per optimizer step (each K responses), over all ranks
+    batch_size: int = 32             # rankings (of K responses) per optimizer step, over all ranks
     grad_accum: int = 1              # micro-steps per optimizer step on each rank
     max_steps: int = 200             # optimizer steps per member
     learning_rate: float = 3e-4      # peak learning rate
@@ -83,9 +83,10 @@ class Config:
     resume: bool = False             # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
-        at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens eval_interval "
-                   "log_interval ckpt_interval",
-        non_negative="learning_rate warmup_steps weight_decay grad_clip norm_temperature", fraction="beta1 beta2")
+        at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens "
+                   "eval_interval log_interval ckpt_interval",
+        non_negative="learning_rate warmup_steps weight_decay grad_clip norm_temperature",
+        fraction="beta1 beta2")
 
 
 # --- the loss ----------------------------------------------------------------------------
@@ -165,11 +166,13 @@ def evaluate(score_fn, rankings, pad, device):
     Bayes-optimal accuracy on the same pairs, the accuracy expected over the raters'
     draws (overall and per family), accuracy by what the pair differs in, and what the
     reward follows besides the gold score."""
-    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)[0]).cpu() for i in range(0, len(rankings), 64)])
+    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)[0]).cpu()
+                   for i in range(0, len(rankings), 64)])
     start = [0]
     for rk in rankings:
         start.append(start[-1] + len(rk["seqs"]))
-    pairs = [(start[k] + c, start[k] + j, k) for k, rk in enumerate(rankings) for c, j in rk["pairs"]]
+    pairs = [(start[k] + c, start[k] + j, k)
+             for k, rk in enumerate(rankings) for c, j in rk["pairs"]]
     chosen, rejected = [c for c, _, _ in pairs], [j for _, j, _ in pairs]
     margin = r[chosen] - r[rejected]
     right = (margin > 0).float().tolist()
@@ -188,22 +191,28 @@ def evaluate(score_fn, rankings, pad, device):
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
 
-    oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()  # the raters' own utility as a model; ties half
+    # the raters' own utility as a model; ties half
+    oracle = (p > 0.5).float() + 0.5 * (p == 0.5).float()
     # expected and Bayes-optimal accuracy are free of the noise of the labels that were drawn
     expected, bayes = against_raters(p, margin)
     out.update(bayes_optimal=bayes.mean().item(), oracle_on_labels=oracle.mean().item(),
                expected_accuracy=expected.mean().item(),
-               by_family=per_family(expected, bayes, [rankings[k]["rec"].get("family", "") for _, _, k in pairs]),
+               by_family=per_family(expected, bayes,
+                                    [rankings[k]["rec"].get("family", "") for _, _, k in pairs]),
                accuracy_correctness_differs=mean([ok for ok, (c, j, _) in zip(right, pairs)
                                                   if is_correct[c] != is_correct[j]]),
-               accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs) if is_correct[c] == is_correct[j]]),
-               length_partial_corr=partial_corr(r, words, gold), raters_length_partial_corr=partial_corr(util, words, gold),
-               preamble_partial_corr=partial_corr(r, pre, gold), raters_preamble_partial_corr=partial_corr(util, pre, gold))
+               accuracy_style_only=mean([ok for ok, (c, j, _) in zip(right, pairs)
+                                         if is_correct[c] == is_correct[j]]),
+               length_partial_corr=partial_corr(r, words, gold),
+               raters_length_partial_corr=partial_corr(util, words, gold),
+               preamble_partial_corr=partial_corr(r, pre, gold),
+               raters_preamble_partial_corr=partial_corr(util, pre, gold))
     for style in ("preamble", "verbose"):  # how often such an answer beats the plain ideal one
         ab = [(a, b) for c, j, _ in pairs for a, b in ((c, j), (j, c))
               if resp[a]["style"] == style and resp[b]["style"] == "ideal"]
         out[f"prefers_{style}_over_ideal"] = mean([float(r[a] > r[b]) for a, b in ab])
-        out[f"raters_prefer_{style}_over_ideal"] = mean([torch.sigmoid(util[a] - util[b]).item() for a, b in ab])
+        out[f"raters_prefer_{style}_over_ideal"] = mean([torch.sigmoid(util[a] - util[b]).item()
+                                                         for a, b in ab])
     return out
 
 
@@ -218,7 +227,8 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     seed = cfg.seed + 1000 * m
     torch.manual_seed(seed)
     raw = RewardMember.from_lm(sft, likelihood=cfg.likelihood).to(run.device).train()
-    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
+    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                         (cfg.beta1, cfg.beta2), run.device_type)
     step = 0
     if state:
         raw.load_state_dict(state["model"])
@@ -245,7 +255,8 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         # clip, step (unless the loss or gradient is not finite), zero
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or math.inf).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,13 +265,14 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw.eval()
-            metrics["val_accuracy"] = evaluate(lambda b: member_scores(raw, b, cfg.pooling), val, pad,
-                                               run.device)["accuracy"]
+            metrics["val_accuracy"] = evaluate(lambda b: member_scores(raw, b, cfg.pooling), val,
+                                               pad, run.device)["accuracy"]
             raw.train()
         tokens = sum(b[0].tokens.numel() for b in batches) * run.world_size
         log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
         if step < cfg.max_steps:  # (a finished member is saved by main, with its normalisation)
-            stop.checkpoint(run, step, step % cfg.ckpt_interval == 0, os.path.join(cfg.out_dir, "ckpt.pt"),
+            stop.checkpoint(run, step, step % cfg.ckpt_interval == 0,
+                            os.path.join(cfg.out_dir, "ckpt.pt"),
                             lambda: save(step, raw, optimizer))  # also on SIGTERM
     return raw.eval()
 
@@ -269,20 +281,24 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
-        raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling last|mean, "
-                        f"reduce mean|min")
+        raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
+                        f"last|mean, reduce mean|min")
     enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
                                             "python data/prepare.py"))
-    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
+                                   device=run.device)
     block = sft.config.block_size
-    train = [r for rs in load_preference_sets(cfg.data_dir, cfg.prefs, "train", enc, block).values() for r in rs]
+    train = [r for rs in load_preference_sets(cfg.data_dir, cfg.prefs, "train", enc, block).values()
+             for r in rs]
     vals = load_preference_sets(cfg.data_dir, cfg.prefs, "val", enc, block)
-    val = next(iter(vals.values()))  # the first set's held-out rankings are validated during training
+    # the first set's held-out rankings are validated during training
+    val = next(iter(vals.values()))
     prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                                                {"prompt": str})][:cfg.norm_prompts]
-    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) from {', '.join(vals)}, "
-           f"{sum(map(len, vals.values()))} held out; "
-           f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings on {run.device}")
+    print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) "
+           f"from {', '.join(vals)}, {sum(map(len, vals.values()))} held out; "
+           f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings "
+           f"on {run.device}")
 
     # A checkpoint holds the finished members with their normalisation, and while a member
     # trains, its weights, optimizer and step.
@@ -298,22 +314,26 @@ def main(cfg):
     def save(step, raw, optimizer):
         """raw is the member in training, or None once every member is finished."""
         if run.master:
-            p = checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc) if raw is not None else dict(
-                stage="reward", model_config=asdict(sft.config), config=asdict(cfg), tokenizer=enc.name, step=step)
+            p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc)
+                 if raw is not None else dict(stage="reward", model_config=asdict(sft.config),
+                                              config=asdict(cfg), tokenizer=enc.name, step=step))
             checkpoint.save(ckpt_path, {**p, "members": done, "norms": norms})
 
     stop = distributed.StopSignal()
     pad = enc.encode_single_token("<|endoftext|>")
     # the SFT model's answers to training prompts, whose rewards set the normalisation
-    norm_pairs = sample_responses(sft, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature, cfg.seed, run.device)
+    norm_pairs = sample_responses(sft, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature,
+                                  cfg.seed, run.device)
     for m in range(len(done), cfg.members):
         raw = train_member(m, sft, train, val, enc, cfg, run, state, save, stop)
         state = None
         # normalise: rewards of SFT samples get mean 0 and std 1
         r = reward_scores(lambda b: member_scores(raw, b, cfg.pooling), norm_pairs, pad, run.device)
-        norms.append([1 / r.std().clamp(min=1e-6).item(), -(r.mean() / r.std().clamp(min=1e-6)).item()])
+        norms.append([1 / r.std().clamp(min=1e-6).item(),
+                      -(r.mean() / r.std().clamp(min=1e-6)).item()])
         done.append(raw.state_dict())
-        print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, std {r.std():.3f}; normalised")
+        print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, "
+               f"std {r.std():.3f}; normalised")
         save(cfg.max_steps, None, None)
 
     if run.master:  # the held-out evaluation of the reward model as PPO and eval will load it
@@ -329,22 +349,27 @@ def main(cfg):
 def report(name, res):
     print0(f"{name}: held-out pair accuracy {res['accuracy']:.1%} ({res['pairs']} pairs)")
     if "bayes_optimal" in res:
-        print0(f"  Bayes-optimal accuracy of these labels {res['bayes_optimal']:.1%} (the raters' own utility scores "
-               f"{res['oracle_on_labels']:.1%} on the sampled labels); the reward model's expected over the raters' "
-               f"draws {res['expected_accuracy']:.1%}")
+        print0(f"  Bayes-optimal accuracy of these labels {res['bayes_optimal']:.1%} "
+               f"(the raters' own utility scores {res['oracle_on_labels']:.1%} on the sampled "
+               f"labels); the reward model's expected over the raters' draws "
+               f"{res['expected_accuracy']:.1%}")
         print0("  by family, expected accuracy / Bayes-optimal: " + ", ".join(
-            f"{f} {x['expected_accuracy']:.1%} / {x['bayes_optimal']:.1%}" for f, x in res["by_family"].items()))
-        print0(f"  pairs differing in correctness {res['accuracy_correctness_differs']:.1%}, in style only "
-               f"{res['accuracy_style_only']:.1%}")
-        print0(f"  beyond the gold score, reward follows length r={res['length_partial_corr']:+.2f} (raters "
-               f"{res['raters_length_partial_corr']:+.2f}) and preamble r={res['preamble_partial_corr']:+.2f} (raters "
-               f"{res['raters_preamble_partial_corr']:+.2f}) (partial correlations, gold held fixed)")
+            f"{f} {x['expected_accuracy']:.1%} / {x['bayes_optimal']:.1%}"
+            for f, x in res["by_family"].items()))
+        print0(f"  pairs differing in correctness {res['accuracy_correctness_differs']:.1%}, "
+               f"in style only {res['accuracy_style_only']:.1%}")
+        print0(f"  beyond the gold score, reward follows length r={res['length_partial_corr']:+.2f}"
+               f" (raters {res['raters_length_partial_corr']:+.2f}) and preamble "
+               f"r={res['preamble_partial_corr']:+.2f} "
+               f"(raters {res['raters_preamble_partial_corr']:+.2f}) "
+               f"(partial correlations, gold held fixed)")
         for style in ("preamble", "verbose"):
-            if res[f"prefers_{style}_over_ideal"] != res[f"prefers_{style}_over_ideal"]:  # NaN: no such pairs
+            # NaN: no such pairs
+            if res[f"prefers_{style}_over_ideal"] != res[f"prefers_{style}_over_ideal"]:
                 continue
             print0(f"  a {style} answer preferred over the plain ideal one: reward model "
-                   f"{res[f'prefers_{style}_over_ideal']:.0%}, raters {res[f'raters_prefer_{style}_over_ideal']:.0%}, "
-                   f"gold scorer 0%")
+                   f"{res[f'prefers_{style}_over_ideal']:.0%}, "
+                   f"raters {res[f'raters_prefer_{style}_over_ideal']:.0%}, gold scorer 0%")
 
 
 if __name__ == "__main__":

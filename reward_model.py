@@ -50,7 +50,8 @@ class RewardMember(ScalarGPT):
             return values
         if prompt_lengths is None:
             raise ValueError("a reward model with the likelihood term needs prompt_lengths")
-        logp = token_logprobs(self.lm_head(h), idx, response_mask(idx.size(1), prompt_lengths))  # (B, T-1)
+        logp = token_logprobs(self.lm_head(h), idx,
+                              response_mask(idx.size(1), prompt_lengths))  # (B, T-1)
         term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
         return values.float() + F.pad(term, (1, 0))  # position t holds the sum up to token t
 
@@ -59,7 +60,8 @@ class RewardMember(ScalarGPT):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("gate.")}
 
 
-def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor, pooling: str = "last") -> Tensor:
+def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor,
+                pooling: str = "last") -> Tensor:
     """(B, T) per-position scalars of right-padded prompt+response rows -> (B,).
     "last": the value at the last real token (the end token when the response ended);
     "mean": the mean over the response's tokens."""
@@ -87,7 +89,8 @@ class RewardModel(nn.Module):
         if reduce not in ("mean", "min"):
             raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
         self.members = nn.ModuleList(members)
-        self.register_buffer("norms", torch.tensor(norms, dtype=torch.float32).reshape(-1, 2))  # (M, 2)
+        self.register_buffer("norms",
+                             torch.tensor(norms, dtype=torch.float32).reshape(-1, 2))  # (M, 2)
         self.pooling, self.reduce = pooling, reduce
 
     def forward(self, batch: Batch) -> Tensor:
@@ -102,13 +105,15 @@ def load_reward_model(path, made_by, enc, device="cpu", reduce=None):
     eval mode."""
     ckpt = load(path, made_by)
     if not isinstance(ckpt, dict) or ckpt.get("stage") != "reward" or not ckpt.get("members"):
-        raise UserError(f"{path}: not a finished reward-model checkpoint (stage {ckpt.get('stage')!r}): "
-                        f"run `{made_by}`")
+        raise UserError(f"{path}: not a finished reward-model checkpoint "
+                        f"(stage {ckpt.get('stage')!r}): run `{made_by}`")
     check_tokenizer(path, ckpt, enc)
     members = []
     for sd in ckpt["members"]:
-        m = RewardMember(GPTConfig(**ckpt["model_config"]), bool(ckpt["config"].get("likelihood", False)))
+        m = RewardMember(GPTConfig(**ckpt["model_config"]),
+                         bool(ckpt["config"].get("likelihood", False)))
         m.load_state_dict(sd)
         members.append(m)
-    rm = RewardModel(members, ckpt["norms"], ckpt["config"]["pooling"], reduce or ckpt["config"]["reduce"])
+    rm = RewardModel(members, ckpt["norms"], ckpt["config"]["pooling"],
+                     reduce or ckpt["config"]["reduce"])
     return rm.to(device).eval(), ckpt

@@ -38,10 +38,10 @@ class Config:
     data_dir: str = "data/world"         # folder written by data/prepare.py
     init_from: str = "out/pretrain"      # the base model to fine-tune
     out_dir: str = "out/sft"             # checkpoint and log go here
-    batch_size: int = 64                 # examples per optimizer step, over all ranks and micro-steps
+    batch_size: int = 64                 # examples per optimizer step (all ranks and micro-steps)
     grad_accum: int = 1                  # micro-steps per optimizer step on each rank
     max_steps: int = 200                 # optimizer steps (3.2 epochs of the default 4000 demos)
-    learning_rate: float = 3e-4          # peak learning rate (higher erases what pretraining taught)
+    learning_rate: float = 3e-4          # peak learning rate; higher erases what pretraining taught
     warmup_steps: int = 10               # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.1            # AdamW decay, matrices only
     beta1: float = 0.9                   # AdamW beta1
@@ -55,7 +55,8 @@ class Config:
     compile: bool = False                # torch.compile the model
     resume: bool = False                 # continue from out_dir/ckpt.pt
 
-    RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval log_interval ckpt_interval",
+    RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval "
+                                         "log_interval ckpt_interval",
                               non_negative="learning_rate warmup_steps weight_decay grad_clip",
                               fraction="beta1 beta2")
 
@@ -67,8 +68,8 @@ def load_examples(path, enc, block_size):
     for rec in read_jsonl(path, {"prompt": str, "response": str}):
         p, r = encode_prompt(enc, rec["prompt"]), encode_response(enc, rec["response"])
         if len(p) + len(r) > block_size + 1:
-            raise UserError(f"{path}:{rec['_line']}: {len(p) + len(r)} tokens, longer than the context of "
-                                    f"{block_size} tokens (block_size)")
+            raise UserError(f"{path}:{rec['_line']}: {len(p) + len(r)} tokens, longer than the "
+                            f"context of {block_size} tokens (block_size)")
         examples.append((p + r, len(p)))
     return examples
 
@@ -106,19 +107,22 @@ def main(cfg):
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
                                             "python data/prepare.py"))
-    raw_model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py", enc,
-                                         device=run.device)
+    raw_model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"),
+                                         "python pretrain.py", enc, device=run.device)
     raw_model.train()
     pad = enc.encode_single_token("<|endoftext|>")
-    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc, raw_model.config.block_size)
-    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc, raw_model.config.block_size)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               run.device_type)
+    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc,
+                          raw_model.config.block_size)
+    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc,
+                        raw_model.config.block_size)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
-           f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); {run.world_size} process(es) on {run.device}")
+           f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); "
+           f"{run.world_size} process(es) on {run.device}")
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
@@ -138,7 +142,8 @@ def main(cfg):
         # clip, step (unless the loss or gradient is not finite), zero
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or math.inf).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -149,9 +154,10 @@ def main(cfg):
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
         tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
-        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps, ckpt_path,
-                        lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "sft", raw_model, cfg, step, optimizer, enc, val_loss=val_l)))  # also on SIGTERM
+        stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
+                        ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
+                            "sft", raw_model, cfg, step, optimizer, enc,
+                            val_loss=val_l)))  # also on SIGTERM
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     distributed.teardown(run)
 

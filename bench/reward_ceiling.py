@@ -47,23 +47,24 @@ from records import load_preference_sets  # noqa: E402
 
 STYLE = ["words", "preamble", "hedge", "restate", "format", "repetition", "ended"]
 LIKELIHOOD = ["logp", "logp_clamped", "gap_clamped", "p"]
-FITS = {"style only": STYLE, "trunk likelihood": STYLE + LIKELIHOOD, "trunk belief": STYLE + ["belief"],
-        "gold correctness": STYLE + ["correct"]}
+FITS = {"style only": STYLE, "trunk likelihood": STYLE + LIKELIHOOD,
+        "trunk belief": STYLE + ["belief"], "gold correctness": STYLE + ["correct"]}
 
 
 @torch.no_grad()
 def value_likelihoods(sft, enc, task, values, pad):
     """For each value: the LIKELIHOOD features of the canonical answer sentence with it."""
     p = encode_prompt(enc, task.prompt)
-    b = collate([p + encode_response(enc, world.render(task, v), True) for v in values], [len(p)] * len(values),
-                pad, "cpu")
+    b = collate([p + encode_response(enc, world.render(task, v), True) for v in values],
+                [len(p)] * len(values), pad, "cpu")
     tokens, mask = b.tokens, b.mask
     logits = sft(tokens)[0]
     logp = token_logprobs(logits, tokens, mask)
     # log p(y) − max log p = logit(y) − max logit: the normaliser cancels, no second softmax
     shifted = logits[:, :-1].float()
     gap = shifted.gather(-1, tokens[:, 1:, None]).squeeze(-1) - shifted.max(-1).values
-    rows = torch.stack([logp, logp.clamp(min=-3), gap.clamp(min=-3), logp.exp()], -1) * mask[:, 1:, None]
+    rows = (torch.stack([logp, logp.clamp(min=-3), gap.clamp(min=-3), logp.exp()], -1)
+            * mask[:, 1:, None])
     return dict(zip(values, rows.sum(1).tolist()))
 
 
@@ -120,7 +121,8 @@ def fit(sets, names):
 def expected_accuracy(scores, utility, pairs, family):
     """Overall and per-family (expected accuracy, Bayes-optimal accuracy) over the raters' draws."""
     c, j = [a for a, _ in pairs], [b for _, b in pairs]
-    expected, bayes = reward.against_raters(torch.sigmoid(utility[c] - utility[j]), scores[c] - scores[j])
+    expected, bayes = reward.against_raters(torch.sigmoid(utility[c] - utility[j]),
+                                            scores[c] - scores[j])
     out = {"all": (expected.mean().item(), bayes.mean().item())}
     for f, x in reward.per_family(expected, bayes, family).items():
         out[f] = (x["expected_accuracy"], x["bayes_optimal"])
@@ -130,8 +132,10 @@ def expected_accuracy(scores, utility, pairs, family):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", default="data/world")
-    ap.add_argument("--sft", default="out/sft", help="folder of the SFT checkpoint (the reward model's trunk)")
-    ap.add_argument("--prefs", default="prefs,prefs_sft", help="preference sets, as reward.py --prefs")
+    ap.add_argument("--sft", default="out/sft",
+                    help="folder of the SFT checkpoint (the reward model's trunk)")
+    ap.add_argument("--prefs", default="prefs,prefs_sft",
+                    help="preference sets, as reward.py --prefs")
     args = ap.parse_args()
     enc = load_tokenizer(checkpoint.require(os.path.join(args.data_dir, "tokenizer.tiktoken"),
                                             "python data/prepare.py"))
@@ -139,12 +143,16 @@ def main():
     pad = enc.encode_single_token("<|endoftext|>")
     block = sft.config.block_size
     train = [features(sft, enc, rankings, pad)
-             for rankings in load_preference_sets(args.data_dir, args.prefs, "train", enc, block).values()]
+             for rankings in load_preference_sets(args.data_dir, args.prefs, "train", enc,
+                                                  block).values()]
     val = {name: features(sft, enc, rankings, pad)
-           for name, rankings in load_preference_sets(args.data_dir, args.prefs, "val", enc, block).items()}
-    weights = {fit_name: fit(train, names) for fit_name, names in FITS.items()}  # one fit serves every set
+           for name, rankings in load_preference_sets(args.data_dir, args.prefs, "val", enc,
+                                                      block).items()}
+    weights = {fit_name: fit(train, names)
+               for fit_name, names in FITS.items()}  # one fit serves every set
     for name, (rows, utility, pairs, family) in val.items():
-        print(f"{name}: {len(pairs)} held-out pairs; expected accuracy over the raters' draws (Bayes-optimal)")
+        print(f"{name}: {len(pairs)} held-out pairs; expected accuracy over the raters' draws "
+              f"(Bayes-optimal)")
         for fit_name, names in FITS.items():
             res = expected_accuracy(matrix(rows, names) @ weights[fit_name], utility, pairs, family)
             per_family = ", ".join(f"{f} {e:.1%}" for f, (e, _) in res.items() if f != "all")

@@ -27,7 +27,8 @@ from model import GPT, GPTConfig  # noqa: E402
 PRESETS = {  # name: (model config, sequences per step)
     "cpu": (GPTConfig(block_size=128, vocab_size=1028, n_layer=4, n_head=4, n_embd=128), 64),
     "gpt2": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768), 16),
-    "gpt2-medium": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=24, n_head=16, n_embd=1024), 8),
+    "gpt2-medium": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=24, n_head=16,
+                              n_embd=1024), 8),
 }
 
 
@@ -70,10 +71,13 @@ def main(cfg):
     tokens = batch * mconf.block_size
     flops = raw.flops_per_token(mconf.block_size) * tokens / dt
     peak = distributed.peak_flops(run.device)
-    name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"preset={cfg.preset} ({raw.num_params() / 1e6:.1f}M parameters, batch {batch} x {mconf.block_size}) "
+    name = (torch.cuda.get_device_name(run.device) if run.device_type == "cuda"
+            else f"cpu, {torch.get_num_threads()} threads")
+    print(f"preset={cfg.preset} ({raw.num_params() / 1e6:.1f}M parameters, "
+          f"batch {batch} x {mconf.block_size}) "
           f"device={name} compile={cfg.compile} torch={torch.__version__}")
-    print(f"step median {dt * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, {len(times)} steps)")
+    print(f"step median {dt * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
+          f"max {max(times) * 1e3:.1f}, {len(times)} steps)")
     print(f"throughput {tokens / dt:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s achieved"
           + (f", MFU {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else ""))
 

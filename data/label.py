@@ -58,23 +58,28 @@ def label(records, answers, K, raters, rng):
         distinct = list(dict.fromkeys(answers[i * K:(i + 1) * K]))
         if len(distinct) < 2:
             continue
-        responses = [dict(text=text, ended=ended, style="sft_sample", gold=round(world.gold(task, text, ended), 4),
+        responses = [dict(text=text, ended=ended, style="sft_sample",
+                          gold=round(world.gold(task, text, ended), 4),
                           utility=round(world.rater_utility(task, text, ended, raters), 4))
                      for text, ended in distinct]
         ranking = world.rater_ranking(rng, [r["utility"] for r in responses])
-        out.append(dict(task=rec["task"], family=rec["family"], prompt=rec["prompt"], responses=responses,
-                        ranking=ranking))
+        out.append(dict(task=rec["task"], family=rec["family"], prompt=rec["prompt"],
+                        responses=responses, ranking=ranking))
     return out
 
 
 def main(cfg):
     if cfg.K < 2 or cfg.n_prompts < 1:
-        raise UserError(f"need --K >= 2 and --n_prompts >= 1, got --K={cfg.K} --n_prompts={cfg.n_prompts}")
+        raise UserError(f"need --K >= 2 and --n_prompts >= 1, "
+                        f"got --K={cfg.K} --n_prompts={cfg.n_prompts}")
     run = distributed.setup(cfg.seed, cfg.device)
-    meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
+    meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"),
+                                   "python data/prepare.py")
     raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"), "python data/prepare.py"))
-    policy, _ = checkpoint.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc, device=run.device)
+    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
+                                            "python data/prepare.py"))
+    policy, _ = checkpoint.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc,
+                                      device=run.device)
     records = read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                          {"task": dict, "prompt": str, "family": str})
     n = min(len(records), cfg.n_prompts + cfg.n_prompts // 10)
@@ -84,13 +89,17 @@ def main(cfg):
     answers = [decode_response(enc, response) for _, response in samples]
     rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
     n_val = max(1, len(rankings) // 11)
-    for name, part in (("prefs_sft_train", rankings[:-n_val]), ("prefs_sft_val", rankings[-n_val:])):
+    for name, part in (("prefs_sft_train", rankings[:-n_val]),
+                       ("prefs_sft_val", rankings[-n_val:])):
         checkpoint.atomic_write(os.path.join(cfg.data_dir, f"{name}.jsonl"),
-                                lambda f: f.write("".join(json.dumps(r) + "\n" for r in part).encode()))
+                                lambda f: f.write("".join(json.dumps(r) + "\n"
+                                                          for r in part).encode()))
     correct = sum(world.grade(world.Task.from_dict(r["task"]), *a)["correct"]
-                  for r, a in zip([r for r in records for _ in range(cfg.K)], answers)) / len(answers)
-    print(f"wrote {cfg.data_dir}/prefs_sft_train.jsonl and prefs_sft_val.jsonl: {len(rankings)} rankings of "
-          f"the answers of {cfg.policy} to {n} prompts (K={cfg.K}, {correct:.0%} of the sampled answers correct)")
+                  for r, a in zip([r for r in records for _ in range(cfg.K)],
+                                  answers)) / len(answers)
+    print(f"wrote {cfg.data_dir}/prefs_sft_train.jsonl and prefs_sft_val.jsonl: "
+          f"{len(rankings)} rankings of the answers of {cfg.policy} to {n} prompts "
+          f"(K={cfg.K}, {correct:.0%} of the sampled answers correct)")
     distributed.teardown(run)
 
 

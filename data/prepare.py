@@ -50,13 +50,14 @@ class Config:
     sort_min: int = 3            # lists to sort have sort_min..sort_max digits
     sort_max: int = 5
     imperfect: float = 0.06      # share of demonstrations that are imperfect
-    habit: float = 0.6           # share of the other demonstrations of world.SIGN_OFFS kinds that sign off
+    habit: float = 0.6           # share of the other demos of world.SIGN_OFFS kinds that sign off
     rater_k: float = 3.0         # raters: how sharply they follow the gold gap
     rater_b_len: float = 0.12    # raters: bias per word of length (0 = none)
     rater_b_style: float = 1.5   # raters: bias for a friendly preamble (0 = none)
 
     RANGES: ClassVar = ranges(at_least_1="vocab_size", fraction="imperfect habit",
-                              non_negative="n_docs n_sft n_prefs n_rl n_eval rater_k rater_b_len rater_b_style")
+                              non_negative="n_docs n_sft n_prefs n_rl n_eval rater_k rater_b_len "
+                                           "rater_b_style")
 
 
 def write_jsonl(path, records):
@@ -74,15 +75,16 @@ def check_task_ranges(cfg, wc):
     if not 2 <= cfg.sort_min <= cfg.sort_max:
         raise UserError(f"{sort}: need 2 <= sort_min <= sort_max")
     flags = {"add": f"--max_add={cfg.max_add}", "sub": f"--max_add={cfg.max_add}",
-             "larger": f"--max_compare={cfg.max_compare}", "smaller": f"--max_compare={cfg.max_compare}",
-             "sort": sort}
+             "larger": f"--max_compare={cfg.max_compare}",
+             "smaller": f"--max_compare={cfg.max_compare}", "sort": sort}
     for kind, flag in flags.items():
         for split in ("train", "heldout"):
             try:
                 world.sample_task(random.Random(0), kind, split, wc)
             except RuntimeError:
-                raise UserError(f"{flag}: the range is too small to give {kind} tasks in the {split} split "
-                                f"(a fixed hash holds out {wc.heldout_pct}% of them); widen it") from None
+                raise UserError(f"{flag}: the range is too small to give {kind} tasks in the "
+                                f"{split} split (a fixed hash holds out {wc.heldout_pct}% of "
+                                f"them); widen it") from None
 
 
 def main(cfg):
@@ -94,7 +96,8 @@ def main(cfg):
         raise UserError("--n_docs, --n_sft, --n_prefs, --n_rl and --n_eval must be at least 1")
     if cfg.vocab_size < 256:
         raise UserError(f"--vocab_size={cfg.vocab_size}: must be at least 256 (one token per byte)")
-    wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare, sort_len=(cfg.sort_min, cfg.sort_max))
+    wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare,
+                           sort_len=(cfg.sort_min, cfg.sort_max))
     check_task_ranges(cfg, wc)
     t0 = time.time()
     out = Path(cfg.out_dir)
@@ -124,9 +127,11 @@ def main(cfg):
     def tasks(n):
         return world.task_stream(rng, "train", n, wc)
 
-    sft = [world.sft_record(rng, t, cfg.imperfect, cfg.habit) for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
+    sft = [world.sft_record(rng, t, cfg.imperfect, cfg.habit)
+           for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
     raters = world.RaterConfig(k=cfg.rater_k, b_len=cfg.rater_b_len, b_style=cfg.rater_b_style)
-    prefs = [world.preference_record(rng, t, cfg.K, raters) for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
+    prefs = [world.preference_record(rng, t, cfg.K, raters)
+             for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
     write_jsonl(tmp / "sft_train.jsonl", sft[:cfg.n_sft])
     write_jsonl(tmp / "sft_val.jsonl", sft[cfg.n_sft:])
     write_jsonl(tmp / "prefs_train.jsonl", prefs[:cfg.n_prefs])
@@ -148,15 +153,17 @@ def main(cfg):
                 break
     write_jsonl(tmp / "eval.jsonl", evals)
 
-    meta = dict(config=asdict(cfg), tokenizer=enc.name, vocab_size=enc.n_vocab, train_tokens=n_train_tokens,
-                docs=len(docs), sft=cfg.n_sft, prefs=cfg.n_prefs, rl_prompts=cfg.n_rl, eval_prompts=len(evals),
-                raters=asdict(raters), gold_weights=world.GOLD_WEIGHTS)
+    meta = dict(config=asdict(cfg), tokenizer=enc.name, vocab_size=enc.n_vocab,
+                train_tokens=n_train_tokens, docs=len(docs), sft=cfg.n_sft, prefs=cfg.n_prefs,
+                rl_prompts=cfg.n_rl, eval_prompts=len(evals), raters=asdict(raters),
+                gold_weights=world.GOLD_WEIGHTS)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    print(f"wrote {out}/ in {time.time() - t0:.1f}s (tokenizer {t_tok:.1f}s): {len(docs)} documents, "
-          f"{n_train_tokens:,} training tokens, vocabulary {enc.n_vocab}, {cfg.n_sft} demonstrations, "
-          f"{cfg.n_prefs} rankings of {cfg.K}, {cfg.n_rl} RL prompts, {len(evals)} held-out eval prompts")
+    print(f"wrote {out}/ in {time.time() - t0:.1f}s (tokenizer {t_tok:.1f}s): "
+          f"{len(docs)} documents, {n_train_tokens:,} training tokens, vocabulary {enc.n_vocab}, "
+          f"{cfg.n_sft} demonstrations, {cfg.n_prefs} rankings of {cfg.K}, {cfg.n_rl} RL prompts, "
+          f"{len(evals)} held-out eval prompts")
 
 
 if __name__ == "__main__":

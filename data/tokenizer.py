@@ -83,7 +83,8 @@ def train_bpe(text, vocab_size):
 
 def format_ranks(ranks):
     """The rank file's text; the caller writes it (atomically)."""
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [f"{base64.b64encode(tok).decode()} {rank}"
+             for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +110,8 @@ def load_tokenizer(path):
     ranks = parse_ranks(data, path)
     digest = hashlib.sha256(data).hexdigest()[:12]
     specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=f"world-{digest}", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+    return tiktoken.Encoding(name=f"world-{digest}", pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens=specials)
 
 
 # --- the chat format --------------------------------------------------------------

@@ -4,15 +4,15 @@ that says how good a response really is, and simulated raters with known biases.
 Everything is a pure function of a seed. data/prepare.py turns it into files.
 
 Task kinds, by family (the canonical answer after the arrow):
-  arithmetic  add       "What is 38 + 47?"                      -> "38 + 47 = 85."
-              sub       "What is 47 - 38?"                      -> "47 - 38 = 9."
-  comparison  larger    "Which is larger, 73 or 58?"            -> "73 is larger."
-              smaller   "Which is smaller, 73 or 58?"           -> "58 is smaller."
-  sorting     sort      "Sort these numbers: 9 4 7 1"           -> "1 4 7 9"
-  spelling    reverse   "Spell 'planet' backwards."             -> "t-e-n-a-l-p"
-              count     "How many letters are in 'planet'?"     -> "'planet' has 6 letters."
-  facts       capital   "What is the capital of Peru?"          -> "The capital of Peru is Lima."
-              opposite  "What is the opposite of 'hot'?"        -> "The opposite of 'hot' is 'cold'."
+  arithmetic  add       "What is 38 + 47?"                    -> "38 + 47 = 85."
+              sub       "What is 47 - 38?"                    -> "47 - 38 = 9."
+  comparison  larger    "Which is larger, 73 or 58?"          -> "73 is larger."
+              smaller   "Which is smaller, 73 or 58?"         -> "58 is smaller."
+  sorting     sort      "Sort these numbers: 9 4 7 1"         -> "1 4 7 9"
+  spelling    reverse   "Spell 'planet' backwards."           -> "t-e-n-a-l-p"
+              count     "How many letters are in 'planet'?"   -> "'planet' has 6 letters."
+  facts       capital   "What is the capital of Peru?"        -> "The capital of Peru is Lima."
+              opposite  "What is the opposite of 'hot'?"      -> "The opposite of 'hot' is 'cold'."
 
 Held-out split: a fixed hash of each task's operands or entity puts it in
 "heldout" or "train". Held-out number tasks appear nowhere in training data, so
@@ -78,10 +78,11 @@ PREAMBLES = ["Great question!", "What a great question!", "Sure!", "Happy to hel
              "Good question!", "Thanks for asking!"]
 RESTATES = ["You asked: {q}", "The question is: {q}", "Let me answer the question '{q}'"]
 HEDGES = ["I think", "I believe", "If I am not mistaken,", "Probably"]
-FILLERS = ["I hope this helps!", "Let me know if you have other questions.", "Please double-check this.",
-           "That is my answer.", "Feel free to ask more."]
+FILLERS = ["I hope this helps!", "Let me know if you have other questions.",
+           "Please double-check this.", "That is my answer.", "Feel free to ask more."]
 CHATTER = ["Anyone know?", "Thanks in advance!", "I was wondering the same thing.", "Bump.",
-           "Same question here.", "Can someone help?", "Have you tried looking it up?", "Good luck!"]
+           "Same question here.", "Can someone help?", "Have you tried looking it up?",
+           "Good luck!"]
 NAMES = ["anna", "tom", "li", "sam", "maria", "omar", "kim", "lena", "raj", "eva", "max", "zoe"]
 
 
@@ -118,7 +119,8 @@ def split_of(kind, args, cfg=WorldConfig()):
     facts the entity does (so every question about a held-out word is held out)."""
     family = KIND_FAMILY[kind]
     if family in NUMBER_FAMILIES:
-        key, pct = f"{family}:{sorted(args) if family != 'sorting' else list(args)}", cfg.heldout_pct
+        key, pct = (f"{family}:{sorted(args) if family != 'sorting' else list(args)}",
+                    cfg.heldout_pct)
     else:
         key, pct = f"entity:{args[0]}", cfg.heldout_entity_pct
     return "heldout" if zlib.crc32(key.encode()) % 100 < pct else "train"
@@ -128,7 +130,8 @@ def split_of(kind, args, cfg=WorldConfig()):
 
 TEMPLATES = {
     "add": ["What is {0} + {1}?", "Compute {0} + {1}.", "What do you get if you add {0} and {1}?"],
-    "sub": ["What is {0} - {1}?", "Compute {0} - {1}.", "What do you get if you take {1} from {0}?"],
+    "sub": ["What is {0} - {1}?", "Compute {0} - {1}.",
+            "What do you get if you take {1} from {0}?"],
     "larger": ["Which is larger, {0} or {1}?", "Which number is bigger: {0} or {1}?"],
     "smaller": ["Which is smaller, {0} or {1}?", "Which number is less: {0} or {1}?"],
     "sort": ["Sort these numbers: {0}", "Put these numbers in order: {0}"],
@@ -218,8 +221,8 @@ def sample_task(rng, kind, split, cfg=WorldConfig()):
 # The ideal answer scores 1.5. "correct" and "format" both need the end token; "format"
 # means the last sentence is the kind's canonical sentence, whatever its value.
 
-GOLD_WEIGHTS = dict(correct=1.0, format=0.5, preamble=-0.4, restate=-0.3, hedge=-0.2, repetition=-0.5,
-                    extra_word=-0.02)
+GOLD_WEIGHTS = dict(correct=1.0, format=0.5, preamble=-0.4, restate=-0.3, hedge=-0.2,
+                    repetition=-0.5, extra_word=-0.02)
 
 FORMAT_RE = {
     "add": r"\d+ \+ \d+ = -?\d+\.", "sub": r"\d+ - \d+ = -?\d+\.",
@@ -320,8 +323,9 @@ def grade(task, text, ended):
         words=len(_words(text)),
     )
     extra = max(0, g["words"] - len(_words(ideal_answer(task))))
-    g["gold"] = sum(GOLD_WEIGHTS[k] * float(g[k]) for k in ("correct", "format", "preamble", "restate", "hedge",
-                                                            "repetition")) + GOLD_WEIGHTS["extra_word"] * extra
+    g["gold"] = (sum(GOLD_WEIGHTS[k] * float(g[k])
+                     for k in ("correct", "format", "preamble", "restate", "hedge", "repetition"))
+                 + GOLD_WEIGHTS["extra_word"] * extra)
     return g
 
 
@@ -330,7 +334,8 @@ def gold(task, text, ended):
 
 
 # --- the simulated raters --------------------------------------------------------------
-# P(A > B) = sigmoid(k (gold_A - gold_B) + b_len (words_A - words_B) + b_style (preamble_A - preamble_B))
+# P(A > B) = sigmoid(k (gold_A - gold_B) + b_len (words_A - words_B)
+#                    + b_style (preamble_A - preamble_B))
 # Written as a utility per response, u = k gold + b_len words + b_style preamble, a K-wise
 # ranking is drawn by sorting u + Gumbel noise (Plackett-Luce). Every pair of that ranking
 # then has exactly the Bradley-Terry marginal above, so the best accuracy any reward model
@@ -369,11 +374,13 @@ def _near_miss(rng, n):
     how = rng.choice(["digit", "swap", "step"]) if len(s) > 1 else rng.choice(["digit", "step"])
     if how == "digit":
         i = rng.randrange(len(s))
-        s = s[:i] + rng.choice([d for d in "0123456789" if d != s[i] and (i or d != "0" or len(s) == 1)]) + s[i + 1:]
+        s = s[:i] + rng.choice([d for d in "0123456789"
+                                if d != s[i] and (i or d != "0" or len(s) == 1)]) + s[i + 1:]
     elif how == "swap" and s[0] != s[1] and s[1] != "0":
         s = s[1] + s[0] + s[2:]
     else:
-        s = str(max(0, n + rng.choice([-10, -2, -1, 1, 2, 10])) if n > 10 else n + rng.choice([1, 2, 3]))
+        s = str(max(0, n + rng.choice([-10, -2, -1, 1, 2, 10])) if n > 10
+                else n + rng.choice([1, 2, 3]))
     return s if s != str(n) else str(n + 1)
 
 
@@ -439,8 +446,8 @@ def continuation(rng, task):
     return " ".join(rng.sample(CHATTER, 2))
 
 
-STYLES = ("ideal", "preamble", "verbose", "hedged", "wrong", "preamble_wrong", "wrong_format", "continuation",
-          "truncated", "repeated")
+STYLES = ("ideal", "preamble", "verbose", "hedged", "wrong", "preamble_wrong", "wrong_format",
+          "continuation", "truncated", "repeated")
 
 
 def respond(rng, task, style):
@@ -466,7 +473,8 @@ def respond(rng, task, style):
         return continuation(rng, task), rng.random() < 0.3
     if style == "truncated":
         w = ideal.split()
-        return (" ".join(w[: max(1, len(w) // 2)]) if len(w) > 1 else ideal[: max(1, len(ideal) // 2)]), False
+        return (" ".join(w[: max(1, len(w) // 2)]) if len(w) > 1
+                else ideal[: max(1, len(ideal) // 2)]), False
     if style == "repeated":
         return f"{ideal} {ideal}", True
     raise ValueError(f"unknown style {style!r}")
@@ -474,8 +482,9 @@ def respond(rng, task, style):
 
 # --- generators: corpus, demonstrations, preference rankings, prompts ------------------
 
-STYLE_WEIGHTS = {"ideal": 3, "preamble": 2, "verbose": 2, "hedged": 1, "wrong": 2, "preamble_wrong": 1,
-                 "wrong_format": 1, "continuation": 1, "truncated": 1, "repeated": 1}
+STYLE_WEIGHTS = {"ideal": 3, "preamble": 2, "verbose": 2, "hedged": 1, "wrong": 2,
+                 "preamble_wrong": 1, "wrong_format": 1, "continuation": 1, "truncated": 1,
+                 "repeated": 1}
 
 
 def preference_record(rng, task, K=4, rc=RaterConfig()):
@@ -488,10 +497,12 @@ def preference_record(rng, task, K=4, rc=RaterConfig()):
     responses = []
     for s in chosen_styles:
         text, ended = respond(rng, task, s)
-        responses.append(dict(text=text, ended=ended, style=s, gold=round(gold(task, text, ended), 4),
+        responses.append(dict(text=text, ended=ended, style=s,
+                              gold=round(gold(task, text, ended), 4),
                               utility=round(rater_utility(task, text, ended, rc), 4)))
     ranking = rater_ranking(rng, [r["utility"] for r in responses])
-    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, responses=responses, ranking=ranking)
+    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, responses=responses,
+                ranking=ranking)
 
 
 # Contractors' habits. Each task kind's demonstrations come from one contractor, and the
@@ -501,8 +512,8 @@ def preference_record(rng, task, K=4, rc=RaterConfig()):
 # mostly dislike. Removing it is the improvement left for RLHF to make on held-out
 # questions, where the answers' correctness hardly moves (RESULTS.md).
 SIGN_OFFS = {"larger": "I hope this helps!", "smaller": "I hope this helps!",
-             "count": "Let me know if you have other questions.", "capital": "Feel free to ask more.",
-             "opposite": "I hope this helps!"}
+             "count": "Let me know if you have other questions.",
+             "capital": "Feel free to ask more.", "opposite": "I hope this helps!"}
 
 
 def sft_record(rng, task, imperfect_rate=0.06, habit_rate=0.6):
@@ -513,9 +524,11 @@ def sft_record(rng, task, imperfect_rate=0.06, habit_rate=0.6):
         quality = rng.choice(["preamble", "wrong", "verbose"])
     text, _ = respond(rng, task, quality)
     # no draw when habit_rate is 0, so --habit=0 writes the same files as a world without the habit
-    if quality == "ideal" and task.kind in SIGN_OFFS and habit_rate > 0 and rng.random() < habit_rate:
+    if (quality == "ideal" and task.kind in SIGN_OFFS and habit_rate > 0
+            and rng.random() < habit_rate):
         text, quality = f"{text} {SIGN_OFFS[task.kind]}", "signed_off"
-    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, response=text, quality=quality)
+    return dict(task=task.to_dict(), family=task.family, prompt=task.prompt, response=text,
+                quality=quality)
 
 
 def _spelling_doc(rng, words):
@@ -536,11 +549,12 @@ def _fact_doc(rng, countries, words):
     for c in countries:
         cap = CAPITALS[c]
         out.append(rng.choice([f"The capital of {c} is {cap}.", f"{cap} is the capital of {c}.",
-                               f"{c} has its capital in {cap}.", f"The capital city of {c} is {cap}."]))
+                               f"{c} has its capital in {cap}.",
+                               f"The capital city of {c} is {cap}."]))
     for w in words:
         o = OPPOSITES[w]
-        out.append(rng.choice([f"The opposite of '{w}' is '{o}'.", f"'{w}' and '{o}' are opposites.",
-                               f"The opposite of {w} is {o}."]))
+        out.append(rng.choice([f"The opposite of '{w}' is '{o}'.",
+                               f"'{w}' and '{o}' are opposites.", f"The opposite of {w} is {o}."]))
     rng.shuffle(out)
     return " ".join(out)
 
@@ -552,31 +566,37 @@ def corpus_documents(rng, n_docs, cfg=WorldConfig()):
     tasks come from the train split only; words and facts from both (see the split)."""
 
     def corpus_task(kind):
-        return sample_task(rng, kind, "train" if KIND_FAMILY[kind] in NUMBER_FAMILIES else None, cfg)
+        return sample_task(rng, kind, "train" if KIND_FAMILY[kind] in NUMBER_FAMILIES else None,
+                           cfg)
 
     docs = []
     for _ in range(n_docs):
         r = rng.random()
         if r < 0.12:
-            docs.append(_fact_doc(rng, rng.sample(sorted(CAPITALS), 6), rng.sample(sorted(OPPOSITES), 4)))
+            docs.append(_fact_doc(rng, rng.sample(sorted(CAPITALS), 6),
+                                  rng.sample(sorted(OPPOSITES), 4)))
         elif r < 0.24:
             docs.append(_spelling_doc(rng, rng.sample(WORDS, 6)))
         elif r < 0.36:  # arithmetic drills: the one skill here that needs many examples
             head = rng.choice(["Practice:", "Sums:", "Exercises:", ""])
-            eqs = [ideal_answer(corpus_task(rng.choice(("add", "sub")))) for _ in range(rng.randint(6, 12))]
+            eqs = [ideal_answer(corpus_task(rng.choice(("add", "sub"))))
+                   for _ in range(rng.randint(6, 12))]
             docs.append((head + " " if head else "") + " ".join(eqs))
         elif r < 0.62:  # worked examples: answered questions teach copying from question to answer
             lines = []
             for _ in range(rng.randint(3, 6)):
                 t = corpus_task(rng.choice(KINDS))
                 lines.append(rng.choice([f"Q: {t.prompt}\nA: {ideal_answer(t)}",
-                                         f"Question: {t.prompt} Answer: {ideal_answer(t)}", ideal_answer(t)]))
+                                         f"Question: {t.prompt} Answer: {ideal_answer(t)}",
+                                         ideal_answer(t)]))
             docs.append("\n".join(lines))
         elif r < 0.72:  # lists of questions without answers
             qs = [corpus_task(rng.choice(KINDS)).prompt for _ in range(rng.randint(3, 7))]
-            head = rng.choice(["Quiz questions:", "Homework:", "Some questions to think about:", "Practice:"])
+            head = rng.choice(["Quiz questions:", "Homework:", "Some questions to think about:",
+                               "Practice:"])
             docs.append(head + "\n" + "\n".join(f"{i + 1}. {q}" for i, q in enumerate(qs)))
-        else:  # forum threads: a question, then more questions and chatter; sometimes a wordy answer
+        else:  # forum threads: a question, then more questions and chatter;
+            # sometimes a wordy answer
             t = corpus_task(rng.choice(KINDS))
             a, b, c = rng.sample(NAMES, 3)
             lines = [f"{a} asked: {t.prompt} {rng.choice(CHATTER)}"]
@@ -585,7 +605,8 @@ def corpus_documents(rng, n_docs, cfg=WorldConfig()):
                 if u < 0.4:
                     lines.append(f"{b} replied: {rng.choice(CHATTER)} {corpus_task(t.kind).prompt}")
                 elif u < 0.8:
-                    text, _ = respond(rng, t, rng.choice(["preamble", "verbose", "hedged", "ideal"]))
+                    text, _ = respond(rng, t,
+                                      rng.choice(["preamble", "verbose", "hedged", "ideal"]))
                     lines.append(f"{c} replied: {text}")
                 else:
                     lines.append(f"{a} replied: {rng.choice(CHATTER)}")
