@@ -285,7 +285,10 @@ def main(cfg):
     log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
         # forward and backward over this rank's micro-batches; the loss is their mean
         batches = make_batches(data, step, cfg, run, pad)
         loss, metrics = 0.0, {}
@@ -296,11 +299,8 @@ def main(cfg):
             loss += micro_loss.item() * (1.0 / len(batches))
             metrics.update(diagnostics)  # the last micro-batch's diagnostics are logged
         loss = distributed.all_reduce_mean(loss, run)
-        # clip, step (unless the loss or gradient is not finite), zero
-        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip or math.inf).item()
+        # clip; step unless the loss or the gradient is not finite; zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -136,8 +136,11 @@ def main(cfg):
     val = float("nan")
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
         t0 = time.time()
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
         # forward and backward over this rank's micro-batches; the loss is their mean
         micro = micro_batches(train_data, step, cfg.seed, cfg, run)
         loss = 0.0
@@ -147,18 +150,16 @@ def main(cfg):
             (micro_loss * (1.0 / len(micro))).backward()
             loss += micro_loss.item() * (1.0 / len(micro))
         loss = distributed.all_reduce_mean(loss, run)
-        # clip, step (unless the loss or gradient is not finite), zero
-        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip or math.inf).item()
+        # clip; step unless the loss or the gradient is not finite; zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
 
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, **guard.logged())
         if peak:
-            metrics["mfu"] = flops_per_step / (time.time() - t0) / (peak * run.world_size)
+            metrics["mfu"] = flops_per_step / dt / (peak * run.world_size)
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val = metrics["val_loss"] = val_loss(model, val_data, cfg, run)

@@ -240,7 +240,10 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
                  append=m > 0)  # one log for all members
     guard = optim.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
         # forward and backward: every response of the micro-batch's rankings in one pass,
         # then the Bradley-Terry loss of each pair; micro-batches weighted by their pairs
         batches, weights = micro_batches(train, step, seed, cfg, run, pad)
@@ -252,11 +255,9 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
             (micro_loss * w).backward()
             loss += micro_loss.item() * w
         loss = distributed.all_reduce_mean(loss, run)
-        # clip, step (unless the loss or gradient is not finite), zero
-        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip or math.inf).item()
+        tokens = sum(b[0].tokens.numel() for b in batches) * run.world_size
+        # clip; step unless the loss or the gradient is not finite; zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -268,7 +269,6 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
             metrics["val_accuracy"] = evaluate(lambda b: member_scores(raw, b, cfg.pooling), val,
                                                pad, run.device)["accuracy"]
             raw.train()
-        tokens = sum(b[0].tokens.numel() for b in batches) * run.world_size
         log.step(step - 1, tokens, force="val_accuracy" in metrics, **metrics)
         if step < cfg.max_steps:  # (a finished member is saved by main, with its normalisation)
             stop.checkpoint(run, step, step % cfg.ckpt_interval == 0,

@@ -128,7 +128,10 @@ def main(cfg):
     print0(f"validation loss before SFT: {val_l:.4f}")
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
 
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
+        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+        optim.set_lr(optimizer, lr)
         # forward and backward over this rank's micro-batches, each weighted by its share
         # of the global batch's answer tokens
         batches, weights = micro_batches(train, step, cfg, run, pad)
@@ -139,11 +142,9 @@ def main(cfg):
             (micro_loss * w).backward()
             loss += micro_loss.item() * w
         loss = distributed.all_reduce_mean(loss, run)
-        # clip, step (unless the loss or gradient is not finite), zero
-        lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-        optim.set_lr(optimizer, lr)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip or math.inf).item()
+        tokens = sum(x.numel() for x, _ in batches) * run.world_size
+        # clip; step unless the loss or the gradient is not finite; zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if guard.ok(grad_norm, step, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +153,6 @@ def main(cfg):
         step += 1
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_l = metrics["val_loss"] = val_loss(model, val, pad, run)
-        tokens = sum(x.numel() for x, _ in batches) * run.world_size
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
