@@ -1,11 +1,16 @@
-"""The DPO family's losses on hand-computed numbers, and the cached reference."""
+"""The DPO family's losses on hand-computed numbers, the cached reference, and
+several preference sets loaded as one."""
 
+import json
 import math
 
 import pytest
 import torch
 
 import dpo
+from batch import collate, sequence_logprobs
+from cli import UserError
+from data import tokenizer as tok
 from model import GPT, GPTConfig
 
 
@@ -28,17 +33,20 @@ def test_dpo():
 def test_cdpo_is_dpo_with_flipped_labels():
     expect = -0.9 * logsig(1.0) - 0.1 * logsig(-1.0)
     assert dpo.cdpo_loss(PC, PR, RC, RR, beta=0.5, eps=0.1).item() == pytest.approx(expect)
-    assert dpo.cdpo_loss(PC, PR, RC, RR, 0.5, 0.0).item() == pytest.approx(dpo.dpo_loss(PC, PR, RC, RR, 0.5).item())
+    plain = dpo.dpo_loss(PC, PR, RC, RR, 0.5).item()
+    assert dpo.cdpo_loss(PC, PR, RC, RR, 0.5, 0.0).item() == pytest.approx(plain)
 
 
 def test_ipo_regresses_the_margin_to_its_target():
     assert dpo.ipo_loss(PC, PR, RC, RR, beta=0.5).item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
-    assert dpo.ipo_loss(PC, PR, RC, RR, beta=0.25).item() == pytest.approx(0.0)  # margin 2 = 1/(2*0.25)
+    # margin 2 = 1/(2*0.25)
+    assert dpo.ipo_loss(PC, PR, RC, RR, beta=0.25).item() == pytest.approx(0.0)
 
 
 def test_simpo_uses_mean_log_probs_and_no_reference():
     # chosen: -2 over 4 tokens, rejected: -6 over 3 tokens; beta 2, gamma 1: 2 * (-0.5 + 2) - 1 = 2
-    assert dpo.simpo_loss(t(-2.0), t(-6.0), t(4.0), t(3.0), beta=2.0, gamma=1.0).item() == pytest.approx(-logsig(2))
+    loss = dpo.simpo_loss(t(-2.0), t(-6.0), t(4.0), t(3.0), beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx(-logsig(2))
 
 
 def test_orpo():
@@ -53,14 +61,16 @@ def test_kto():
     p, r, desirable = t(-1.0, -3.0), t(-2.0, -2.0), torch.tensor([True, False])
     loss = dpo.kto_loss(p, r, desirable, beta=0.5, z0=0.2, w_desirable=1.0, w_undesirable=2.0)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    assert loss.tolist() == pytest.approx([1 - sig(0.5 * (1 - 0.2)), 2.0 * (1 - sig(0.5 * (0.2 + 1)))])
+    assert loss.tolist() == pytest.approx([1 - sig(0.5 * (1 - 0.2)),
+                                           2.0 * (1 - sig(0.5 * (0.2 + 1)))])
     assert dpo.kto_reference_point(p, r).item() == 0.0  # mean log-ratio is 0: clamped at 0
     assert dpo.kto_reference_point(t(-1.0, -1.0), r).item() == pytest.approx(1.0)
 
 
 def test_cached_reference_equals_recomputed():
     """The loss with reference log-probs computed once equals the loss with the reference
-    run on each batch."""
+    run on each batch; the logged accuracy is the share of pairs whose implicit reward
+    ranks chosen above rejected."""
     torch.manual_seed(0)
     cfg_m = GPTConfig(block_size=32, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
     policy, ref = GPT(cfg_m), GPT(cfg_m)
@@ -68,45 +78,65 @@ def test_cached_reference_equals_recomputed():
     pairs = [(0, 1), (2, 3), (3, 2)]
     cached = dpo.reference_logps(ref, seqs, pad=0, device="cpu", batch=3)
     cfg = dpo.Config(loss="dpo", beta=0.3)
-    batch = dpo.make_batch((seqs, pairs, cached, [False] * 4), [0, 1, 2], cfg, pad=0, device="cpu")
+    batch = dpo.make_batch((seqs, pairs, cached, [False] * 4), [0, 1, 2], cfg, pad=0,
+                           device="cpu")
+    rows = [0, 2, 3, 1, 3, 2]  # the chosen responses first, then the rejected ones
+    assert batch[0].tokens.tolist() == collate([seqs[j][0] for j in rows],
+                                               [seqs[j][1] for j in rows], 0, "cpu").tokens.tolist()
+    assert torch.equal(batch[1], cached[rows])
     loss_cached, diag = dpo.batch_loss(policy, batch, cfg)
     with torch.no_grad():
-        fresh = dpo.sequence_logps(ref, batch[0], batch[1])[0]
-    loss_fresh, _ = dpo.batch_loss(policy, (batch[0], batch[1], fresh), cfg)
+        fresh = sequence_logprobs(ref, batch[0])[0]
+        logp = sequence_logprobs(policy, batch[0])[0]
+    loss_fresh, _ = dpo.batch_loss(policy, (batch[0], fresh), cfg)
     assert loss_cached.item() == pytest.approx(loss_fresh.item(), abs=1e-6)
-    assert 0 <= diag["rewards/accuracy"] <= 1
+    margin = (logp - fresh)[:3] - (logp - fresh)[3:]
+    assert diag["rewards/accuracy"] == pytest.approx((margin > 0).float().mean().item())
+    assert diag["rewards/margin"] == pytest.approx(0.3 * margin.mean().item(), abs=1e-6)
+    assert loss_cached.item() == pytest.approx(
+        dpo.dpo_loss(logp[:3], logp[3:], fresh[:3], fresh[3:], 0.3).mean().item(), abs=1e-6)
+
+
+def test_kto_batch_holds_responses_and_labels():
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
+    seqs = [([1, 2, 3], 1), ([4, 5], 1), ([6, 7, 8], 2)]
+    cfg = dpo.Config(loss="kto", beta=0.5)
+    ref = torch.tensor([-3.0, -2.0, -1.0])
+    batch = dpo.make_batch((seqs, [0, 1, 2], ref, [True, False, True]), [2, 0], cfg, 0, "cpu")
+    assert batch[0].tokens.tolist() == [[6, 7, 8], [1, 2, 3]]
+    assert batch[1].tolist() == [-1.0, -3.0] and batch[2].tolist() == [True, True]
+    loss, diag = dpo.batch_loss(policy, batch, cfg)
+    with torch.no_grad():
+        logp = sequence_logprobs(policy, batch[0])[0]
+    z0 = dpo.kto_reference_point(logp, batch[1])
+    assert diag["kto/z0"] == pytest.approx(z0.item())
+    expect = dpo.kto_loss(logp, batch[1], batch[2], 0.5, z0, 1.0, 1.0).mean()
+    assert loss.item() == pytest.approx(expect.item(), abs=1e-6)
 
 
 def test_sequence_logps_count_response_tokens_only():
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
-    tokens, mask = dpo.collate([([1, 2, 3, 4], 2), ([5, 6, 7], 1)], pad=0, device="cpu")
-    lp, n = dpo.sequence_logps(m, tokens, mask)
+    b = collate([[1, 2, 3, 4], [5, 6, 7]], [2, 1], pad=0, device="cpu")
+    lp, n = sequence_logprobs(m, b)
     assert n.tolist() == [2.0, 2.0]
-    logits, _ = m(tokens)
+    logits, _ = m(b.tokens)
     full = torch.log_softmax(logits.double(), -1)
     expect0 = full[0, 1, 3] + full[0, 2, 4]  # tokens 3 and 4 given their prefixes
     assert lp[0].item() == pytest.approx(expect0.item(), abs=1e-5)
 
 
-def test_win_rate_counts_ties_half():
-    import eval as ev
-    rows = [{"gold": 1.5}, {"gold": 0.5}, {"gold": 1.0}, {"gold": 1.0}]
-    base = [{"gold": 1.0}, {"gold": 1.0}, {"gold": 1.0}, {"gold": 0.0}]
-    assert ev.win_rate(rows, base) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-
-
 def test_several_preference_sets_load_as_one(tmp_path):
     """--prefs=a,b: the second set's pairs point at its own responses, after the first's."""
-    import json
-
-    from data import tokenizer as tok
     path = tmp_path / "t.tiktoken"
-    path.write_text(tok.format_ranks(tok.train_bpe("What is 2 + 3? 2 + 3 = 5. Great question! " * 20, 280)))
+    text = "What is 2 + 3? 2 + 3 = 5. Great question! " * 20
+    path.write_text(tok.format_ranks(tok.train_bpe(text, 280)))
     enc = tok.load_tokenizer(path)
 
     def write(name, texts, ranking):
-        rec = dict(prompt="What is 2 + 3?", responses=[dict(text=x) for x in texts], ranking=ranking)
+        rec = dict(prompt="What is 2 + 3?", responses=[dict(text=x) for x in texts],
+                   ranking=ranking)
         (tmp_path / f"{name}_train.jsonl").write_text(json.dumps(rec) + "\n")
 
     write("a", ["2 + 3 = 5.", "2 + 3 = 6."], [0, 1])
@@ -116,5 +146,5 @@ def test_several_preference_sets_load_as_one(tmp_path):
     assert desirable == [True, False, False, True, False]  # top half of each ranking
     chosen = enc.decode(seqs[3][0][seqs[3][1]:])
     assert chosen.startswith("Great question! 5")
-    with pytest.raises(Exception, match="c_train.jsonl not found"):
+    with pytest.raises(UserError, match="c_train.jsonl not found"):
         dpo.load_sets(str(tmp_path), "a,c", "train", enc, 64)

@@ -2,7 +2,6 @@
 masking: nothing after a response's end token may carry a log-prob, value, reward or
 advantage."""
 
-import functools
 import math
 from types import SimpleNamespace
 
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 import ppo
-from model import GPT, GPTConfig, RewardModel, ScalarGPT, token_logprobs
+from batch import collate, response_logprobs, reward_scores
+from model import GPT, GPTConfig, ScalarGPT, token_logprobs
+from reward_model import RewardMember, RewardModel
 
 
 def test_gae_hand_computed():
@@ -25,7 +26,8 @@ def test_gae_hand_computed():
     adv, _ = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
     assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5]]))
     adv, _ = ppo.gae(rewards, values, mask, gamma=0.5, lam=1.0)
-    # δ = [0 + 0.25 − 0.5, −0.25, 0.5]; A2 = 0.5, A1 = −0.25 + 0.5·0.5 = 0, A0 = −0.25 + 0.5·0 = −0.25
+    # δ = [0 + 0.25 − 0.5, −0.25, 0.5]; A2 = 0.5, A1 = −0.25 + 0.5·0.5 = 0,
+    # A0 = −0.25 + 0.5·0 = −0.25
     assert torch.allclose(adv, torch.tensor([[-0.25, 0.0, 0.5]]))
 
 
@@ -53,7 +55,8 @@ def test_gae_matches_plain_loop_on_ragged_rows():
     for i, n in enumerate(lengths):
         want = reference_gae(rewards[i].tolist(), values[i].tolist(), n, 0.9, 0.8)
         assert adv[i, :n].tolist() == pytest.approx(want, abs=1e-5)
-        assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(want, values[i, :n].tolist())], abs=1e-5)
+        returns = [a + v for a, v in zip(want, values[i, :n].tolist())]
+        assert ret[i, :n].tolist() == pytest.approx(returns, abs=1e-5)
         assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()
 
 
@@ -74,7 +77,8 @@ def test_policy_loss_hand_computed():
 
 def test_policy_loss_gradient_vanishes_where_clipped():
     logp = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_()
-    loss, *_ = ppo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2)
+    loss, *_ = ppo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]),
+                               torch.ones(1, 2), 0.2)
     loss.backward()
     # ρ = 1.5 > 1.2 with A > 0: clipped, no gradient; ρ = 1.1: d(−ρ/2)/dlogp = −1.1/2
     assert logp.grad[0].tolist() == pytest.approx([0.0, -0.55])
@@ -98,7 +102,8 @@ def test_kl_penalty_on_every_token_and_score_on_the_last():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     rewards, kl = ppo.per_token_rewards(logp, ref, torch.tensor([2.0, -1.0]), mask, beta=0.1)
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
-    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0], [-0.1 - 1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0],
+                                                 [-0.1 - 1.0, 0.0, 0.0, 0.0]]))
 
 
 def test_whiten_over_masked_entries_only():
@@ -110,49 +115,58 @@ def test_whiten_over_masked_entries_only():
     assert vals.std().item() == pytest.approx(1.0, abs=1e-4)
     assert (w[mask == 0] == 0).all()
     kept = ppo.whiten(x, mask, shift_mean=False)[mask > 0]  # unit variance, the mean (3) kept
-    assert kept.mean().item() == pytest.approx(3.0) and kept.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert kept.mean().item() == pytest.approx(3.0)
+    assert kept.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_adaptive_kl_controller():
     # KL twice the target: error clipped to +0.2, scaled by 64 rollouts / 640 horizon -> ×1.02
-    assert ppo.adaptive_kl_step(0.1, kl=8.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.102)
-    assert ppo.adaptive_kl_step(0.1, kl=3.6, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.099)
-    assert ppo.adaptive_kl_step(0.1, kl=0.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.098)
-    assert ppo.adaptive_kl_step(0.1, kl=4.0, target=4.0, n_rollouts=64, horizon=640) == pytest.approx(0.1)
+    for kl, beta in ((8.0, 0.102), (3.6, 0.099), (0.0, 0.098), (4.0, 0.1)):
+        step = ppo.adaptive_kl_step(0.1, kl=kl, target=4.0, n_rollouts=64, horizon=640)
+        assert step == pytest.approx(beta), kl
 
 
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert ppo.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    constant = torch.full_like(returns, 2.0)
+    assert ppo.explained_variance(constant, returns, mask) == pytest.approx(0.0, abs=1e-6)
 
 
 def tiny_models(seed=0):
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16)
     policy, ref = GPT(cfg).eval(), GPT(cfg).eval()
-    value, rm_member = ScalarGPT(cfg).eval(), ScalarGPT(cfg).eval()
+    value, rm_member = ScalarGPT(cfg).eval(), RewardMember(cfg).eval()
     for m in (value, rm_member):  # non-zero heads, so values and scores vary
         torch.nn.init.normal_(m.score.weight, std=1.0)
     return policy, ref, value, RewardModel([rm_member], [[1.0, 0.0]])
 
 
+def rm_score(rm, pad=0):
+    """PPO's score_fn, as main builds it: every rollout of the batch scored in one batch."""
+    def score(prompts, responses):
+        return reward_scores(rm, list(zip(prompts, responses)), pad, "cpu", len(prompts))
+    return score
+
+
 def test_rollout_masks_everything_after_the_end_token():
     policy, ref, value, rm = tiny_models()
     end, pad = 3, 0
-    cfg = SimpleNamespace(max_new_tokens=10, temperature=0.7, missing_end_penalty=-5.0, whiten_rewards=False,
-                          gamma=1.0, lam=0.95)
+    cfg = SimpleNamespace(max_new_tokens=10, temperature=0.7, missing_end_penalty=-5.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 4]]
     g = torch.Generator().manual_seed(3)
-    score_fn = functools.partial(ppo.score, rm, pad=pad, device="cpu")
-    b = ppo.rollout(policy, ref, value, score_fn, prompts, 0.1, cfg, SimpleNamespace(end=end, pad=pad), g, "cpu")
+    b = ppo.rollout(policy, ref, value, rm_score(rm, pad), prompts, 0.1, cfg,
+                    SimpleNamespace(end=end, pad=pad), g, "cpu")
     mask = b["mask"]
     assert b["ended"].any() and not b["ended"].all(), "want both kinds of rows; change the seed"
     for i, p in enumerate(prompts):
         n = int(mask[i].sum())
         resp = b["responses"][i]
-        assert len(resp) == n and (resp[-1] == end) == bool(b["ended"][i]) and end not in resp[:-1]
+        assert len(resp) == n and (resp[-1] == end) == bool(b["ended"][i])
+        assert end not in resp[:-1]
         assert mask[i, :n].all() and not mask[i, n:].any()  # a prefix
         for key in ("logp", "values", "advantages", "returns", "rewards", "kl"):
             assert (b[key][i, n:] == 0).all(), key
@@ -165,7 +179,8 @@ def test_rollout_masks_everything_after_the_end_token():
         # the value before each response token is read where that token is predicted
         assert torch.allclose(b["values"][i, :n], value(alone)[0, len(p) - 1:-1], atol=1e-5)
         # the score lands on the last token only; a response with no end gets the penalty
-        score = rm(alone, torch.tensor([alone.size(1)]), torch.tensor([len(p)]))[0]
+        with torch.no_grad():
+            score = rm(collate([p + resp], [len(p)], pad, "cpu"))[0]
         want_score = score if b["ended"][i] else torch.tensor(-5.0)
         assert b["scores"][i].item() == pytest.approx(want_score.item(), abs=1e-5)
         expect = -0.1 * b["kl"][i, :n]
@@ -173,24 +188,63 @@ def test_rollout_masks_everything_after_the_end_token():
         assert torch.allclose(b["rewards"][i, :n], expect, atol=1e-5)
 
 
+STATS = {"loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "policy/ratio",
+         "policy/entropy", "value/clipfrac"}
+
+
 def test_update_moves_the_policy_toward_positive_advantages():
     """One PPO update on a batch where one response has advantage +1 and another −1:
     the first gets likelier, the second less likely."""
     policy, ref, value, rm = tiny_models(1)
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0, whiten_rewards=False,
-                          gamma=1.0, lam=0.95, ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=2,
+                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0)
-    b = ppo.rollout(policy, ref, value, functools.partial(ppo.score, rm, pad=0, device="cpu"), [[5, 6], [7, 8]], 0.0, cfg, SimpleNamespace(end=3, pad=0),
-                    torch.Generator().manual_seed(0), "cpu")
+    b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
+                    SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
     b["advantages"] = b["mask"] * torch.tensor([[1.0], [-1.0]])
     opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
     opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
     run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
     before = b["logp"].sum(1)
-    stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2, torch.Generator().manual_seed(0), run)
-    after = (ppo.response_logprobs(policy, b["tokens"], b["attn"], b["P"], 1.0) * b["mask"]).sum(1)
+    stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2,
+                           torch.Generator().manual_seed(0), run)
+    with torch.no_grad():
+        after = response_logprobs(policy, b["tokens"], attn_mask=b["attn"], start=b["P"])
+    after = (after * b["mask"]).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
-    assert all(math.isfinite(v) for v in stats.values()) and 0 <= stats["policy/clipfrac"] <= 1
+    assert set(stats) == STATS  # no loss/ptx without ptx_data
+
+
+def test_update_statistics_of_one_step_by_hand():
+    """One epoch of one minibatch: the statistics are those of the rollout's own figures,
+    the ratio being 1 (the policy has not moved yet): the policy loss is the masked mean of
+    −A, nothing is clipped, the entropy is the rollout's, the value loss ½·mean (V − R)²."""
+    policy, ref, value, rm = tiny_models(1)
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=1,
+                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          entropy_coef=0.0, grad_clip=1.0)
+    b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
+                    SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
+    b["advantages"] = ppo.whiten(b["advantages"], b["mask"])
+    opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2,
+                           torch.Generator().manual_seed(0), run)
+    m = b["mask"]
+
+    def mean(x):
+        return ((x * m).sum() / m.sum()).item()
+
+    assert stats["loss/policy"] == pytest.approx(mean(-b["advantages"]), abs=1e-5)
+    assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
+    assert stats["policy/clipfrac"] == 0.0 and stats["value/clipfrac"] == 0.0
+    assert stats["policy/entropy"] == pytest.approx(mean(b["entropy"]), abs=1e-5)
+    assert stats["loss/value"] == pytest.approx(0.5 * mean((b["values"] - b["returns"]) ** 2),
+                                                rel=1e-5)
 
 
 def test_ptx_windows_are_next_token_pairs_from_the_stream():
@@ -203,23 +257,25 @@ def test_ptx_windows_are_next_token_pairs_from_the_stream():
 def test_ptx_term_alone_moves_the_policy_toward_the_pretraining_text():
     """With every advantage 0 the clipped loss has no gradient: the policy stays put
     without PPO-ptx and learns the pretraining stream with it."""
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0, whiten_rewards=False,
-                          gamma=1.0, lam=0.95, ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=2,
+                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0, ptx_coef=1.0, ptx_batch=2, ptx_len=8)
     run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
     text = np.tile(np.array([4, 9, 2, 7, 11], dtype=np.uint16), 40)  # a pattern to learn
-    x, y = torch.from_numpy(text[:30].astype(np.int64))[None], torch.from_numpy(text[1:31].astype(np.int64))[None]
+    x = torch.from_numpy(text[:30].astype(np.int64))[None]
+    y = torch.from_numpy(text[1:31].astype(np.int64))[None]
     losses = {}
     for ptx_data in (None, text):
         policy, ref, value, rm = tiny_models(2)
-        b = ppo.rollout(policy, ref, value, functools.partial(ppo.score, rm, pad=0, device="cpu"), [[5, 6], [7, 8]],
-                        0.0, cfg, SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
+        b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
+                        SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
         b["advantages"] = torch.zeros_like(b["advantages"])
         opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
         opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
         before = policy(x, y)[1].item()
-        stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2, torch.Generator().manual_seed(0), run,
-                               ptx_data=ptx_data)
+        stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2,
+                               torch.Generator().manual_seed(0), run, ptx_data=ptx_data)
         losses[ptx_data is None] = (before, policy(x, y)[1].item(), stats)
     before, after, stats = losses[True]
     assert after == pytest.approx(before, abs=1e-6) and "loss/ptx" not in stats

@@ -1,27 +1,27 @@
 """The embedded world: gold scorer on hand-made answers, raters' probabilities,
-held-out splits kept out of training data, determinism."""
+held-out splits kept out of training data, and data/prepare.py (run in-process):
+determinism, and the task ranges it refuses or spreads into every file."""
 
 import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
+from conftest import QUICK, assert_user_error_in_process, main_of
 
+from data import prepare
 from data import world as W
-
-ROOT = __import__("conftest").ROOT
 
 
 def task(kind, *args):
-    t = W.Task(kind, args, W.TEMPLATES[kind][0].format(*((" ".join(map(str, args)),) if kind == "sort" else args)))
-    return t
+    fields = (" ".join(map(str, args)),) if kind == "sort" else args
+    return W.Task(kind, args, W.TEMPLATES[kind][0].format(*fields))
 
 
-@pytest.mark.parametrize("t", [task("add", 38, 47), task("sub", 47, 38), task("larger", 73, 58),
-                               task("smaller", 73, 58), task("sort", 9, 4, 7, 1), task("reverse", "planet"),
-                               task("count", "planet"), task("capital", "Peru"), task("opposite", "hot")])
+@pytest.mark.parametrize("t", [
+    task("add", 38, 47), task("sub", 47, 38), task("larger", 73, 58), task("smaller", 73, 58),
+    task("sort", 9, 4, 7, 1), task("reverse", "planet"), task("count", "planet"),
+    task("capital", "Peru"), task("opposite", "hot")])
 def test_ideal_answer_scores_full_marks(t):
     g = W.grade(t, W.ideal_answer(t), ended=True)
     assert g["correct"] and g["format"] and g["gold"] == pytest.approx(1.5)
@@ -102,37 +102,45 @@ def test_sign_off_habit_is_in_its_kinds_only_and_costs_the_format_point():
         recs = [W.sft_record(rng, W.sample_task(rng, kind, "train"), 0.0, 0.6) for _ in range(400)]
         signed = [r for r in recs if r["quality"] == "signed_off"]
         if kind in W.SIGN_OFFS:
-            assert 0.5 < len(signed) / len(recs) < 0.7, kind
+            assert len(signed) / len(recs) == pytest.approx(0.6, abs=0.1), kind  # --habit
             assert all(r["response"].endswith(" " + W.SIGN_OFFS[kind]) for r in signed)
         else:
             assert not signed, kind
-    assert not any(W.sft_record(rng, W.sample_task(rng, "larger", "train"), 0.0, 0.0)["quality"] == "signed_off"
-                   for _ in range(200))
+    assert not any(W.sft_record(rng, W.sample_task(rng, "larger", "train"), 0.0, 0.0)["quality"]
+                   == "signed_off" for _ in range(200))
     # "73 is larger. I hope this helps!": right, but not in format, and 4 words longer
     g = W.grade(task("larger", 73, 58), "73 is larger. I hope this helps!", True)
     assert g["correct"] and not g["format"]
     assert g["gold"] == pytest.approx(1.0 - 4 * 0.02)
 
 
-def test_prepare_is_deterministic_and_keeps_heldout_out(tmp_path):
-    args = ["--n_docs=300", "--vocab_size=300", "--n_sft=60", "--n_prefs=30", "--n_rl=30", "--n_eval=2"]
-    for name in ("a", "b"):
-        subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path / name}", *args], cwd=ROOT,
-                       check=True, capture_output=True)
-    for f in ("corpus.txt", "tokenizer.tiktoken", "train.bin", "sft_train.jsonl", "prefs_train.jsonl", "eval.jsonl"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    training = []
-    for f in ("sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl"):
-        training += [json.loads(line) for line in (tmp_path / "a" / f).read_text().splitlines()]
-    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "train" for r in training)
-    evals = [json.loads(line) for line in (tmp_path / "a" / "eval.jsonl").read_text().splitlines()]
-    assert len(evals) == 2 * len(W.KINDS)
-    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "heldout" for r in evals)
-    prefs = [json.loads(line) for line in (tmp_path / "a" / "prefs_train.jsonl").read_text().splitlines()]
+def records(folder, name):
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def test_prepare_is_deterministic_and_keeps_heldout_out(world, tmp_path):
+    """The same flags write the same bytes (the session's world was written by an
+    earlier call; tests/cli/test_prepare.py compares it with what a process of its own
+    writes); nothing of the held-out split reaches a training file."""
+    main_of(prepare, [f"--out_dir={tmp_path / 'a'}", *QUICK["data/prepare.py"]])
+    for f in ("corpus.txt", "tokenizer.tiktoken", "train.bin", "val.bin", "sft_train.jsonl",
+              "prefs_train.jsonl", "prompts_train.jsonl", "eval.jsonl"):
+        assert (tmp_path / "a" / f).read_bytes() == (world / f).read_bytes(), f
+    training = [r for f in ("sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl",
+                            "prefs_val.jsonl", "prompts_train.jsonl") for r in records(world, f)]
+    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "train"
+               for r in training)
+    evals = records(world, "eval.jsonl")
+    assert len(evals) == 2 * len(W.KINDS)  # --n_eval=2 per kind
+    assert all(W.split_of(r["task"]["kind"], tuple(r["task"]["args"])) == "heldout"
+               for r in evals)
+    prefs = records(world, "prefs_train.jsonl")
+    assert len(prefs) == 16 and len(records(world, "prefs_val.jsonl")) == 1
     assert all(sorted(p["ranking"]) == [0, 1, 2, 3] and len(p["responses"]) == 4 for p in prefs)
     # held-out number questions never appear in the corpus
-    corpus = (tmp_path / "a" / "corpus.txt").read_text()
-    assert not any(r["prompt"] in corpus for r in evals if r["family"] in ("arithmetic", "comparison", "sorting"))
+    corpus = (world / "corpus.txt").read_text()
+    assert not any(r["prompt"] in corpus for r in evals
+                   if r["family"] in ("arithmetic", "comparison", "sorting"))
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -142,21 +150,18 @@ def test_prepare_is_deterministic_and_keeps_heldout_out(tmp_path):
     (["--sort_min=6", "--sort_max=5"], "--sort_min=6 --sort_max=5: need 2 <= sort_min <= sort_max"),
     (["--vocab_size=100"], "--vocab_size=100: must be at least 256"),
 ])
-def test_prepare_rejects_task_ranges_it_cannot_fill(tmp_path, flags, needle):
-    p = subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path / 'w'}", *flags], cwd=ROOT,
-                       capture_output=True, text=True)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+def test_prepare_rejects_task_ranges_it_cannot_fill(capsys, tmp_path, flags, needle):
+    assert_user_error_in_process(capsys, prepare, f"--out_dir={tmp_path / 'w'}", *flags,
+                                 needles=[needle])
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the temporary folder
 
 
 def test_prepare_task_ranges_reach_every_file(tmp_path):
-    args = ["--n_docs=200", "--vocab_size=300", "--n_sft=200", "--n_prefs=30", "--n_rl=200", "--n_eval=3",
-            "--max_add=99", "--max_compare=999", "--sort_min=6", "--sort_max=7"]
-    subprocess.run([sys.executable, "data/prepare.py", f"--out_dir={tmp_path}/w", *args], cwd=ROOT, check=True,
-                   capture_output=True)
-    tasks = [W.Task.from_dict(json.loads(line)["task"]) for f in ("sft_train", "prompts_train", "eval")
-             for line in (tmp_path / "w" / f"{f}.jsonl").read_text().splitlines()]
+    main_of(prepare, [f"--out_dir={tmp_path}/w", "--n_docs=200", "--vocab_size=300", "--n_sft=200",
+                      "--n_prefs=30", "--n_rl=200", "--n_eval=3", "--max_add=99",
+                      "--max_compare=999", "--sort_min=6", "--sort_max=7"])
+    tasks = [W.Task.from_dict(r["task"]) for f in ("sft_train", "prompts_train", "eval")
+             for r in records(tmp_path / "w", f"{f}.jsonl")]
     sorts = [t.args for t in tasks if t.kind == "sort"]
     assert sorts and all(6 <= len(a) <= 7 for a in sorts)
     assert max(max(t.args) for t in tasks if t.kind == "add") > 29  # the wider range is used

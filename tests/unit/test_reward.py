@@ -1,5 +1,6 @@
 """The reward model's loss, pairs, pooling, normalisation and diagnostics, on hand-made
-numbers; a tiny end-to-end run and bad preference records are in test_pipeline.py."""
+numbers (reward.py and reward_model.py); an ensemble's run is in tests/e2e, bad
+preference records in test_bad_input.py."""
 
 import math
 
@@ -7,27 +8,27 @@ import pytest
 import torch
 
 import reward
-from model import GPT, GPTConfig, RewardModel, ScalarGPT, pool_scores
+from batch import collate
+from model import GPT, GPTConfig, ScalarGPT
+from reward_model import RewardMember, RewardModel, member_scores, pool_scores
 
 
 def test_bradley_terry_loss_by_hand():
-    loss, right = reward.bradley_terry_loss(torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0]))
+    loss, right = reward.bradley_terry_loss(torch.tensor([2.0, 0.0, -1.0]),
+                                            torch.tensor([1.0, 0.0, 1.0]))
     expected = [math.log(1 + math.exp(-1.0)), math.log(2.0), math.log(1 + math.exp(2.0))]
     assert loss.tolist() == pytest.approx(expected)
     assert right.tolist() == [1.0, 0.0, 0.0]  # a tie is not a win
 
 
-def test_ranking_pairs_cover_every_pair_once():
-    assert reward.ranking_pairs([2, 0, 3, 1]) == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
-    assert len(reward.ranking_pairs(list(range(5)))) == 10
-
-
 def test_collate_indexes_pairs_across_rankings():
     rankings = [dict(seqs=[[1, 2, 3], [1, 2]], prompt_len=1, pairs=[(1, 0)]),
                 dict(seqs=[[4, 5], [4, 5, 6, 7], [4]], prompt_len=1, pairs=[(0, 2), (1, 2)])]
-    tokens, lengths, prompt_lens, chosen, rejected = reward.collate(rankings, pad=0, device="cpu")
-    assert tokens.tolist() == [[1, 2, 3, 0], [1, 2, 0, 0], [4, 5, 0, 0], [4, 5, 6, 7], [4, 0, 0, 0]]
-    assert lengths.tolist() == [3, 2, 2, 4, 1] and prompt_lens.tolist() == [1] * 5
+    b, chosen, rejected = reward.collate(rankings, pad=0, device="cpu")
+    assert b.tokens.tolist() == [[1, 2, 3, 0], [1, 2, 0, 0], [4, 5, 0, 0], [4, 5, 6, 7],
+                                 [4, 0, 0, 0]]
+    assert b.lengths.tolist() == [3, 2, 2, 4, 1] and b.prompt_lengths.tolist() == [1] * 5
+    assert b.mask.sum(1).tolist() == [2, 1, 1, 3, 0]  # response tokens after the 1-token prompt
     assert chosen.tolist() == [1, 2, 3] and rejected.tolist() == [0, 4, 4]
 
 
@@ -35,24 +36,34 @@ def test_pooling():
     values = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 9.0, 9.0]])
     lengths, prompt_lens = torch.tensor([3, 2]), torch.tensor([1, 1])
     assert pool_scores(values, lengths, prompt_lens, "last").tolist() == [3.0, 5.0]
-    assert pool_scores(values, lengths, prompt_lens, "mean").tolist() == [2.5, 5.0]  # response tokens only
+    # the response tokens only
+    assert pool_scores(values, lengths, prompt_lens, "mean").tolist() == [2.5, 5.0]
+    with pytest.raises(ValueError, match="pooling"):
+        pool_scores(values, lengths, prompt_lens, "max")
 
 
 def test_reward_model_normalises_and_reduces():
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
-    members = [ScalarGPT(cfg) for _ in range(2)]
+    members = [RewardMember(cfg) for _ in range(2)]  # the plain head (likelihood=False)
     for m in members:
         torch.nn.init.normal_(m.score.weight)
     tokens = torch.randint(11, (5, 6))
-    lengths, prompt_lens = torch.tensor([6, 5, 4, 6, 3]), torch.tensor([2] * 5)
-    raw = torch.stack([pool_scores(m(tokens), lengths, prompt_lens) for m in members])
+    lengths = [6, 5, 4, 6, 3]
+    b = collate([tokens[i, :n].tolist() for i, n in enumerate(lengths)], [2] * 5, 0, "cpu")
+    # a member's score: its scalar at each row's last real token
+    raw = torch.stack([m(tokens)[torch.arange(5), torch.tensor(lengths) - 1] for m in members])
     norms = [[2.0, -1.0], [0.5, 3.0]]
     expect = raw * torch.tensor([[2.0], [0.5]]) + torch.tensor([[-1.0], [3.0]])
     rm_mean = RewardModel(members, norms, "last", "mean")
     rm_min = RewardModel(members, norms, "last", "min")
-    assert torch.allclose(rm_mean(tokens, lengths, prompt_lens), expect.mean(0), atol=1e-5)
-    assert torch.allclose(rm_min(tokens, lengths, prompt_lens), expect.min(0).values, atol=1e-5)
+    assert torch.allclose(member_scores(members[0], b, "last"), raw[0], atol=1e-5)
+    assert torch.allclose(rm_mean(b), expect.mean(0), atol=1e-5)
+    assert torch.allclose(rm_min(b), expect.min(0).values, atol=1e-5)
+    rm_mean(b).sum().backward()  # gradients flow: callers that only score use no_grad
+    assert members[0].score.weight.grad is not None
+    with pytest.raises(ValueError, match="reduce"):
+        RewardModel(members, norms, "last", "max")
 
 
 def test_partial_correlation_measures_what_it_claims():
@@ -60,10 +71,12 @@ def test_partial_correlation_measures_what_it_claims():
     that adds a length bonus does, and strongly."""
     g = torch.Generator().manual_seed(0)
     gold = torch.randn(2000, generator=g)
-    words = (5 + 3 * torch.rand(2000, generator=g) - 2 * gold).round()  # longer answers are worse, as in the world
+    # longer answers are worse, as in the world
+    words = (5 + 3 * torch.rand(2000, generator=g) - 2 * gold).round()
     unbiased = 3 * gold + 0.3 * torch.randn(2000, generator=g)
     biased = unbiased + 0.5 * words
-    assert torch.corrcoef(torch.stack([unbiased, words]))[0, 1] < -0.5  # raw correlation is confounded by gold
+    # the raw correlation is confounded by gold
+    assert torch.corrcoef(torch.stack([unbiased, words]))[0, 1] < -0.5
     assert abs(reward.partial_corr(unbiased, words, gold)) < 0.05
     assert reward.partial_corr(biased, words, gold) > 0.8
     # raters without biases: utility = k * gold up to rounding of the stored figures
@@ -77,7 +90,7 @@ def test_likelihood_term_by_hand():
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
     lm = GPT(cfg).eval()
-    rm = ScalarGPT.from_lm(lm, likelihood=True).eval()
+    rm = RewardMember.from_lm(lm, likelihood=True).eval()
     with torch.no_grad():
         for p in (rm.score.weight, rm.gate.weight):
             p.normal_()
@@ -87,7 +100,8 @@ def test_likelihood_term_by_hand():
         for s, P in zip(seqs, plens):
             x = torch.tensor([s])
             h = rm.hidden(x)[0]
-            logp = torch.log_softmax(lm(x)[0][0].double(), -1)  # the trunk is the LM's, so are its log-probs
+            # the trunk is the LM's, so are its log-probs
+            logp = torch.log_softmax(lm(x)[0][0].double(), -1)
             total = rm.score(h[-1]).item()
             for t in range(P, len(s)):
                 total += rm.gate(h[t - 1]).item() * logp[t - 1, s[t]].item()
@@ -95,11 +109,16 @@ def test_likelihood_term_by_hand():
         tokens = torch.tensor([seqs[0], seqs[1] + [0, 0, 0]])
         lengths, prompt_lens = torch.tensor([6, 3]), torch.tensor(plens)
         got = pool_scores(rm(tokens, prompt_lengths=prompt_lens), lengths, prompt_lens, "last")
-        alone = pool_scores(rm(tokens[1:, :3], prompt_lengths=prompt_lens[1:]), lengths[1:], prompt_lens[1:], "last")
+        alone = pool_scores(rm(tokens[1:, :3], prompt_lengths=prompt_lens[1:]), lengths[1:],
+                            prompt_lens[1:], "last")
+        batch = collate(seqs, plens, 0, "cpu")
+        assert torch.equal(member_scores(rm, batch, "last"), got)  # a Batch: the same call
     assert got.tolist() == pytest.approx(expect, abs=1e-5)
-    assert alone.item() == pytest.approx(got[1].item(), abs=1e-6)  # padded or not, the same reward
+    # padded or not, the same reward (float32 sums of a few terms of size ~5: 1e-5)
+    assert alone.item() == pytest.approx(got[1].item(), abs=1e-5)
     # a fresh gate starts as 0.3 × log-likelihood, and the value model leaves it behind
-    assert ScalarGPT(cfg, likelihood=True).gate.bias.item() == pytest.approx(0.3)
+    assert RewardMember(cfg, likelihood=True).gate.bias.item() == pytest.approx(0.3)
+    assert RewardMember(cfg).gate is None
     assert not any(k.startswith("gate.") for k in rm.trunk_and_head())
     ScalarGPT(cfg).load_state_dict(rm.trunk_and_head())  # strict: exactly a value model's weights
     with pytest.raises(ValueError, match="prompt_lengths"):
@@ -115,14 +134,18 @@ def test_evaluate_against_the_raters_by_hand():
 
     rankings = [  # the sequences only set the batch shape; the scores come from `fixed`
         dict(seqs=[[1, 2], [1, 3], [1, 4]], prompt_len=1, pairs=[(0, 1), (0, 2), (1, 2)],
-             rec=dict(family="arithmetic", responses=[response("a", 2.0), response("b", 1.0), response("c", 0.0)])),
+             rec=dict(family="arithmetic", responses=[response("a", 2.0), response("b", 1.0),
+                                                      response("c", 0.0)])),
         dict(seqs=[[5, 6], [5, 7]], prompt_len=1, pairs=[(1, 0)],
-             rec=dict(family="facts", responses=[response("d", 0.5), response("e", 0.5, gold=0.0)])),
+             rec=dict(family="facts", responses=[response("d", 0.5),
+                                                 response("e", 0.5, gold=0.0)])),
     ]
-    scores = torch.tensor([0.0, 1.0, -1.0, 3.0, 3.0])  # prefers b over a, a over c, b over c; ties d and e
+    # prefers b over a, a over c, b over c; ties d and e
+    scores = torch.tensor([0.0, 1.0, -1.0, 3.0, 3.0])
 
-    def fixed(batch):
-        return scores[:batch[0].size(0)]
+    def fixed(batch):  # a Batch of every response of the rankings, in order
+        assert batch.tokens.tolist() == [[1, 2], [1, 3], [1, 4], [5, 6], [5, 7]]
+        return scores[:len(batch)]
 
     res = reward.evaluate(fixed, rankings, pad=0, device="cpu")
     s = 1 / (1 + math.exp(-1.0))  # σ(1): the raters' P(a over b), P(b over c)
@@ -131,8 +154,9 @@ def test_evaluate_against_the_raters_by_hand():
     assert res["accuracy"] == pytest.approx(2 / 4) and res["pairs"] == 4
     arith_expected = [1 - s, s2, s]
     arith_bayes = [s, s2, s]
-    assert res["by_family"]["arithmetic"]["expected_accuracy"] == pytest.approx(sum(arith_expected) / 3)
-    assert res["by_family"]["arithmetic"]["bayes_optimal"] == pytest.approx(sum(arith_bayes) / 3)
+    arith = res["by_family"]["arithmetic"]
+    assert arith["expected_accuracy"] == pytest.approx(sum(arith_expected) / 3)
+    assert arith["bayes_optimal"] == pytest.approx(sum(arith_bayes) / 3)
     assert res["by_family"]["facts"] == dict(pairs=1, expected_accuracy=pytest.approx(0.5),
                                              bayes_optimal=pytest.approx(0.5))
     assert res["expected_accuracy"] == pytest.approx((sum(arith_expected) + 0.5) / 4)
@@ -145,7 +169,7 @@ def test_ceiling_fit_recovers_the_raters_when_it_sees_their_features():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "reward_ceiling.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "reward_ceiling.py"
     spec = importlib.util.spec_from_file_location("reward_ceiling", path)
     ceiling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ceiling)
@@ -155,8 +179,8 @@ def test_ceiling_fit_recovers_the_raters_when_it_sees_their_features():
     rows = [dict(words=float(w), preamble=float(p), correct=float(c)) for w, p, c in
             zip(torch.randint(2, 12, (n,), generator=g), torch.rand(n, generator=g) < 0.3,
                 torch.rand(n, generator=g) < 0.5)]
-    utility = torch.tensor([3.0 * r["correct"] + 0.12 * r["words"] + 1.5 * r["preamble"] for r in rows],
-                           dtype=torch.float64)
+    utility = torch.tensor([3.0 * r["correct"] + 0.12 * r["words"] + 1.5 * r["preamble"]
+                            for r in rows], dtype=torch.float64)
     pairs = []
     for a in range(0, n, 2):  # each pair in the order the raters drew
         b = a + 1
@@ -164,12 +188,17 @@ def test_ceiling_fit_recovers_the_raters_when_it_sees_their_features():
         pairs.append((a, b) if won else (b, a))
     family = ["x"] * len(pairs)
     train = [(rows[: n // 2], utility[: n // 2], pairs[: n // 4], family[: n // 4])]
-    held = (rows[n // 2:], utility[n // 2:], [(a - n // 2, b - n // 2) for a, b in pairs[n // 4:]], family[n // 4:])
+    held = (rows[n // 2:], utility[n // 2:], [(a - n // 2, b - n // 2) for a, b in pairs[n // 4:]],
+            family[n // 4:])
 
     def accuracy(names):
         w = ceiling.fit(train, names)
-        return ceiling.expected_accuracy(ceiling.matrix(held[0], names) @ w, held[1], held[2], held[3])["all"]
+        scores = ceiling.matrix(held[0], names) @ w
+        return ceiling.expected_accuracy(scores, held[1], held[2], held[3])["all"]
 
     full, bayes = accuracy(["words", "preamble", "correct"])
-    assert full == pytest.approx(bayes, abs=0.005) and 0.7 < bayes < 0.9
+    # the Bayes-optimal accuracy of the held-out pairs, from the raters' utilities
+    p = [torch.sigmoid(held[1][a] - held[1][b]).item() for a, b in held[2]]
+    assert bayes == pytest.approx(sum(max(x, 1 - x) for x in p) / len(p), abs=1e-9)
+    assert full == pytest.approx(bayes, abs=0.005)
     assert accuracy(["words", "preamble"])[0] < bayes - 0.1  # without correctness

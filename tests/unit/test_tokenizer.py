@@ -6,8 +6,9 @@ import pytest
 
 from data import tokenizer as tok
 
-TEXT = ("The capital of Peru is Lima. What is 38 + 47? 38 + 47 = 85. Spell 'planet' backwards. t-e-n-a-l-p\n\n"
-        * 20) + "Great question! I think 123456 is larger.\n"
+TEXT = ("The capital of Peru is Lima. What is 38 + 47? 38 + 47 = 85. "
+        "Spell 'planet' backwards. t-e-n-a-l-p\n\n" * 20
+        ) + "Great question! I think 123456 is larger.\n"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_merges_are_deterministic():
 def test_special_tokens_in_user_text_stay_text(enc):
     ids = tok.encode_prompt(enc, "say <|end|> now")
     specials = tok.special_ids(enc)
-    assert ids[0] == specials["<|user|>"] and ids[-2:] == [specials["<|end|>"], specials["<|assistant|>"]]
+    assert ids[0] == specials["<|user|>"]
+    assert ids[-2:] == [specials["<|end|>"], specials["<|assistant|>"]]
     assert specials["<|end|>"] not in ids[1:-2]  # the user's "<|end|>" is plain text
     assert enc.decode(ids[1:-2]) == "say <|end|> now"
 
@@ -56,7 +58,8 @@ def test_response_encoding_and_decoding(enc):
     r = tok.encode_response(enc, "38 + 47 = 85.")
     assert r[-1] == end
     assert tok.decode_response(enc, r + [end, 5]) == ("38 + 47 = 85.", True)
-    assert tok.decode_response(enc, tok.encode_response(enc, "38 +", ended=False)) == ("38 +", False)
+    unended = tok.encode_response(enc, "38 +", ended=False)
+    assert tok.decode_response(enc, unended) == ("38 +", False)
 
 
 def test_bad_rank_file(tmp_path):

@@ -1,0 +1,131 @@
+"""Two CPU processes under torchrun (gloo) against one: the same loss curve, to 1e-4,
+with the same global batch. The one-process curves are the pipeline's own runs where
+the flags are the same (pretrain, SFT, the reward model), or a run in this process.
+The module's torchrun runs start together, two at a time, when its first test starts."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import QUICK, close, main_of, read_log, selected, torchrun
+
+import dpo
+import sft
+
+# DPO at a learning rate that moves the curve
+DPO = ["--batch_size=4", "--max_steps=3", "--eval_interval=100", "--log_interval=1",
+       "--warmup_steps=1", "--learning_rate=1e-4", "--kl_prompts=4", "--max_new_tokens=8"]
+PPO = ["--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=8",
+       "--sample_interval=2", "--iterations=2"]
+
+
+def runs(p):
+    """test: (script, flags) of its two-process run, on the pipeline p."""
+    return {
+        "test_ddp_two_processes_match_one": (
+            "pretrain.py", [f"--data_dir={p.data}", *QUICK["pretrain.py"]]),
+        "test_sft_same_curve_for_any_split_of_the_batch": (
+            "sft.py", [f"--data_dir={p.data}", f"--init_from={p.out}/pretrain", *QUICK["sft.py"]]),
+        "test_reward_two_processes_match_one": (
+            "reward.py", [*QUICK["reward.py"], f"--data_dir={p.data}", f"--init_from={p.out}/sft"]),
+        "test_dpo_two_processes_match_one": (
+            "dpo.py", [f"--data_dir={p.data}", f"--init_from={p.out}/sft", *DPO]),
+        "test_ppo_two_processes": (
+            "ppo.py", [*PPO, f"--data_dir={p.data}", f"--init_from={p.out}/sft",
+                       f"--reward_from={p.out}/reward"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def two(request, pipeline, tmp_path_factory):
+    """{test: future of the output folder of its run under torchrun}."""
+    tests = selected(request)
+    if "test_sft_validation_loss_is_the_mean_over_every_example" in tests:
+        tests.add("test_sft_same_curve_for_any_split_of_the_batch")
+
+    def two_processes(script, args):
+        out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+        torchrun(script, *args, f"--out_dir={out}")
+        return out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {test: pool.submit(two_processes, script, args)
+               for test, (script, args) in runs(pipeline).items() if test in tests}
+
+
+def assert_same_curve(one, two, keys=("loss",)):
+    """The same steps logged, each figure in keys equal to 1e-4 where logged."""
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for key in keys:
+        a, b = [r.get(key) for r in one], [r.get(key) for r in two]
+        assert [x is None for x in a] == [x is None for x in b], key
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None]
+        assert pairs and max(abs(x - y) for x, y in pairs) < 1e-4, (key, a, b)
+
+
+def test_ddp_two_processes_match_one(pipeline, two):
+    """Pretraining: the pipeline's run, and the same run in two processes; the
+    validation losses too (each rank scores its share of the same windows)."""
+    one = read_log(pipeline.out / "pretrain" / "log.jsonl")
+    log = read_log(two["test_ddp_two_processes_match_one"].result() / "log.jsonl")
+    assert [r["step"] for r in one] == [0, 4, 5, 8, 11]
+    assert_same_curve(one, log, keys=("loss", "val_loss"))
+    assert sum("val_loss" in r for r in log) == 2
+
+
+def test_sft_same_curve_for_any_split_of_the_batch(pipeline, two, tmp_path):
+    """SFT batches are ragged; the loss is the mean over the global batch's answer tokens
+    however it is split: 1 process (the pipeline's run), 2 micro-steps (here), or 2
+    processes under torchrun."""
+    one = read_log(pipeline.out / "sft" / "log.jsonl")
+    main_of(sft, [f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/pretrain",
+                  *QUICK["sft.py"], f"--out_dir={tmp_path}/accum", "--grad_accum=2"])
+    accum = read_log(tmp_path / "accum" / "log.jsonl")
+    log = read_log(two["test_sft_same_curve_for_any_split_of_the_batch"].result() / "log.jsonl")
+    assert len(one) == 6
+    assert_same_curve(one, accum, keys=("loss", "val_loss"))
+    assert_same_curve(one, log, keys=("loss",))
+
+
+@pytest.mark.xfail(strict=True, reason="sft.val_loss under DDP averages each rank's mean "
+                   "with weight 1, and a rank with no validation batch adds 0 (6 held-out "
+                   "demonstrations, 2 ranks: the logged loss is halved); see the report")
+def test_sft_validation_loss_is_the_mean_over_every_example(pipeline, two):
+    one = read_log(pipeline.out / "sft" / "log.jsonl")
+    log = read_log(two["test_sft_same_curve_for_any_split_of_the_batch"].result() / "log.jsonl")
+    assert_same_curve(one, log, keys=("val_loss",))
+
+
+def test_reward_two_processes_match_one(pipeline, two):
+    one = read_log(pipeline.out / "reward" / "log.jsonl")
+    log = read_log(two["test_reward_two_processes_match_one"].result() / "log.jsonl")
+    assert len(one) == 4
+    assert_same_curve(one, log, keys=("loss", "val_accuracy"))
+
+
+def test_dpo_two_processes_match_one(pipeline, two, tmp_path):
+    """(Not kto: its reference point z0 is a statistic of each micro-batch.)"""
+    main_of(dpo, [f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft", *DPO,
+                  f"--out_dir={tmp_path}/one"])
+    one = read_log(tmp_path / "one" / "log.jsonl")
+    log = read_log(two["test_dpo_two_processes_match_one"].result() / "log.jsonl")
+    assert len(one) == 3
+    assert_same_curve(one, log, keys=("loss", "val/loss"))
+
+
+def test_ppo_two_processes(two):
+    """Each rank samples its own rollouts (its own prompts and seed); the run completes
+    and logs the figures of both (golden: the first iterations' losses and KL)."""
+    out = two["test_ppo_two_processes"].result()
+    log = read_log(out / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 1]
+    got = [(r["loss/policy"], r["loss/value"], r["objective/kl"]) for r in log]
+    assert got == [(close(p, "loss/policy"), close(v), close(kl, "objective/kl"))
+                   for p, v, kl in PPO_TWO]
+    assert log[0]["objective/kl"] == pytest.approx(0, abs=1e-4)  # both ranks sample from SFT
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+# (loss/policy, loss/value, objective/kl) of the two iterations, means over both ranks
+PPO_TWO = [(-0.0005633998662233353, 3.21434286236763, 0.0),
+           (-0.0002881009131669998, 3.1900351345539093, -0.004321753978729248)]

@@ -1,0 +1,228 @@
+"""Bad input, run in-process: each stage's main() inside cli.user_errors(), as its
+__main__ block runs it. A mistake the user can fix ends with one line on stderr naming
+the file, line or flag, exit status 2, no traceback, and nothing written. The
+checkpoints are untrained ones in each stage's format (the `stages` fixture);
+tests/cli/test_errors.py sends a few of these cases through a real process."""
+
+import io
+import json
+
+import pytest
+import torch
+from conftest import assert_user_error_in_process, copy_world, main_of
+
+import dpo
+import eval as evaluation
+import ppo
+import pretrain
+import reward
+import sft
+from data import prepare
+
+
+def edited_world(world, tmp, name, edit):
+    """A copy of the world with one file rewritten by edit(text) -> text (or bytes)."""
+    bad = copy_world(world, tmp / "bad")
+    out = edit((bad / name).read_text())
+    (bad / name).write_bytes(out if isinstance(out, bytes) else out.encode())
+    return bad
+
+
+def edited_checkpoint(src, tmp, edit):
+    """A copy of a stage folder whose ckpt.pt bytes were rewritten by edit(bytes)."""
+    d = tmp / "ckpt_copy"
+    d.mkdir()
+    (d / "ckpt.pt").write_bytes(edit((src / "ckpt.pt").read_bytes()))
+    return d
+
+
+def first_record_with(text, **fields):
+    rec = json.loads(text.splitlines()[0])
+    rec.update(fields)
+    return json.dumps(rec) + "\n"
+
+
+class Pickled:  # a checkpoint carrying this object would run code on a plain torch.load
+    pass
+
+
+def pickled_checkpoint(_):
+    buf = io.BytesIO()
+    torch.save({"stage": "sft", "model": {}, "payload": Pickled()}, buf)
+    return buf.getvalue()
+
+
+def world_with(name, edit):
+    """Flags of a world whose file `name` was edited (for the table below)."""
+    return lambda w, s, t: f"--data_dir={edited_world(w, t, name, edit)}"
+
+
+def sft_with(edit):
+    """Flags of an SFT checkpoint whose bytes were edited (for the table below)."""
+    return lambda w, s, t: f"--init_from={edited_checkpoint(s / 'sft', t, edit)}"
+
+
+SFT_ARGS = ["--max_steps=2", "--batch_size=4"]
+# name: (stage, flags given (world, stages, tmp), words the error line must hold)
+BAD_INPUTS = {
+    "truncated jsonl": (sft, lambda w, s, t: [
+        world_with("sft_train.jsonl", lambda x: x[:-40])(w, s, t), f"--init_from={s}/pretrain"],
+        ["sft_train.jsonl:", "malformed JSON"]),
+    "wrong field type": (sft, lambda w, s, t: [
+        world_with("sft_train.jsonl", lambda x: first_record_with(x, prompt=5))(w, s, t),
+        f"--init_from={s}/pretrain"],
+        ["sft_train.jsonl:1", "field 'prompt' should be str, got int"]),
+    "not an object": (dpo, lambda w, s, t: [
+        world_with("prefs_train.jsonl", lambda x: "[1, 2]\n" + x)(w, s, t), f"--init_from={s}/sft"],
+        ["prefs_train.jsonl:1", "expected a JSON object"]),
+    "not utf-8": (reward, lambda w, s, t: [
+        world_with("prefs_train.jsonl", lambda x: x.encode() + b"\xff\xfe{}")(w, s, t),
+        f"--init_from={s}/sft", "--prefs=prefs"], ["prefs_train.jsonl:", "not UTF-8"]),
+    "empty demonstrations": (sft, lambda w, s, t: [
+        world_with("sft_train.jsonl", lambda x: "")(w, s, t), f"--init_from={s}/pretrain"],
+        ["sft_train.jsonl", "no records"]),
+    "empty prompts": (ppo, lambda w, s, t: [
+        world_with("prompts_train.jsonl", lambda x: "")(w, s, t), f"--init_from={s}/sft",
+        f"--reward_from={s}/reward"], ["prompts_train.jsonl", "no records"]),
+    "empty eval prompts": (evaluation, lambda w, s, t: [
+        world_with("eval.jsonl", lambda x: "")(w, s, t), f"--out={s}"],
+        ["eval.jsonl", "no records"]),
+    "truncated checkpoint": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", sft_with(lambda b: b[:len(b) // 2])(w, s, t),
+        f"--reward_from={s}/reward"], ["ckpt.pt", "not a loadable checkpoint"]),
+    "corrupted checkpoint": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", sft_with(lambda b: bytes(len(b)))(w, s, t)],
+        ["ckpt.pt", "not a loadable checkpoint"]),
+    "pickled object in checkpoint": (sft, lambda w, s, t: [
+        f"--data_dir={w}", sft_with(pickled_checkpoint)(w, s, t)],
+        ["ckpt.pt", "not a loadable checkpoint"]),
+    "checkpoint of another stage": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/reward"],
+        ["reward-model checkpoint", "not a language model"]),
+    "negative learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=-1e-4"],
+                               ["--learning_rate=-1e-4", "must be at least 0"]),
+    "zero interval": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--log_interval=0"],
+                      ["--log_interval=0", "must be at least 1"]),
+    "nan coefficient": (ppo, lambda w, s, t: [f"--data_dir={w}", "--kl_coef=nan"],
+                        ["--kl_coef=nan", "finite"]),
+    "negative coefficient": (ppo, lambda w, s, t: [f"--data_dir={w}", "--ptx_coef=-1"],
+                             ["--ptx_coef=-1", "must be at least 0"]),
+    "heads do not split the width": (pretrain, lambda w, s, t: [
+        f"--data_dir={w}", "--n_embd=30", "--n_head=4"], ["--n_embd=30", "--n_head=4"]),
+    "fraction out of range": (ppo, lambda w, s, t: [f"--data_dir={w}", "--lam=1.5"],
+                              ["--lam=1.5", "must be between 0 and 1"]),
+    "unknown loss": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/sft", "--loss=dpo2"],
+        ["--loss=dpo2", "expected one of"]),
+    "bad list": (evaluation, lambda w, s, t: [f"--data_dir={w}", f"--out={s}", "--best_of=1,four"],
+                 ["--best_of=1,four", "comma-separated int"]),
+    "bad device": (reward, lambda w, s, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(capsys, world, stages, tmp_path, case):
+    stage, make_args, needles = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    args = make_args(world, stages, tmp_path)
+    out_flag = [] if stage is evaluation else [f"--out_dir={out}"]
+    extra = SFT_ARGS if stage is sft else []
+    assert_user_error_in_process(capsys, stage, *args, *out_flag, *extra, needles=needles)
+    assert not out.exists()  # nothing written
+
+
+def test_bad_flags(capsys, world):
+    assert_user_error_in_process(capsys, pretrain, "--max_stepz=3",
+                                 needles=["--max_stepz", "unknown flag"])
+    assert_user_error_in_process(capsys, sft, "--batch_size=many",
+                                 needles=["--batch_size=many", "expected int"])
+    assert_user_error_in_process(capsys, pretrain, f"--data_dir={world}", "--batch_size=7",
+                                 "--grad_accum=2", needles=["--batch_size=7"])
+
+
+def test_missing_inputs_name_the_command(capsys, tmp_path, world):
+    assert_user_error_in_process(capsys, pretrain, f"--data_dir={tmp_path}/nothing",
+                                 needles=["python data/prepare.py"])
+    assert_user_error_in_process(capsys, sft, f"--data_dir={world}",
+                                 f"--init_from={tmp_path}/none", needles=["python pretrain.py"])
+    assert_user_error_in_process(capsys, evaluation, f"--data_dir={world}",
+                                 f"--out={tmp_path}/empty", needles=["no checkpoints"])
+    assert_user_error_in_process(capsys, reward, f"--data_dir={world}", f"--out_dir={tmp_path}/o",
+                                 f"--init_from={tmp_path}/none", needles=["python sft.py"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, world, stages, tmp_path):
+    bad = copy_world(world, tmp_path / "bad")
+    lines = (bad / "sft_train.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:-5]  # truncate line 5
+    (bad / "sft_train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sft_out"
+    assert_user_error_in_process(capsys, sft, f"--data_dir={bad}",
+                                 f"--init_from={stages}/pretrain", f"--out_dir={out}",
+                                 needles=["sft_train.jsonl:5", "malformed JSON"])
+    assert not out.exists()  # nothing written
+
+
+def test_prompt_longer_than_context(capsys, world, stages, tmp_path):
+    bad = copy_world(world, tmp_path / "long")
+    rec = json.loads((bad / "sft_train.jsonl").read_text().splitlines()[0])
+    rec["prompt"] = "What is " + " + ".join(["12"] * 200) + "?"
+    (bad / "sft_train.jsonl").write_text(json.dumps(rec) + "\n")
+    assert_user_error_in_process(capsys, sft, f"--data_dir={bad}",
+                                 f"--init_from={stages}/pretrain", f"--out_dir={tmp_path}/o",
+                                 needles=["sft_train.jsonl:1", "context of 160 tokens"])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r.pop("responses"), "missing field 'responses'"),
+    (lambda r: r.update(ranking=[]), "'ranking' must order all"),
+    (lambda r: r.update(responses=r["responses"][:1], ranking=[0]), "at least 2 responses"),
+    (lambda r: r.update(ranking="0123"), "field 'ranking' should be list"),
+], ids=["missing responses", "short ranking", "one response", "ranking not a list"])
+def test_malformed_preference_records(capsys, world, stages, tmp_path, edit, needle):
+    bad = copy_world(world, tmp_path / "bad")
+    lines = (bad / "prefs_train.jsonl").read_text().splitlines()
+    rec = json.loads(lines[2])
+    edit(rec)
+    lines[2] = json.dumps(rec)
+    (bad / "prefs_train.jsonl").write_text("\n".join(lines) + "\n")
+    for stage in (reward, dpo):  # both read the rankings through records.load_rankings
+        assert_user_error_in_process(capsys, stage, f"--data_dir={bad}",
+                                     f"--init_from={stages}/sft", f"--out_dir={tmp_path}/o",
+                                     "--prefs=prefs", needles=["prefs_train.jsonl:3", needle])
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_from_another_tokenizer(capsys, stages, tmp_path):
+    other = tmp_path / "other"
+    main_of(prepare, [f"--out_dir={other}", "--n_docs=300", "--vocab_size=300", "--n_sft=8",
+                      "--n_prefs=4", "--n_rl=4", "--n_eval=1", "--seed=5"])
+    assert_user_error_in_process(capsys, sft, f"--data_dir={other}",
+                                 f"--init_from={stages}/pretrain", f"--out_dir={tmp_path}/o",
+                                 needles=["tokenizer"])
+    assert_user_error_in_process(capsys, evaluation, f"--data_dir={other}", f"--out={stages}",
+                                 needles=["tokenizer"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_ppo_refuses_mismatched_inputs(capsys, world, stages, tmp_path):
+    common = [f"--data_dir={world}", f"--out_dir={tmp_path}/o", "--iterations=1"]
+    assert_user_error_in_process(capsys, ppo, *common, f"--init_from={stages}/reward",
+                                 f"--reward_from={stages}/reward",
+                                 needles=["reward-model checkpoint", "not a language model"])
+    assert_user_error_in_process(capsys, ppo, *common, f"--init_from={stages}/sft",
+                                 f"--reward_from={stages}/sft",
+                                 needles=["not a finished reward-model checkpoint"])
+    ck = torch.load(stages / "reward" / "ckpt.pt", weights_only=True)
+    ck["tokenizer"] = "world-000000000000"
+    (tmp_path / "rm").mkdir()
+    torch.save(ck, tmp_path / "rm" / "ckpt.pt")
+    assert_user_error_in_process(capsys, ppo, *common, f"--init_from={stages}/sft",
+                                 f"--reward_from={tmp_path}/rm",
+                                 needles=["tokenizer 'world-000000000000'"])
+    assert_user_error_in_process(capsys, ppo, *common, f"--init_from={stages}/sft",
+                                 f"--reward_from={stages}/reward", "--minibatch_size=5",
+                                 needles=["--minibatch_size=5"])
+    assert not (tmp_path / "o").exists()

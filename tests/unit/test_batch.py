@@ -1,0 +1,132 @@
+"""batch.py: prompt+response rows padded by hand, log-probs against plain sums, and
+batched scoring against one batch."""
+
+import pytest
+import torch
+
+import batch as B
+from cli import UserError
+from model import GPT, GPTConfig, token_logprobs
+
+
+def tiny(seed=0, vocab=20):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+def test_collate_mask_and_lengths_by_hand():
+    b = B.collate([[1, 2, 3, 4], [5, 6], [7, 8, 9]], [2, 1, 3], pad=0, device="cpu")
+    assert b.tokens.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 8, 9, 0]]
+    assert b.lengths.tolist() == [4, 2, 3] and b.prompt_lengths.tolist() == [2, 1, 3]
+    assert b.mask.tolist() == [[False, False, True, True],  # response tokens 3, 4
+                               [False, True, False, False],  # response token 6; then padding
+                               [False, False, False, False]]  # a prompt with no response
+    assert len(b) == 3 and b.tokens.dtype == torch.long and b.mask.dtype == torch.bool
+
+
+def test_collate_pairs_and_left_pad_by_hand():
+    b = B.collate_pairs([([1, 2], [3]), ([4], [5, 6, 7])], pad=9, device="cpu")
+    assert b.tokens.tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]]
+    assert b.prompt_lengths.tolist() == [2, 1] and b.lengths.tolist() == [3, 4]
+    tokens, mask = B.left_pad([[1, 2, 3], [4]], pad=9, device="cpu")
+    assert tokens.tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_response_mask():
+    m = B.response_mask(5, torch.tensor([1, 3]), torch.tensor([4, 5]))
+    assert m.int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 0, 1, 1]]
+    assert B.response_mask(3, torch.tensor([1])).int().tolist() == [[0, 1, 1]]  # no lengths
+
+
+def test_response_logprobs_from_start_is_a_slice():
+    """start > 1 equals the same columns of start = 1 (left-padded, with the attention
+    mask and a temperature), entropies too; with a mask, 0 where it is False."""
+    model = tiny()
+    tokens, attn = B.left_pad([[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]], 0, "cpu")
+    with torch.no_grad():
+        full, ent = B.response_logprobs(model, tokens, attn_mask=attn, temperature=0.7,
+                                        entropy=True)
+        part, ent3 = B.response_logprobs(model, tokens, attn_mask=attn, start=3,
+                                         temperature=0.7, entropy=True)
+        masked = B.response_logprobs(model, tokens, attn, attn_mask=attn, start=2)
+        plain = B.response_logprobs(model, tokens, attn_mask=attn, start=2)
+        logits = model(tokens, attn_mask=attn)[0]
+    assert full.shape == (3, 5) and part.shape == (3, 3)
+    torch.testing.assert_close(part, full[:, 2:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent3, ent[:, 2:], atol=1e-6, rtol=0)
+    want = torch.log_softmax(logits / 0.7, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(masked, plain * attn[:, 2:], atol=0, rtol=0)
+    assert masked[1, 0] == 0 and masked[0, 0] != 0  # column 2 is padding in row 1 only
+
+
+def test_sequence_logprobs_by_hand():
+    model = tiny()
+    b = B.collate([[1, 2, 3, 4], [5, 6, 7]], [2, 1], pad=0, device="cpu")
+    with torch.no_grad():
+        lp, n = B.sequence_logprobs(model, b)
+        full = torch.log_softmax(model(b.tokens)[0].double(), -1)
+    assert n.tolist() == [2.0, 2.0]
+    assert lp[0].item() == pytest.approx((full[0, 1, 3] + full[0, 2, 4]).item(), abs=1e-5)
+    assert lp[1].item() == pytest.approx((full[1, 0, 6] + full[1, 1, 7]).item(), abs=1e-5)
+
+
+def test_reward_scores_in_chunks_equal_one_batch():
+    """Any chunking gives the scores of one batch; the scorer sees Batches."""
+    torch.manual_seed(0)
+    pairs = [([1, 2], [3, 4, 5]), ([6], [7]), ([8, 9, 10], [11, 12]), ([1], [2, 3, 4, 5, 6])]
+    model = tiny()
+    seen = []
+
+    def score(b):  # a scorer that depends on padding only through real tokens
+        seen.append(len(b))
+        return B.sequence_logprobs(model, b)[0]
+
+    whole = B.reward_scores(score, pairs, pad=0, device="cpu", batch_size=64)
+    chunks = B.reward_scores(score, pairs, pad=0, device="cpu", batch_size=3)
+    assert seen == [4, 3, 1] and whole.shape == (4,) and whole.dtype == torch.float32
+    torch.testing.assert_close(chunks, whole, atol=1e-5, rtol=0)
+    alone = torch.cat([B.reward_scores(score, [p], 0, "cpu") for p in pairs])
+    torch.testing.assert_close(alone, whole, atol=1e-5, rtol=0)
+    assert not whole.requires_grad  # inference only
+
+
+def test_sequence_kl_matches_each_sequence_alone():
+    """Right-padded batch, ragged responses: each row's Σ log π/π_ref equals the sum over
+    that sequence alone, unpadded, over its response tokens only; a model against itself
+    gives 0."""
+    a, b = tiny(0, 64), tiny(1, 64)
+    pairs = [([5, 6, 7], [8, 9]), ([5], [10, 11, 12, 13]), ([5, 6, 7, 8, 9], [14])]
+    got = B.sequence_kl(a, b, pairs, 63, "cpu", batch_size=2)
+    for (p, r), k in zip(pairs, got):
+        x = torch.tensor([p + r])
+        with torch.no_grad():
+            diff = token_logprobs(a(x)[0], x) - token_logprobs(b(x)[0], x)
+        assert k == pytest.approx(diff[0, len(p) - 1:].sum().item(), abs=1e-5)
+    assert B.sequence_kl(a, a, pairs, 63, "cpu") == pytest.approx([0, 0, 0], abs=1e-6)
+
+
+def test_token_windows():
+    data = torch.arange(100).numpy().astype("uint16")
+    x, y = B.token_windows(data, torch.tensor([0, 10, 50]), 4, "cpu")
+    assert x.tolist() == [[0, 1, 2, 3], [10, 11, 12, 13], [50, 51, 52, 53]]
+    assert y.tolist() == (x + 1).tolist() and x.dtype == torch.long
+
+
+def test_sample_responses(world):
+    from data.tokenizer import encode_prompt, load_tokenizer
+
+    enc = load_tokenizer(world / "tokenizer.tiktoken")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=enc.n_vocab, n_layer=1, n_head=2,
+                          n_embd=16)).eval()
+    prompts = ["What is 2 + 3?", "Sort: 3 1 2", "Hi"]
+    a = B.sample_responses(model, enc, prompts, 6, 1.0, 5, "cpu", batch_size=2)
+    assert [p for p, _ in a] == [encode_prompt(enc, p) for p in prompts]
+    assert all(1 <= len(r) <= 6 for _, r in a)
+    assert a == B.sample_responses(model, enc, prompts, 6, 1.0, 5, "cpu", batch_size=2)
+    greedy = B.sample_responses(model, enc, prompts, 6, 0.0, 5, "cpu")
+    assert greedy == B.sample_responses(model, enc, prompts, 6, 0.0, 6, "cpu")  # seed: no matter
+    with pytest.raises(UserError, match=r"--max_new_tokens=30 exceeds the context of 32 tokens"):
+        B.sample_responses(model, enc, prompts, 30, 1.0, 5, "cpu")

@@ -1,0 +1,108 @@
+"""checkpoint.py: atomic files, checkpoints loaded without running pickled code, and a
+stage's model rebuilt from its checkpoint, refusing one of another stage or tokenizer."""
+
+import os
+
+import pytest
+import torch
+
+import checkpoint
+import sft
+from cli import UserError
+from data.tokenizer import load_tokenizer
+from model import GPT, GPTConfig
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.bin"
+    checkpoint.atomic_write(p, lambda f: f.write(b"old"))
+
+    def boom(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(p, boom)
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    checkpoint.atomic_write(tmp_path / "new" / "g.bin", lambda f: f.write(b"new"))  # makes dirs
+    assert (tmp_path / "new" / "g.bin").read_bytes() == b"new"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_roundtrip_and_pickle_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"w": torch.ones(2), "step": 3, "name": "x"})
+    assert checkpoint.load(good)["step"] == 3
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": Evil()}, evil)
+    with pytest.raises(UserError, match="evil.pt: not a loadable checkpoint"):
+        checkpoint.load(evil)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[:50])
+    with pytest.raises(UserError, match="trunc.pt: not a loadable checkpoint"):
+        checkpoint.load(trunc)
+    with pytest.raises(UserError, match=r"missing.pt not found: run `python sft.py` first"):
+        checkpoint.load(tmp_path / "missing.pt", made_by="python sft.py")
+    with pytest.raises(UserError, match=r"missing.pt not found$"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_require_names_the_command(tmp_path):
+    assert checkpoint.require(tmp_path, "x") == tmp_path
+    with pytest.raises(UserError, match=r"nothing not found: run `python data/prepare.py` first"):
+        checkpoint.require(tmp_path / "nothing", "python data/prepare.py")
+
+
+def test_stage_checkpoint_and_load_model(world, stages, tmp_path):
+    """What a stage saves rebuilds its model (eval mode, same weights); a checkpoint of
+    the reward model, of another tokenizer, or without a model is refused."""
+    enc = load_tokenizer(world / "tokenizer.tiktoken")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=enc.n_vocab, n_layer=1, n_head=1, n_embd=8))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck = checkpoint.stage_checkpoint("sft", model, sft.Config(), 5, opt, enc, val_loss=1.5)
+    assert ck["stage"] == "sft" and ck["step"] == 5 and ck["tokenizer"] == enc.name
+    assert ck["val_loss"] == 1.5 and ck["config"]["max_steps"] == sft.Config().max_steps
+    assert ck["model_config"]["n_embd"] == 8 and torch.equal(ck["rng"], torch.get_rng_state())
+    path = tmp_path / "sft" / "ckpt.pt"
+    checkpoint.save(path, ck)
+    loaded, ck2 = checkpoint.load_model(path, "python sft.py", enc)
+    assert not loaded.training and ck2["step"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+    with pytest.raises(UserError, match="reward-model checkpoint .* not a language model: "
+                                        "expected the output of `python sft.py`"):
+        checkpoint.load_model(stages / "reward" / "ckpt.pt", "python sft.py", enc)
+    checkpoint.save(tmp_path / "other.pt", {**ck, "tokenizer": "world-000000000000"})
+    with pytest.raises(UserError, match="trained with tokenizer 'world-000000000000'"):
+        checkpoint.load_model(tmp_path / "other.pt", "python sft.py", enc)
+    checkpoint.save(tmp_path / "empty.pt", {"stage": "sft"})
+    with pytest.raises(UserError, match="not a minRLHF checkpoint"):
+        checkpoint.load_model(tmp_path / "empty.pt", "python sft.py", enc)
+    small = {**ck, "model_config": {**ck["model_config"], "n_embd": 16, "n_head": 2}}
+    checkpoint.save(tmp_path / "small.pt", small)
+    with pytest.raises(UserError, match="weights do not fit a GPT"):
+        checkpoint.load_model(tmp_path / "small.pt", "python sft.py", enc)
+
+
+def test_resume_restores_model_optimizer_and_generator(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))[1].backward()
+    opt.step()
+    state = torch.get_rng_state()
+    checkpoint.save(tmp_path / "ckpt.pt", dict(model=model.state_dict(),
+                                               optimizer=opt.state_dict(), step=7, rng=state))
+    torch.manual_seed(1)
+    fresh = GPT(model.config)
+    fresh_opt = fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    step, _ = checkpoint.resume(tmp_path / "ckpt.pt", fresh, fresh_opt)
+    assert step == 7 and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
+    assert f"resuming {tmp_path / 'ckpt.pt'} at step 7" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+"""distributed.py without a process group: how a global batch is shared out over ranks
+and micro-steps, and the data order every rank and every resume agree on."""
+
+from types import SimpleNamespace
+
+import pytest
+
+import distributed
+from cli import UserError
+
+
+def rank(r, world_size):
+    return SimpleNamespace(rank=r, world_size=world_size, ddp=world_size > 1)
+
+
+def test_micro_batch_size():
+    assert distributed.micro_batch_size(16, 2, rank(0, 2)) == 4
+    assert distributed.micro_batch_size(16, 1, rank(0, 1)) == 16
+    with pytest.raises(UserError, match=r"--batch_size=7 does not split into 1 process\(es\) x 2 "
+                                        r"micro-steps"):
+        distributed.micro_batch_size(7, 2, rank(0, 1))
+    with pytest.raises(UserError, match="--batch_size=8 does not split into 3 process"):
+        distributed.micro_batch_size(8, 1, rank(0, 3))
+
+
+def test_global_batch_is_a_fresh_permutation_every_epoch():
+    n, bs = 10, 4
+    order = [i for step in range(5) for i in distributed.global_batch(n, step, bs, seed=3)]
+    epochs = [order[:10], order[10:20]]  # 5 steps of 4: two epochs
+    assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1]
+    assert distributed.global_batch(n, 2, bs, seed=3) == order[8:12]  # from (seed, step) alone
+    assert distributed.global_batch(n, 2, bs, seed=4) != order[8:12]
+
+
+def test_rank_chunks_split_the_global_batch():
+    items = list(range(8))
+    assert distributed.rank_chunks(items, rank(0, 1), 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert distributed.rank_chunks(items, rank(0, 2), 2) == [[0, 1], [2, 3]]
+    assert distributed.rank_chunks(items, rank(1, 2), 2) == [[4, 5], [6, 7]]
+    assert distributed.rank_chunks(items, rank(1, 2), 1) == [[4, 5, 6, 7]]
+
+
+def test_all_reduce_mean_and_grad_sync_without_ddp():
+    run = rank(0, 1)
+    assert distributed.all_reduce_mean(2.5, run) == 2.5
+    with distributed.grad_sync(object(), run, last=False):  # a plain context: no no_sync
+        pass
+
+
+def test_setup_on_cpu():
+    run = distributed.setup(0, "cpu")
+    assert (run.device, run.device_type, run.ddp, run.rank, run.world_size, run.master) == (
+        "cpu", "cpu", False, 0, 1, True)
+    with pytest.raises(UserError, match="--device=tpu: expected auto, cpu, cuda or mps"):
+        distributed.setup(0, "tpu")
+    assert distributed.peak_flops("cpu") is None
