@@ -95,11 +95,16 @@ def micro_batches(examples, step, cfg, run, pad):
 
 @torch.no_grad()
 def val_loss(model, examples, pad, run):
+    """The mean loss over every answer token of the held-out demonstrations, as training's
+    loss is over the batch's: each rank sums over its share of batches of 64."""
     model.eval()
-    losses = [model(*collate(examples[i:i + 64], pad, run.device))[1].item()
-              for i in range(run.rank * 64, len(examples), 64 * run.world_size)]
+    total, count = 0.0, 0
+    for i in range(run.rank * 64, len(examples), 64 * run.world_size):
+        x, y = collate(examples[i:i + 64], pad, run.device)
+        n = (y != IGNORE_INDEX).sum().item()
+        total, count = total + model(x, y)[1].item() * n, count + n
     model.train()
-    return distributed.all_reduce_mean(sum(losses) / max(1, len(losses)), run)
+    return distributed.all_reduce_mean(total, run) / distributed.all_reduce_mean(count, run)
 
 
 def main(cfg):

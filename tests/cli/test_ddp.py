@@ -87,9 +87,6 @@ def test_sft_same_curve_for_any_split_of_the_batch(pipeline, two, tmp_path):
     assert_same_curve(one, log, keys=("loss",))
 
 
-@pytest.mark.xfail(strict=True, reason="sft.val_loss under DDP averages each rank's mean "
-                   "with weight 1, and a rank with no validation batch adds 0 (6 held-out "
-                   "demonstrations, 2 ranks: the logged loss is halved); see the report")
 def test_sft_validation_loss_is_the_mean_over_every_example(pipeline, two):
     one = read_log(pipeline.out / "sft" / "log.jsonl")
     log = read_log(two["test_sft_same_curve_for_any_split_of_the_batch"].result() / "log.jsonl")
