@@ -36,7 +36,10 @@ def atomic_write(path, write):
             os.fsync(fd)
         finally:
             os.close(fd)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise  # a fault of the writer's own, not of the file system
+        # (torch.save reports a failed write as a RuntimeError: "... failed writing file ...")
         kept = "; the previous file is unchanged" if os.path.exists(path) else ""
         raise UserError(f"could not write {path}: {write_failure(e, folder)}{kept}") from None
     finally:

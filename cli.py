@@ -83,11 +83,11 @@ def _check_range(name, value, text, bounds):
     if bounds is None or isinstance(value, str):
         return
     low, high, open_end = bounds
-    if value < low or (open_end == "low" and value == low):
+    if high is None and (value < low or (open_end == "low" and value == low)):
         if open_end == "low":
             raise UserError(f"--{name}={text}: must be above {low} (it would train nothing)")
         raise UserError(f"--{name}={text}: must be at least {low}")
-    if high is not None and (value > high or (open_end == "high" and value == high)):
+    if high is not None and (not low <= value <= high or (open_end == "high" and value == high)):
         raise UserError(f"--{name}={text}: must be between {low} and {high}"
                         + (f", below {high}" if open_end == "high" else ""))
 
