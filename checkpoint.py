@@ -8,6 +8,7 @@ mismatch (the stage, the tokenizer's name).
 
 import dataclasses
 import os
+import shutil
 
 import torch
 
@@ -18,24 +19,45 @@ from model import GPT, GPTConfig
 
 def atomic_write(path, write):
     """Write through a temporary file in the same folder, fsync, rename: a reader never
-    sees a half-written file, and a crash leaves the old one."""
+    sees a half-written file, and a failure (a full disk, a crash) leaves the old one. A
+    failure to write is a UserError naming the file and the cause."""
     path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise  # a fault of the writer's own, not of the file system
+        # (torch.save reports a failed write as a RuntimeError: "... failed writing file ...")
+        kept = "; the previous file is unchanged" if os.path.exists(path) else ""
+        raise UserError(f"could not write {path}: {write_failure(e, folder)}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+
+
+def write_failure(e, folder):
+    """Why a write failed, in a few words."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "No space left on device"
+    except OSError:
+        pass
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first[:160]
 
 
 def require(path, made_by):
@@ -107,3 +129,45 @@ def load_model(path, made_by, enc, cls=GPT, device="cpu"):
         raise UserError(f"{path}: weights do not fit a {type(model).__name__} "
                         f"({str(e).splitlines()[0][:120]})") from None
     return model.to(device).eval(), ckpt
+
+
+class RunLock:
+    """A run folder is owned by one run at a time: an exclusive lock on out_dir/.lock,
+    which holds the owner's process id. The operating system drops the lock when the
+    process ends, however it ends, so a run killed with SIGKILL does not block the next
+    one; a second run into a busy folder is refused at once. Under DDP only rank 0
+    takes it. Where the platform has no fcntl (Windows) the folder is not locked."""
+
+    def __init__(self, out_dir, run, flag="--out_dir"):
+        self.path, self.file = os.path.join(out_dir, ".lock"), None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if not run.master:
+            return
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"{flag}={out_dir}: cannot create the run folder "
+                            f"({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{flag}={out_dir} is in use by process {owner}: wait for that run "
+                            f"to end, stop it, or choose another {flag}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.file = f
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing drops the lock; the file stays, harmless
+            self.file = None
+

@@ -29,19 +29,24 @@ def user_errors():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a file the script could not read or write, whichever it was
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def ranges(at_least_1="", non_negative="", fraction=""):
-    """The accepted values of a config's fields, by kind: counts and intervals must be at
-    least 1, rates and coefficients at least 0, fractions in [0, 1]. Each argument is a
-    space-separated list of field names. Returns {name: (low, high or None)}."""
-    out = {}
-    for names, bounds in ((at_least_1, (1, None)), (non_negative, (0, None)), (fraction, (0, 1))):
-        out.update({name: bounds for name in names.split()})
-    return out
+def ranges(at_least_1="", non_negative="", positive="", fraction="", below_1=""):
+    """The accepted values of a config's fields, by kind: counts and intervals at least 1,
+    coefficients at least 0, rates that must move something (a learning rate) above 0,
+    fractions in [0, 1], and fractions that must stay below 1 (dropout, Adam's betas).
+    Each argument is a space-separated list of field names. Returns
+    {name: (low, high, which ends are open)}."""
+    kinds = ((at_least_1, (1, None, "")), (non_negative, (0, None, "")),
+             (positive, (0, None, "low")), (fraction, (0, 1, "")), (below_1, (0, 1, "high")))
+    return {name: bounds for names, bounds in kinds for name in names.split()}
 
 
 def _field_help(cls):
@@ -77,11 +82,14 @@ def _check_range(name, value, text, bounds):
         raise UserError(f"--{name}={text}: must be a finite number")
     if bounds is None or isinstance(value, str):
         return
-    low, high = bounds
-    if high is not None and not low <= value <= high:
-        raise UserError(f"--{name}={text}: must be between {low} and {high}")
-    if value < low:
+    low, high, open_end = bounds
+    if high is None and (value < low or (open_end == "low" and value == low)):
+        if open_end == "low":
+            raise UserError(f"--{name}={text}: must be above {low} (it would train nothing)")
         raise UserError(f"--{name}={text}: must be at least {low}")
+    if high is not None and (not low <= value <= high or (open_end == "high" and value == high)):
+        raise UserError(f"--{name}={text}: must be between {low} and {high}"
+                        + (f", below {high}" if open_end == "high" else ""))
 
 
 def print_help(cls):

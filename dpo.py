@@ -50,10 +50,9 @@ import distributed
 import optim
 from batch import collate, sample_responses, sequence_kl, sequence_logprobs
 from cli import UserError, parse_config, ranges, user_errors
-from data.tokenizer import load_tokenizer
 from distributed import print0
 from logger import Logger
-from records import load_preference_sets, read_jsonl
+from records import load_preference_sets, read_jsonl, world_tokenizer
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 
@@ -95,8 +94,8 @@ class Config:
         at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
                    "log_interval ckpt_interval",
         non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight "
-                     "kto_undesirable_weight learning_rate warmup_steps weight_decay grad_clip",
-        fraction="label_smoothing beta1 beta2")
+                     "kto_undesirable_weight warmup_steps weight_decay grad_clip",
+        positive="learning_rate", fraction="label_smoothing", below_1="beta1 beta2")
 
 
 # --- the losses: sequence log-probs in, per-example loss out ------------------------------
@@ -249,14 +248,30 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device):
     return sum(kls) / len(kls)
 
 
+def refuse_settings_that_train_nothing(cfg):
+    """Settings under which the chosen loss is constant (its gradient zero) or undefined."""
+    if cfg.loss in ("dpo", "cdpo", "ipo", "kto") and cfg.beta <= 0:
+        why = "divides by β" if cfg.loss == "ipo" else "is then constant and trains nothing"
+        raise UserError(f"--beta={cfg.beta}: the {cfg.loss} loss {why}; use β > 0")
+    if cfg.loss == "simpo" and cfg.simpo_beta <= 0:
+        raise UserError(f"--simpo_beta={cfg.simpo_beta}: the simpo loss is then constant and "
+                        f"trains nothing; use a value > 0")
+    if cfg.loss == "cdpo" and cfg.label_smoothing >= 0.5:
+        raise UserError(f"--label_smoothing={cfg.label_smoothing}: at 0.5 or more cdpo trusts the "
+                        f"flipped labels as much as the labels or more; use a value below 0.5")
+    if cfg.loss == "kto" and cfg.kto_desirable_weight == cfg.kto_undesirable_weight == 0:
+        raise UserError("--kto_desirable_weight=0 and --kto_undesirable_weight=0: the kto loss is "
+                        "then zero and trains nothing")
+
+
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
+    refuse_settings_that_train_nothing(cfg)
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(cfg.data_dir)
     ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
     raw_model = copy.deepcopy(ref).train()
@@ -280,6 +295,7 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    lock = checkpoint.RunLock(out_dir, run)  # this run's folder until it ends
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
@@ -319,6 +335,7 @@ def main(cfg):
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             cfg.loss, raw_model, cfg, step, optimizer, enc)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
+    lock.release()
     distributed.teardown(run)
 
 

@@ -39,9 +39,9 @@ import distributed
 from batch import reward_scores, sample_responses, sequence_kl
 from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import decode_response, load_tokenizer
+from data.tokenizer import decode_response
 from distributed import print0
-from records import read_jsonl
+from records import read_jsonl, world_tokenizer
 from reward_model import load_reward_model
 
 # language-model stages
@@ -275,8 +275,7 @@ def training_curves(out, cfg):
 
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(cfg.data_dir)
     records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]
     ns = number_list(cfg.best_of, "--best_of", minimum=1)

@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from cli import UserError
 from distributed import print0
 
 
@@ -31,7 +32,10 @@ class Logger:
 
     def write(self, record):
         if self.master:
-            append_jsonl(self.path, record)
+            try:
+                append_jsonl(self.path, record)
+            except OSError as e:
+                raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
 
     def step(self, step, tokens, force=False, show=None, **metrics):
         """Call once per optimizer step with the tokens it processed (all ranks); `force`

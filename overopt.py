@@ -41,9 +41,8 @@ import distributed
 import eval as evaluation
 from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import load_tokenizer
 from distributed import print0
-from records import read_jsonl
+from records import read_jsonl, world_tokenizer
 from reward_model import load_reward_model
 
 
@@ -171,8 +170,7 @@ def main(cfg):
     if not seeds or not (betas or ns):
         raise UserError("--seeds and at least one of --betas and --best_of must name something "
                         "to run")
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(cfg.data_dir)
     ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
     reward_model, _ = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 import checkpoint
@@ -56,11 +55,11 @@ import optim
 from batch import left_pad, response_logprobs, reward_scores, token_windows
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import decode_response, encode_prompt, load_tokenizer
+from data.tokenizer import decode_response, encode_prompt
 from distributed import print0
 from logger import Logger
 from model import ScalarGPT
-from records import read_jsonl
+from records import read_jsonl, token_stream, world_tokenizer
 from reward_model import load_reward_model
 
 
@@ -105,10 +104,10 @@ class Config:
 
     RANGES: ClassVar = ranges(
         at_least_1="iterations batch_size minibatch_size ppo_epochs max_new_tokens kl_horizon "
-                   "log_interval ckpt_interval",
-        non_negative="learning_rate value_lr weight_decay grad_clip kl_coef target_kl clip_range "
-                     "clip_range_value entropy_coef ptx_coef temperature sample_interval",
-        fraction="gamma lam")
+                   "log_interval ckpt_interval ptx_batch ptx_len",
+        non_negative="value_lr weight_decay grad_clip kl_coef target_kl entropy_coef ptx_coef "
+                     "temperature sample_interval",
+        positive="learning_rate clip_range clip_range_value", fraction="gamma lam")
 
 
 # --- pure functions: masked statistics, GAE, the two losses, the KL controller ---------------
@@ -360,8 +359,10 @@ def main(cfg):
                         f"{cfg.batch_size} evenly, and into {run.world_size} process(es)")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature={cfg.temperature}: PPO samples, so it must be > 0")
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    if cfg.adaptive_kl and cfg.target_kl <= 0:
+        raise UserError(f"--target_kl={cfg.target_kl} with --adaptive_kl=true: the controller "
+                        f"divides by the target KL, which must be above 0")
+    enc = world_tokenizer(cfg.data_dir)
     tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"),
                           pad=enc.encode_single_token("<|endoftext|>"))
 
@@ -386,14 +387,11 @@ def main(cfg):
                            policy.config.block_size - cfg.max_new_tokens)
     ptx_data = None
     if cfg.ptx_coef > 0:
-        if not 0 < cfg.ptx_len <= policy.config.block_size or cfg.ptx_batch < 1:
-            raise UserError(f"--ptx_len={cfg.ptx_len} must be in 1..{policy.config.block_size} "
-                            f"(the policy's context) and --ptx_batch={cfg.ptx_batch} at least 1")
-        path = checkpoint.require(os.path.join(cfg.data_dir, "train.bin"), "python data/prepare.py")
-        ptx_data = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(ptx_data) <= cfg.ptx_len + 1:
-            raise UserError(f"{path} holds {len(ptx_data)} tokens, "
-                            f"too few for --ptx_len={cfg.ptx_len}")
+        if cfg.ptx_len > policy.config.block_size:
+            raise UserError(f"--ptx_len={cfg.ptx_len} must be at most {policy.config.block_size} "
+                            f"(the policy's context)")
+        ptx_data = token_stream(os.path.join(cfg.data_dir, "train.bin"), enc.n_vocab,
+                                cfg.ptx_len + 2)
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
                                              run.device_type)
@@ -401,6 +399,7 @@ def main(cfg):
                                                  run.device_type)
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     if cfg.resume:
         it, ckpt = checkpoint.resume(ckpt_path, policy, opt_policy)
         value_model.load_state_dict(ckpt["value_model"])
@@ -480,6 +479,7 @@ def main(cfg):
                             value_optimizer=opt_value.state_dict(), kl_coef=beta,
                             reward_model=rm_ckpt["config"])))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
+    lock.release()
     distributed.teardown(run)
 
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 import checkpoint
@@ -27,10 +26,10 @@ import distributed
 import optim
 from batch import token_windows
 from cli import UserError, parse_config, ranges, user_errors
-from data.tokenizer import load_tokenizer
 from distributed import print0
 from logger import Logger
 from model import GPT, GPTConfig
+from records import token_stream, world_tokenizer
 
 
 @dataclass
@@ -66,8 +65,8 @@ class Config:
     RANGES: ClassVar = ranges(
         at_least_1="n_layer n_head n_embd block_size batch_size grad_accum max_steps eval_interval "
                    "eval_batches log_interval ckpt_interval",
-        non_negative="learning_rate warmup_steps weight_decay grad_clip",
-        fraction="dropout beta1 beta2")
+        non_negative="warmup_steps weight_decay grad_clip", positive="learning_rate",
+        below_1="dropout beta1 beta2")
 
 
 VAL_DRAW = 64  # windows per validation draw
@@ -107,14 +106,10 @@ def val_loss(model, data, cfg, run):
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
-    train_data = np.memmap(os.path.join(cfg.data_dir, "train.bin"), dtype=np.uint16, mode="r")
-    val_data = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    if len(val_data) <= cfg.block_size + 1:
-        raise UserError(f"{cfg.data_dir}/val.bin holds {len(val_data)} tokens, not more than "
-                        f"--block_size={cfg.block_size}: generate more documents or shorten "
-                        f"the context")
+    enc = world_tokenizer(cfg.data_dir)
+    # every window is --block_size tokens and the next one
+    train_data, val_data = (token_stream(os.path.join(cfg.data_dir, name), enc.n_vocab,
+                                         cfg.block_size + 2) for name in ("train.bin", "val.bin"))
 
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head} "
@@ -125,6 +120,7 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "
@@ -169,6 +165,7 @@ def main(cfg):
                             "pretrain", raw_model, cfg, step, optimizer, enc,
                             val_loss=val)))  # also on SIGTERM
     print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
+    lock.release()
     distributed.teardown(run)
 
 

@@ -1,15 +1,19 @@
-"""JSONL input records: every data file a stage reads, checked line by line.
+"""The data files a stage reads, each checked before training starts.
 
-A bad line is a UserError naming the file and the line. Preference rankings are read
-and checked here once, for the reward model and the DPO family alike.
+JSONL records line by line (a bad line is a UserError naming the file and the line);
+preference rankings, read and checked here once for the reward model and the DPO
+family alike; the world's tokenizer; and the token streams of pretraining.
 """
 
+import binascii
 import json
 import os
 
+import numpy as np
+
 from checkpoint import require
 from cli import UserError
-from data.tokenizer import encode_prompt, encode_response
+from data.tokenizer import encode_prompt, encode_response, load_tokenizer
 
 
 def read_jsonl(path, fields):
@@ -95,3 +99,35 @@ def load_preference_sets(data_dir, prefs, split, enc, block_size):
     """{name: rankings} of each preference set named in --prefs, for one split."""
     return {name: load_rankings(path, enc, block_size)
             for name, path in preference_paths(data_dir, prefs, split)}
+
+
+def world_tokenizer(data_dir):
+    """data_dir's tokenizer (written by data/prepare.py); a damaged rank file is a
+    UserError that names it and says what is wrong."""
+    path = require(os.path.join(data_dir, "tokenizer.tiktoken"), "python data/prepare.py")
+    try:
+        return load_tokenizer(path)
+    except (ValueError, binascii.Error) as e:  # UnicodeDecodeError is a ValueError
+        what = str(e) if str(e).startswith(path) else f"{path}: {e}"
+        raise UserError(f"{what}: the tokenizer file is damaged; run `python data/prepare.py` "
+                        f"again") from None
+
+
+def token_stream(path, vocab_size, min_tokens):
+    """A uint16 token file (train.bin, val.bin) as a read-only memmap, after checking
+    that it holds whole tokens, at least min_tokens of them, all below vocab_size."""
+    path = require(str(path), "python data/prepare.py")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise UserError(f"{path}: {size} bytes, not a whole number of 2-byte tokens: the file is "
+                        f"damaged; run `python data/prepare.py` again")
+    if size // 2 < min_tokens:
+        raise UserError(f"{path} holds {size // 2} tokens, fewer than the {min_tokens} needed "
+                        f"(one window of the context and its next token)")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(data.max())
+    if top >= vocab_size:
+        raise UserError(f"{path}: token id {top} is beyond the tokenizer's vocabulary of "
+                        f"{vocab_size}: the file is damaged or from another tokenizer; run "
+                        f"`python data/prepare.py`")
+    return data

@@ -45,10 +45,9 @@ from batch import collate as collate_rows
 from batch import reward_scores, sample_responses
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import load_tokenizer
 from distributed import print0
 from logger import Logger, append_jsonl
-from records import load_preference_sets, read_jsonl
+from records import load_preference_sets, read_jsonl, world_tokenizer
 from reward_model import RewardMember, load_reward_model, member_scores
 
 
@@ -85,8 +84,8 @@ class Config:
     RANGES: ClassVar = ranges(
         at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens "
                    "eval_interval log_interval ckpt_interval",
-        non_negative="learning_rate warmup_steps weight_decay grad_clip norm_temperature",
-        fraction="beta1 beta2")
+        non_negative="warmup_steps weight_decay grad_clip norm_temperature",
+        positive="learning_rate", below_1="beta1 beta2")
 
 
 # --- the loss ----------------------------------------------------------------------------
@@ -283,8 +282,7 @@ def main(cfg):
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
                         f"last|mean, reduce mean|min")
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(cfg.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
     block = sft.config.block_size
@@ -303,6 +301,7 @@ def main(cfg):
     # A checkpoint holds the finished members with their normalisation, and while a member
     # trains, its weights, optimizer and step.
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     done, norms, state = [], [], None
     if cfg.resume:
         ck = checkpoint.load(ckpt_path)
@@ -343,6 +342,7 @@ def main(cfg):
         for name, res in results.items():
             report(name, res)
         print0(f"done: checkpoint {ckpt_path}")
+    lock.release()
     distributed.teardown(run)
 
 

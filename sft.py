@@ -26,11 +26,11 @@ import distributed
 import optim
 from batch import collate as collate_rows
 from cli import UserError, parse_config, ranges, user_errors
-from data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from data.tokenizer import encode_prompt, encode_response
 from distributed import print0
 from logger import Logger
 from model import IGNORE_INDEX
-from records import read_jsonl
+from records import read_jsonl, world_tokenizer
 
 
 @dataclass
@@ -57,8 +57,8 @@ class Config:
 
     RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval "
                                          "log_interval ckpt_interval",
-                              non_negative="learning_rate warmup_steps weight_decay grad_clip",
-                              fraction="beta1 beta2")
+                              non_negative="warmup_steps weight_decay grad_clip",
+                              positive="learning_rate", below_1="beta1 beta2")
 
 
 def load_examples(path, enc, block_size):
@@ -110,8 +110,7 @@ def val_loss(model, examples, pad, run):
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(cfg.data_dir)
     raw_model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"),
                                          "python pretrain.py", enc, device=run.device)
     raw_model.train()
@@ -123,6 +122,7 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
@@ -164,6 +164,7 @@ def main(cfg):
                             "sft", raw_model, cfg, step, optimizer, enc,
                             val_loss=val_l)))  # also on SIGTERM
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
+    lock.release()
     distributed.teardown(run)
 
 

@@ -41,9 +41,9 @@ import reward  # noqa: E402
 from batch import collate  # noqa: E402
 from cli import user_errors  # noqa: E402
 from data import world  # noqa: E402
-from data.tokenizer import encode_prompt, encode_response, load_tokenizer  # noqa: E402
+from data.tokenizer import encode_prompt, encode_response  # noqa: E402
 from model import token_logprobs  # noqa: E402
-from records import load_preference_sets  # noqa: E402
+from records import load_preference_sets, world_tokenizer  # noqa: E402
 
 STYLE = ["words", "preamble", "hedge", "restate", "format", "repetition", "ended"]
 LIKELIHOOD = ["logp", "logp_clamped", "gap_clamped", "p"]
@@ -137,8 +137,7 @@ def main():
     ap.add_argument("--prefs", default="prefs,prefs_sft",
                     help="preference sets, as reward.py --prefs")
     args = ap.parse_args()
-    enc = load_tokenizer(checkpoint.require(os.path.join(args.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    enc = world_tokenizer(args.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(args.sft, "ckpt.pt"), "python sft.py", enc)
     pad = enc.encode_single_token("<|endoftext|>")
     block = sft.config.block_size

@@ -31,8 +31,8 @@ import distributed  # noqa: E402
 from batch import sample_responses  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
-from data.tokenizer import decode_response, load_tokenizer  # noqa: E402
-from records import read_jsonl  # noqa: E402
+from data.tokenizer import decode_response  # noqa: E402
+from records import read_jsonl, world_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -75,9 +75,13 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"),
                                    "python data/prepare.py")
-    raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
-    enc = load_tokenizer(checkpoint.require(os.path.join(cfg.data_dir, "tokenizer.tiktoken"),
-                                            "python data/prepare.py"))
+    try:
+        raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: not the meta.json data/prepare.py writes "
+                        f"({type(e).__name__}: {str(e)[:80]}): run `python data/prepare.py` "
+                        f"again") from None
+    enc = world_tokenizer(cfg.data_dir)
     policy, _ = checkpoint.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc,
                                       device=run.device)
     records = read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),

@@ -99,12 +99,24 @@ def main(cfg):
     wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare,
                            sort_len=(cfg.sort_min, cfg.sort_max))
     check_task_ranges(cfg, wc)
-    t0 = time.time()
     out = Path(cfg.out_dir)
     tmp = out.with_name(out.name + ".tmp")  # written whole, then swapped in: no partial folder
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        summary = write_world(cfg, wc, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a folder that cannot be made: one line, nothing left
+        raise UserError(f"could not write {e.filename or out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}/ {summary}")
 
+
+def write_world(cfg, wc, tmp):
+    """Every file of the world into the folder tmp; returns a summary of what was written."""
+    t0 = time.time()
     # 1. the pretraining corpus, and a tokenizer trained on it
     rng = random.Random(cfg.seed)
     docs = world.corpus_documents(rng, cfg.n_docs, wc)
@@ -158,12 +170,10 @@ def main(cfg):
                 rl_prompts=cfg.n_rl, eval_prompts=len(evals), raters=asdict(raters),
                 gold_weights=world.GOLD_WEIGHTS)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    print(f"wrote {out}/ in {time.time() - t0:.1f}s (tokenizer {t_tok:.1f}s): "
-          f"{len(docs)} documents, {n_train_tokens:,} training tokens, vocabulary {enc.n_vocab}, "
-          f"{cfg.n_sft} demonstrations, {cfg.n_prefs} rankings of {cfg.K}, {cfg.n_rl} RL prompts, "
-          f"{len(evals)} held-out eval prompts")
+    return (f"in {time.time() - t0:.1f}s (tokenizer {t_tok:.1f}s): {len(docs)} documents, "
+            f"{n_train_tokens:,} training tokens, vocabulary {enc.n_vocab}, {cfg.n_sft} "
+            f"demonstrations, {cfg.n_prefs} rankings of {cfg.K}, {cfg.n_rl} RL prompts, "
+            f"{len(evals)} held-out eval prompts")
 
 
 if __name__ == "__main__":

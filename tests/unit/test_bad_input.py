@@ -100,7 +100,7 @@ BAD_INPUTS = {
         f"--data_dir={w}", f"--init_from={s}/reward"],
         ["reward-model checkpoint", "not a language model"]),
     "negative learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=-1e-4"],
-                               ["--learning_rate=-1e-4", "must be at least 0"]),
+                               ["--learning_rate=-1e-4", "must be above 0"]),
     "zero interval": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--log_interval=0"],
                       ["--log_interval=0", "must be at least 1"]),
     "nan coefficient": (ppo, lambda w, s, t: [f"--data_dir={w}", "--kl_coef=nan"],
@@ -117,7 +117,79 @@ BAD_INPUTS = {
     "bad list": (evaluation, lambda w, s, t: [f"--data_dir={w}", f"--out={s}", "--best_of=1,four"],
                  ["--best_of=1,four", "comma-separated int"]),
     "bad device": (reward, lambda w, s, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),
+    # settings that would train nothing, or divide by zero
+    "zero learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=0"],
+                           ["--learning_rate=0", "must be above 0", "train nothing"]),
+    "dpo beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--beta=0"],
+                   ["--beta=0.0", "dpo loss is then constant"]),
+    "ipo beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--loss=ipo", "--beta=0"],
+                   ["--beta=0.0", "ipo loss divides by β"]),
+    "kto beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--loss=kto", "--beta=0"],
+                   ["--beta=0.0", "kto loss is then constant"]),
+    "simpo beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--loss=simpo", "--simpo_beta=0"],
+                     ["--simpo_beta=0.0", "trains nothing"]),
+    "cdpo smoothing of a half": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", "--loss=cdpo", "--label_smoothing=0.5"],
+        ["--label_smoothing=0.5", "below 0.5"]),
+    "kto weights both 0": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", "--loss=kto", "--kto_desirable_weight=0", "--kto_undesirable_weight=0"],
+        ["--kto_desirable_weight=0", "trains nothing"]),
+    "adaptive KL target 0": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--adaptive_kl=true", "--target_kl=0"],
+        ["--target_kl=0.0", "--adaptive_kl=true", "above 0"]),
+    "clip range 0": (ppo, lambda w, s, t: [f"--data_dir={w}", "--clip_range=0"],
+                     ["--clip_range=0", "must be above 0"]),
+    "dropout of 1": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--dropout=1"],
+                     ["--dropout=1", "below 1"]),
+    "adam beta2 of 1": (reward, lambda w, s, t: [f"--data_dir={w}", "--beta2=1"],
+                        ["--beta2=1", "below 1"]),
+    "ptx window beyond the context": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/sft", f"--reward_from={s}/reward",
+        "--ptx_coef=0.5", "--ptx_len=1000"], ["--ptx_len=1000", "the policy's context"]),
+    # damaged data files, found before training starts
+    "tokenizer cut short": (sft, lambda w, s, t: [
+        world_with("tokenizer.tiktoken", lambda x: x[:len(x) // 2])(w, s, t),
+        f"--init_from={s}/pretrain"], ["tokenizer.tiktoken:", "the tokenizer file is damaged"]),
+    "tokenizer ranks not contiguous": (pretrain, lambda w, s, t: [
+        world_with("tokenizer.tiktoken", lambda x: "".join(x.splitlines(True)[:5] +
+                                                           x.splitlines(True)[6:]))(w, s, t)],
+        ["tokenizer.tiktoken", "ranks are not 0..", "damaged"]),
+    "tokenizer not text": (dpo, lambda w, s, t: [
+        world_with("tokenizer.tiktoken", lambda x: b"\xff\xfe" + x.encode())(w, s, t)],
+        ["tokenizer.tiktoken", "can't decode", "damaged"]),
+    "token stream of odd bytes": (pretrain, lambda w, s, t: [
+        world_with_bytes("train.bin", lambda b: b[:7])(w, s, t)],
+        ["train.bin: 7 bytes", "not a whole number of 2-byte tokens"]),
+    "token stream too short": (pretrain, lambda w, s, t: [
+        world_with_bytes("val.bin", lambda b: b[:20])(w, s, t)],
+        ["val.bin holds 10 tokens", "fewer than"]),
+    "token id beyond the vocabulary": (pretrain, lambda w, s, t: [
+        world_with_bytes("train.bin", lambda b: b[:10] + b"\xff\xff" + b[12:])(w, s, t)],
+        ["train.bin: token id 65535", "beyond the tokenizer's vocabulary"]),
+    "token stream missing": (pretrain, lambda w, s, t: [
+        world_without("val.bin")(w, s, t)], ["val.bin not found", "python data/prepare.py"]),
+    "ptx token stream damaged": (ppo, lambda w, s, t: [
+        world_with_bytes("train.bin", lambda b: b[:-1])(w, s, t), f"--init_from={s}/sft",
+        f"--reward_from={s}/reward", "--ptx_coef=0.5"], ["train.bin", "2-byte tokens"]),
 }
+
+
+def world_with_bytes(name, edit):
+    """Flags of a world whose binary file `name` was rewritten by edit(bytes)."""
+    def make(w, s, t):
+        bad = copy_world(w, t / "bad")
+        (bad / name).write_bytes(edit((bad / name).read_bytes()))
+        return f"--data_dir={bad}"
+    return make
+
+
+def world_without(name):
+    """Flags of a world without its file `name`."""
+    def make(w, s, t):
+        bad = copy_world(w, t / "bad")
+        (bad / name).unlink()
+        return f"--data_dir={bad}"
+    return make
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -226,3 +298,22 @@ def test_ppo_refuses_mismatched_inputs(capsys, world, stages, tmp_path):
                                  f"--reward_from={stages}/reward", "--minibatch_size=5",
                                  needles=["--minibatch_size=5"])
     assert not (tmp_path / "o").exists()
+
+
+def test_damaged_meta_json(capsys, world, stages, tmp_path):
+    from data import label
+    bad = edited_world(world, tmp_path, "meta.json", lambda x: x[:len(x) // 2])
+    before = sorted(p.name for p in bad.iterdir())
+    assert_user_error_in_process(capsys, label, f"--data_dir={bad}", f"--policy={stages}/sft",
+                                 needles=["meta.json", "not the meta.json data/prepare.py writes"])
+    assert sorted(p.name for p in bad.iterdir()) == before  # no rankings written
+
+
+def test_out_dir_that_cannot_be_made(capsys, world, stages, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "sft"
+    assert_user_error_in_process(capsys, sft, f"--data_dir={world}",
+                                 f"--init_from={stages}/pretrain", f"--out_dir={out}", *SFT_ARGS,
+                                 needles=[f"--out_dir={out}", "cannot create the run folder",
+                                          "Not a directory"])
+    assert (tmp_path / "a_file").read_text() == ""

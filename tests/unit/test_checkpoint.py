@@ -1,6 +1,7 @@
 """checkpoint.py: atomic files, checkpoints loaded without running pickled code, and a
 stage's model rebuilt from its checkpoint, refusing one of another stage or tokenizer."""
 
+import errno
 import os
 
 import pytest
@@ -23,6 +24,15 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
     with pytest.raises(RuntimeError):
         checkpoint.atomic_write(p, boom)
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+    def full(f):  # what the file system says when the disk is full
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=f"could not write {p}: No space left on device; the "
+                                        f"previous file is unchanged"):
+        checkpoint.atomic_write(p, full)
     assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
     checkpoint.atomic_write(tmp_path / "new" / "g.bin", lambda f: f.write(b"new"))  # makes dirs
     assert (tmp_path / "new" / "g.bin").read_bytes() == b"new"

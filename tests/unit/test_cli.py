@@ -23,8 +23,11 @@ class Cfg:
     name: str = "x"       # a name
     flag: bool = False    # a switch
     frac: float = 0.5     # a fraction
+    rate: float = 0.1     # a rate that must move something
+    drop: float = 0.0     # a fraction below 1
 
-    RANGES: ClassVar = cli.ranges(at_least_1="steps", non_negative="lr", fraction="frac")
+    RANGES: ClassVar = cli.ranges(at_least_1="steps", non_negative="lr", fraction="frac",
+                                  positive="rate", below_1="drop")
 
 
 def test_parse_config():
@@ -48,18 +51,26 @@ def test_range_errors():
                           ("--frac=1.5", "--frac=1.5: must be between 0 and 1"),
                           ("--frac=-0.1", "--frac=-0.1: must be between 0 and 1"),
                           ("--lr=nan", "--lr=nan: must be a finite number"),
-                          ("--lr=inf", "--lr=inf: must be a finite number")):
+                          ("--lr=inf", "--lr=inf: must be a finite number"),
+                          ("--rate=0", "--rate=0: must be above 0 (it would train nothing)"),
+                          ("--rate=-1", "--rate=-1: must be above 0 (it would train nothing)"),
+                          ("--drop=1", "--drop=1: must be between 0 and 1, below 1"),
+                          ("--drop=-0.5", "--drop=-0.5: must be between 0 and 1, below 1")):
         with pytest.raises(UserError) as e:
             cli.parse_config(Cfg, [flag])
         assert str(e.value) == message
-    c = cli.parse_config(Cfg, ["--steps=1", "--lr=0", "--frac=0", "--name=-5"])  # the bounds
-    assert (c.steps, c.lr, c.frac, c.name) == (1, 0.0, 0.0, "-5")
+    c = cli.parse_config(Cfg, ["--steps=1", "--lr=0", "--frac=0", "--name=-5", "--rate=1e-9",
+                               "--drop=0"])  # the bounds, where they are allowed
+    assert (c.steps, c.lr, c.frac, c.name, c.rate, c.drop) == (1, 0.0, 0.0, "-5", 1e-9, 0.0)
     assert cli.parse_config(Cfg, ["--frac=1"]).frac == 1.0
+    assert cli.parse_config(Cfg, ["--drop=0.999"]).drop == 0.999
 
 
 def test_ranges_by_kind():
-    assert cli.ranges(at_least_1="a b", non_negative="c", fraction="d") == {
-        "a": (1, None), "b": (1, None), "c": (0, None), "d": (0, 1)}
+    assert cli.ranges(at_least_1="a b", non_negative="c", fraction="d", positive="e",
+                      below_1="f") == {
+        "a": (1, None, ""), "b": (1, None, ""), "c": (0, None, ""), "d": (0, 1, ""),
+        "e": (0, None, "low"), "f": (0, 1, "high")}
     assert cli.ranges() == {}
 
 
@@ -71,7 +82,7 @@ def test_help_lists_fields_with_comments(capsys):
     assert "--lr=0.001" in out and "learning rate" in out and "--flag=False" in out
     assert "usage: python " in out and "--RANGES" not in out  # a ClassVar is no flag
     flag_lines = [line for line in out.splitlines() if line.startswith("  --")]
-    assert len(flag_lines) == 5
+    assert len(flag_lines) == 7
     comments = {re.match(r"  --\S+ +", line).end() for line in flag_lines}
     assert len(comments) == 1  # the comments start in one column, whatever the flags' lengths
 
@@ -112,17 +123,25 @@ def test_each_configs_ranges_name_its_fields(name, config):
     bounds = getattr(config, "RANGES", {})
     assert set(bounds) <= set(fields), set(bounds) - set(fields)
     defaults = config()
-    for field, (low, high) in bounds.items():
+    for field, (low, high, open_end) in bounds.items():
         typ, value = fields[field].type, getattr(defaults, field)
         assert typ in (int, float), field
         assert low <= value and (high is None or value <= high), (field, value)
+        assert not (open_end == "low" and value == low or open_end == "high" and value == high)
         below = f"--{field}={low - 1 if typ is int else low - 0.5}"
         with pytest.raises(UserError, match=re.escape(below) + ": must be "):
             cli.parse_config(config, [below])
+        if open_end == "low":  # the bound itself is refused too
+            with pytest.raises(UserError, match=re.escape(f"--{field}={low}") + ": must be above"):
+                cli.parse_config(config, [f"--{field}={low}"])
         if high is not None:
             above = f"--{field}={high + 1 if typ is int else high + 0.5}"
             with pytest.raises(UserError, match=re.escape(above) + ": must be between 0 and 1"):
                 cli.parse_config(config, [above])
+        if open_end == "high":
+            with pytest.raises(UserError, match=re.escape(f"--{field}={high}") + ": must be "
+                                                 "between 0 and 1, below 1"):
+                cli.parse_config(config, [f"--{field}={high}"])
     for field, f in fields.items():  # no float flag takes nan or inf, ranged or not
         if f.type is float:
             with pytest.raises(UserError, match="must be a finite number"):

@@ -1,0 +1,98 @@
+"""Faults the machine causes, through real processes: a full disk while a checkpoint is
+written (the previous one survives, byte for byte), a full disk while the world is
+generated (nothing is left), a read-only run folder, and two runs into one folder (the
+second is refused; a lock left by a killed run does not block the next one). Each ends
+with one line on stderr and exit status 2.
+
+The full and read-only disks are small tmpfs mounts, which need root (or the right to
+mount); where a mount is refused the test is skipped and says why."""
+
+import contextlib
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import QUICK, ROOT, TINY, assert_user_error, environ, run
+
+SFT = ["--batch_size=8", "--eval_interval=100", "--log_interval=1", "--warmup_steps=1"]
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, read_only=False):
+    """A tmpfs of `size` mounted at path (made first), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to make a full disk ({p.stderr.strip()})")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(pipeline, tmp_path):
+    common = [f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/pretrain", *SFT,
+              "--ckpt_interval=2"]
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        out = disk / "sft"
+        run("sft.py", *common, f"--out_dir={out}", "--max_steps=2")
+        before = sha256(out / "ckpt.pt")
+        # leave room for the log, not for a second checkpoint beside the first
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(bytes(max(0, free - 64 * 1024)))
+        p = run("sft.py", *common, f"--out_dir={out}", "--max_steps=4", "--resume=true", ok=False)
+        assert_user_error(p, f"could not write {out}/ckpt.pt", "No space left on device",
+                          "the previous file is unchanged")
+        assert sha256(out / "ckpt.pt") == before
+        assert [f.name for f in out.iterdir() if ".tmp" in f.name] == []  # no temporary file left
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_full_disk_while_the_world_is_generated_leaves_nothing(tmp_path):
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        p = run("data/prepare.py", f"--out_dir={disk}/world", *QUICK["data/prepare.py"], ok=False)
+        assert_user_error(p, "could not write", "No space left on device")
+        assert list(disk.iterdir()) == []  # neither the world nor its temporary folder
+
+
+def test_read_only_run_folder(pipeline, tmp_path):
+    with tmpfs(tmp_path / "disk", "1m", read_only=True) as disk:
+        p = run("sft.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/pretrain",
+                *SFT, "--max_steps=2", f"--out_dir={disk}/sft", ok=False)
+        assert_user_error(p, f"--out_dir={disk}/sft", "cannot create the run folder",
+                          "Read-only file system")
+
+
+def test_a_busy_run_folder_is_refused_and_a_killed_run_does_not_block_the_next(pipeline, tmp_path):
+    out = tmp_path / "pretrain"
+    common = [f"--data_dir={pipeline.data}", *TINY, "--batch_size=8", "--eval_interval=100000",
+              "--eval_batches=1", "--log_interval=100000", "--ckpt_interval=5", f"--out_dir={out}"]
+    first = subprocess.Popen([sys.executable, "pretrain.py", *common, "--max_steps=100000"],
+                             cwd=ROOT, env=environ(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / ".lock").read_text().strip() == str(first.pid)
+        p = run("pretrain.py", *common, "--max_steps=10", ok=False)
+        assert_user_error(p, f"--out_dir={out} is in use by process {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    p = run("pretrain.py", *common, f"--max_steps={step + 3}", "--resume=true")
+    assert f"resuming {out}/ckpt.pt at step {step}" in p.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 3
