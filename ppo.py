@@ -362,6 +362,9 @@ def main(cfg):
     if cfg.adaptive_kl and cfg.target_kl <= 0:
         raise UserError(f"--target_kl={cfg.target_kl} with --adaptive_kl=true: the controller "
                         f"divides by the target KL, which must be above 0")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:
+        raise UserError("--kl_coef=0 with --adaptive_kl=true: the controller scales β by a "
+                        "factor, so it would stay 0; start from a β above 0")
     enc = world_tokenizer(cfg.data_dir)
     tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"),
                           pad=enc.encode_single_token("<|endoftext|>"))

@@ -137,6 +137,9 @@ BAD_INPUTS = {
     "adaptive KL target 0": (ppo, lambda w, s, t: [
         f"--data_dir={w}", "--adaptive_kl=true", "--target_kl=0"],
         ["--target_kl=0.0", "--adaptive_kl=true", "above 0"]),
+    "adaptive KL from a beta of 0": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--adaptive_kl=true", "--kl_coef=0"],
+        ["--kl_coef=0", "--adaptive_kl=true", "would stay 0"]),
     "clip range 0": (ppo, lambda w, s, t: [f"--data_dir={w}", "--clip_range=0"],
                      ["--clip_range=0", "must be above 0"]),
     "dropout of 1": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--dropout=1"],
