@@ -37,14 +37,28 @@ def atomic_write(path, write):
         finally:
             os.close(fd)
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+        cause = os_error(e)
+        if cause is None and "writ" not in str(e).lower():
             raise  # a fault of the writer's own, not of the file system
-        # (torch.save reports a failed write as a RuntimeError: "... failed writing file ...")
+        # (torch.save reports a failed write as a RuntimeError, "... failed writing file ..." or
+        # "unexpected pos ...", raised while handling the OSError of the write itself)
         kept = "; the previous file is unchanged" if os.path.exists(path) else ""
-        raise UserError(f"could not write {path}: {write_failure(e, folder)}{kept}") from None
+        raise UserError(f"could not write {path}: {write_failure(cause or e, folder)}"
+                        f"{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def os_error(e):
+    """The OSError behind an exception (itself, or one it was raised from or during)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def write_failure(e, folder):
