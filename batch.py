@@ -11,7 +11,9 @@
 - sample_responses: answers sampled with the KV cache, batch by batch.
 - reward_scores: a reward model's (or any scorer's) score of many prompt+response pairs.
 - sequence_kl: the sampled estimate of KL(π‖π_ref) that eval reports and DPO logs.
-- token_windows: next-token windows of a token stream (pretraining and PPO-ptx).
+- token_windows / ptx_windows: next-token windows of a token stream (pretraining, and
+  the pretraining term of PPO-ptx and GRPO).
+- verifiable_score: the world's correctness check as a reward (PPO and GRPO).
 """
 
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import torch
 from torch import Tensor
 
 from cli import UserError
-from data.tokenizer import encode_prompt
+from data import world
+from data.tokenizer import decode_response, encode_prompt
 from model import token_entropy, token_logprobs
 
 
@@ -138,3 +141,21 @@ def token_windows(data, starts, length, device):
     rows = np.stack([data[i:i + length + 1] for i in starts.tolist()]).astype(np.int64)
     xy = torch.from_numpy(rows).to(device)
     return xy[:, :-1], xy[:, 1:]
+
+
+def ptx_windows(data, n, length, generator, device):
+    """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
+    inputs and next-token targets (B, length) each."""
+    starts = torch.randint(len(data) - length - 1, (n,), generator=generator,
+                           device=generator.device)
+    return token_windows(data, starts, length, device)
+
+
+def verifiable_score(enc, tasks):
+    """The verifiable reward: 1 for a correct final answer, 0 otherwise (the correctness
+    part of the world's gold scorer; no reward model, nothing to hack but the checker).
+    Returns score_fn(prompts, responses) for responses to the tasks, in order."""
+    def score_fn(prompts, responses):
+        return torch.tensor([float(world.grade(t, *decode_response(enc, r))["correct"])
+                             for t, r in zip(tasks, responses)])
+    return score_fn

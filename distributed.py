@@ -113,6 +113,12 @@ def global_batch(n, step, batch_size, seed):
             for k in range(step * batch_size, (step + 1) * batch_size)]
 
 
+def iteration_seed(seed, rank, it):
+    """The seed of one (process, iteration) of an RL stage's sampling and shuffling: a
+    resumed run repeats exactly what the uninterrupted one would have done."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + it
+
+
 def rank_chunks(items, run, grad_accum):
     """This rank's slice of a global batch, split into its grad_accum micro-batches."""
     per_rank = len(items) // run.world_size

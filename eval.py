@@ -45,7 +45,7 @@ from records import read_jsonl, world_tokenizer
 from reward_model import load_reward_model
 
 # language-model stages
-STAGES = ("pretrain", "sft", "ppo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
+STAGES = ("pretrain", "sft", "ppo", "grpo", "dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 NAMES = {"pretrain": "base"}  # how a stage is called in the report
 
 
@@ -202,8 +202,10 @@ CURVES = {
     "reward": [("loss", ["loss"]), ("held-out accuracy", ["val_accuracy"])],
     "ppo": [("proxy and gold score of the rollouts", ["objective/score", "gold/score"]),
             ("KL", ["objective/kl"])],
+    "grpo": [("score and correctness of the rollouts", ["objective/score", "gold/correct"]),
+             ("KL", ["objective/kl"])],
     **{s: [("implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margin"]),
-           ("policy log-probs", ["logps/chosen", "logps/rejected"])] for s in STAGES[3:]},
+           ("policy log-probs", ["logps/chosen", "logps/rejected"])] for s in STAGES[4:]},
 }
 
 

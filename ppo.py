@@ -52,14 +52,14 @@ import torch
 import checkpoint
 import distributed
 import optim
-from batch import left_pad, response_logprobs, reward_scores, token_windows
+from batch import left_pad, ptx_windows, response_logprobs, reward_scores, verifiable_score
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
-from data.tokenizer import decode_response, encode_prompt
+from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import ScalarGPT
-from records import read_jsonl, token_stream, world_tokenizer
+from records import load_prompts, ptx_stream, world_tokenizer
 from reward_model import load_reward_model
 
 
@@ -184,14 +184,6 @@ def value_loss(values, old_values, returns, mask, clip_range):
     return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask).detach()
 
 
-def ptx_windows(data, n, length, generator, device):
-    """PPO-ptx's pretraining batch: n random windows of the token stream `data`, as
-    inputs and next-token targets (B, length) each."""
-    starts = torch.randint(len(data) - length - 1, (n,), generator=generator,
-                           device=generator.device)
-    return token_windows(data, starts, length, device)
-
-
 def adaptive_kl_step(beta, kl, target, n_rollouts, horizon):
     """Ziegler et al. 2019, §2.2: β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
@@ -313,37 +305,6 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
 # --- data and set-up -----------------------------------------------------------------------------
 
 
-def load_prompts(path, enc, max_prompt_len):
-    """Training prompts (text, tokens, task), tokenized once; one too long for the context
-    is an error naming its line."""
-    texts, prompts, tasks = [], [], []
-    for rec in read_jsonl(path, {"prompt": str, "task": dict}):
-        ids = encode_prompt(enc, rec["prompt"])
-        if len(ids) > max_prompt_len:
-            raise UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room "
-                            f"for --max_new_tokens in the context "
-                            f"(at most {max_prompt_len} prompt tokens)")
-        texts.append(rec["prompt"])
-        prompts.append(ids)
-        tasks.append(world.Task.from_dict(rec["task"]))
-    return texts, prompts, tasks
-
-
-def verifiable_score(enc, tasks):
-    """The verifiable reward: 1 for a correct final answer, 0 otherwise (the correctness
-    part of the world's gold scorer; no reward model, nothing to hack but the checker)."""
-    def score_fn(prompts, responses):
-        return torch.tensor([float(world.grade(t, *decode_response(enc, r))["correct"])
-                             for t, r in zip(tasks, responses)])
-    return score_fn
-
-
-def iteration_seed(cfg, rank, it):
-    """Every (process, iteration) samples and shuffles from its own seed, so a resumed run
-    repeats exactly what the uninterrupted one would have done."""
-    return (cfg.seed * 1_000_003 + rank) * 1_000_003 + it
-
-
 def show_samples(enc, texts, batch, n=3):
     for p, r, s in list(zip(texts, batch["responses"], batch["scores"].tolist()))[:n]:
         text, ended = decode_response(enc, r)
@@ -388,13 +349,7 @@ def main(cfg):
         m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
     texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
                            policy.config.block_size - cfg.max_new_tokens)
-    ptx_data = None
-    if cfg.ptx_coef > 0:
-        if cfg.ptx_len > policy.config.block_size:
-            raise UserError(f"--ptx_len={cfg.ptx_len} must be at most {policy.config.block_size} "
-                            f"(the policy's context)")
-        ptx_data = token_stream(os.path.join(cfg.data_dir, "train.bin"), enc.n_vocab,
-                                cfg.ptx_len + 2)
+    ptx_data = ptx_stream(cfg, enc, policy.config.block_size)  # None when --ptx_coef=0
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
                                              run.device_type)
@@ -424,7 +379,8 @@ def main(cfg):
                                  len(prompts))
     while it < cfg.iterations:
         t0 = time.time()
-        g = torch.Generator(device=run.device).manual_seed(iteration_seed(cfg, run.rank, it))
+        g = torch.Generator(device=run.device).manual_seed(
+            distributed.iteration_seed(cfg.seed, run.rank, it))
         mine = distributed.rank_chunks(
             distributed.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4

@@ -2,7 +2,8 @@
 
 JSONL records line by line (a bad line is a UserError naming the file and the line);
 preference rankings, read and checked here once for the reward model and the DPO
-family alike; the world's tokenizer; and the token streams of pretraining.
+family alike; the RL prompts with their tasks (PPO and GRPO); the world's tokenizer;
+and the token streams of pretraining (and of PPO-ptx's and GRPO's pretraining term).
 """
 
 import binascii
@@ -13,6 +14,7 @@ import numpy as np
 
 from checkpoint import require
 from cli import UserError
+from data import world
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
 
 
@@ -131,3 +133,30 @@ def token_stream(path, vocab_size, min_tokens):
                         f"{vocab_size}: the file is damaged or from another tokenizer; run "
                         f"`python data/prepare.py`")
     return data
+
+
+def load_prompts(path, enc, max_prompt_len):
+    """RL training prompts (text, tokens, task), tokenized once; one too long for the
+    context is an error naming its line."""
+    texts, prompts, tasks = [], [], []
+    for rec in read_jsonl(path, {"prompt": str, "task": dict}):
+        ids = encode_prompt(enc, rec["prompt"])
+        if len(ids) > max_prompt_len:
+            raise UserError(f"{path}:{rec['_line']}: prompt of {len(ids)} tokens leaves no room "
+                            f"for --max_new_tokens in the context "
+                            f"(at most {max_prompt_len} prompt tokens)")
+        texts.append(rec["prompt"])
+        prompts.append(ids)
+        tasks.append(world.Task.from_dict(rec["task"]))
+    return texts, prompts, tasks
+
+
+def ptx_stream(cfg, enc, block_size):
+    """The pretraining tokens (data_dir/train.bin) of an RL stage's --ptx_coef term, or
+    None when --ptx_coef is 0; a window longer than the policy's context is refused."""
+    if cfg.ptx_coef <= 0:
+        return None
+    if cfg.ptx_len > block_size:
+        raise UserError(f"--ptx_len={cfg.ptx_len} must be at most {block_size} "
+                        f"(the policy's context)")
+    return token_stream(os.path.join(cfg.data_dir, "train.bin"), enc.n_vocab, cfg.ptx_len + 2)

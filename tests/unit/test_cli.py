@@ -12,8 +12,8 @@ import cli
 from cli import UserError
 
 # every script with a config: its flags are parsed by cli.parse_config
-SCRIPTS = ("pretrain", "sft", "reward", "ppo", "dpo", "eval", "overopt", "data.prepare",
-           "data.label", "pipeline")
+SCRIPTS = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "overopt",
+           "data.prepare", "data.label", "pipeline")
 
 
 @dataclass

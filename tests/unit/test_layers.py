@@ -13,8 +13,8 @@ LAYERS = [
     {"checkpoint", "logger", "optim"},                                   # L2
     {"batch", "records"},                                                # L3
     {"reward_model"},                                                    # L4
-    {"pretrain", "sft", "reward", "ppo", "dpo", "eval", "pipeline",      # L5: the stages
-     "data.label", "data.prepare"},
+    {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval",          # L5: the stages
+     "pipeline", "data.label", "data.prepare"},
     {"overopt"},                                                         # L6
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ppo
-from batch import collate, response_logprobs, reward_scores
+from batch import collate, ptx_windows, response_logprobs, reward_scores
 from model import GPT, GPTConfig, ScalarGPT, token_logprobs
 from reward_model import RewardMember, RewardModel
 
@@ -249,7 +249,7 @@ def test_update_statistics_of_one_step_by_hand():
 
 def test_ptx_windows_are_next_token_pairs_from_the_stream():
     data = np.arange(1000, dtype=np.uint16)
-    x, y = ppo.ptx_windows(data, 3, 16, torch.Generator().manual_seed(0), "cpu")
+    x, y = ptx_windows(data, 3, 16, torch.Generator().manual_seed(0), "cpu")
     assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
     assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()
 
