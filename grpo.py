@@ -12,11 +12,12 @@ Three models: the policy (trained, starts as SFT), the reference (frozen SFT) an
      zero advantage and carries no signal; it is dropped and more prompts are drawn until
      the batch is full (the log counts the drops; the share of zero-signal groups is
      logged either way)
-  4. log-probs of each response token under the policy (kept as π_old) and the reference;
-     with --kl_in=reward, β·Σ_t(log π − log π_ref) is taken off each answer's score
+  4. log-probs of each response token under the reference; with --kl_in=reward, also
+     under the policy (π_old), and β·Σ_t(log π − log π_ref) is taken off each score
   5. group-relative advantages (--advantage), one per answer, on every one of its tokens
   6. --updates policy steps on the batch: the clipped importance ratio with its own low
-     and high ε, plus (--kl_in=loss) β times the k3 KL to the reference on each token,
+     and high ε (π_old from the first step's forward, before the policy moves), plus
+     (--kl_in=loss) β times the k3 KL to the reference on each token,
      aggregated over tokens and answers as --loss_agg says
 
 The choices, each a flag, with the paper it comes from:
@@ -324,22 +325,28 @@ def main(cfg):
         tokens, attn, mask, P = assemble([prompts[i] for i in idx], responses, tok.pad,
                                          run.device)
         with torch.no_grad():
-            old_logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
-                                                  temperature=cfg.temperature, entropy=True)
             ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P,
                                          temperature=cfg.temperature)
-            kl = ((old_logp - ref_logp) * mask).sum(1)
-            rewards = scores - cfg.beta * kl if cfg.kl_in == "reward" else scores
+            old_logp = None  # π_old: the policy as it sampled, so before its first step
+            if cfg.kl_in == "reward":  # the KL is needed now, before the advantages
+                old_logp = response_logprobs(policy, tokens, attn_mask=attn, start=P,
+                                             temperature=cfg.temperature)
+                scores_kl = scores - cfg.beta * ((old_logp - ref_logp) * mask).sum(1)
             # 5. group-relative advantages
-            advantages = group_advantages(rewards, G, cfg.advantage)
+            advantages = group_advantages(scores_kl if cfg.kl_in == "reward" else scores, G,
+                                          cfg.advantage)
         t_rollout = time.time() - t0
 
-        # 6. μ policy steps on the batch
+        # 6. μ policy steps on the batch; the first one's forward also gives π_old (the
+        # policy has not moved yet), which saves a forward pass over the rollouts
         stats = {}
-        for _ in range(cfg.updates):
+        for u in range(cfg.updates):
             with run.autocast:
-                logp = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
-                                         temperature=cfg.temperature)
+                logp, ent = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
+                                              temperature=cfg.temperature, entropy=True)
+                if u == 0:
+                    entropy = ent.detach()
+                    old_logp = logp.detach() if old_logp is None else old_logp
                 loss, update = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
                 loss.backward()
             if ptx_data is not None:  # PPO-ptx's term: its own forward on longer windows
@@ -363,6 +370,7 @@ def main(cfg):
         def mean(x):  # over this process's answers, then over the processes
             return distributed.all_reduce_mean(float(torch.as_tensor(x).float().mean()), run)
         ended = [tok.end in r for r in responses]
+        kl = ((old_logp - ref_logp) * mask).sum(1)
         metrics = {
             "objective/score": mean(scores), "objective/kl": mean(kl),
             "objective/entropy": mean((entropy * mask).sum(1) / mask.sum(1)),

@@ -1,0 +1,225 @@
+"""Benchmark: one step of each stage, timed on fixed shapes, one JSON line per figure.
+
+The work is the shape other RLHF libraries are usually timed on, so a figure here can be
+set beside theirs when both run one after the other on the same machine:
+a GPT-2-shaped model (4 layers, 128 dims, 4 heads, vocabulary 1024, 256 positions, fp32,
+random weights), prompts of 32 random tokens, responses of exactly 32 tokens (no end
+token, so every sequence has full length), batches of 16.
+
+  gen      GPT.generate at batch 16, 64 and 256, 32 new tokens, temperature 1, KV cache
+  dpo      one DPO step on 16 pairs (dpo.batch_loss, backward, clip, AdamW), the
+           reference's log-probs run live in the step (dpo_live) or cached (dpo_cached)
+  reward   one Bradley-Terry step on 16 pairs (reward.bradley_terry_loss)
+  ppo      one PPO iteration: ppo.rollout on 16 prompts (generation, reward model,
+           policy, reference and value forwards), then ppo.ppo_update with 4 epochs of
+           one minibatch of 16
+  grpo     one GRPO iteration: 4 prompts x 4 answers, the reward the share of
+           even token ids, the reference at beta 0.04, one update (grpo.sample_groups,
+           grpo.assemble, grpo.group_advantages, grpo.grpo_loss, as grpo.py's loop)
+
+Each figure: --warmup untimed steps, then --steps timed ones; the median step time and
+its rate (tokens/s, pairs/s or episodes/s), with min and max. The training steps also
+carry their FLOPs (6 x parameters per trained token, 2 x per forward-only token) and the
+achieved GFLOP/s, to set against the CPU's fp32 limit.
+
+    python bench/stages.py                        # every figure, CPU
+    python bench/stages.py --only=gen,grpo        # some
+    python bench/stages.py --device=cuda
+"""
+
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+import torch  # noqa: E402
+
+import distributed  # noqa: E402
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+import ppo  # noqa: E402
+import reward  # noqa: E402
+from batch import collate, collate_pairs, response_logprobs, sequence_logprobs  # noqa: E402
+from cli import UserError, parse_config, user_errors  # noqa: E402
+from model import GPT, GPTConfig, ScalarGPT  # noqa: E402
+from reward_model import RewardMember, RewardModel  # noqa: E402
+
+FIGURES = ("gen", "dpo", "reward", "ppo", "grpo")
+
+
+@dataclass
+class Config:
+    only: str = ",".join(FIGURES)  # which figures, comma-separated
+    steps: int = 10                # timed steps per figure
+    warmup: int = 3                # untimed steps first
+    batch: int = 16                # pairs, prompts or episodes per step
+    prompt_len: int = 32           # tokens per prompt
+    response_len: int = 32         # tokens per response
+    gen_batches: str = "16,64,256"  # generation batch sizes
+    threads: int = 0               # torch threads (0 = torch's default)
+    device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
+    seed: int = 0
+
+
+def model_config():
+    return GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=128)
+
+
+def timed(step, cfg, device):
+    """Run step() warmup + steps times; seconds of the timed ones."""
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def emit(name, times, per_step, unit, flops=None, **extra):
+    med = statistics.median(times)
+    row = {"bench": name, "median_s": round(med, 5), "min_s": round(min(times), 5),
+           "max_s": round(max(times), 5), "runs": len(times), unit: round(per_step / med, 2)}
+    if flops:
+        row["gflop_per_step"] = round(flops / 1e9, 3)
+        row["gflop_per_s"] = round(flops / med / 1e9, 2)
+    row.update(extra)
+    print(json.dumps(row), flush=True)
+
+
+def random_rows(n, length, vocab, g):
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    unknown = set(cfg.only.split(",")) - set(FIGURES)
+    if unknown:
+        raise UserError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; expected some "
+                        f"of {', '.join(FIGURES)}")
+    run = distributed.setup(cfg.seed, cfg.device)
+    dev, B, P, N = torch.device(run.device), cfg.batch, cfg.prompt_len, cfg.response_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    mconf = model_config()
+    policy = GPT(mconf).to(dev)
+    n_params = policy.num_params()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    for m in (policy, ref):
+        m.eval()  # dropout is 0 anyway; eval as the stages run their models
+    print(json.dumps({"bench": "setup", "device": str(dev), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "params": n_params, "batch": B,
+                      "prompt_len": P, "response_len": N}), flush=True)
+    only = cfg.only.split(",")
+
+    if "gen" in only:
+        for b in (int(x) for x in cfg.gen_batches.split(",")):
+            prompts = random_rows(b, P, mconf.vocab_size, g)
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            emit(f"generate_b{b}", timed(lambda: policy.generate(prompts, N, generator=gen), cfg,
+                                         dev), b * N, "tokens_per_s")
+
+    pad = 0
+    seqs = [(r, P) for r in random_rows(2 * B, P + N, mconf.vocab_size, g)]
+    opt = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
+
+    def train_step(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if "dpo" in only:
+        dcfg = dpo.Config()
+        rows = collate([s for s, _ in seqs], [p for _, p in seqs], pad, dev)
+        cached = sequence_logprobs(ref, rows)[0].detach()
+        trained, tokens = 2 * B * (P + N), 2 * B * (P + N)
+
+        def live():
+            with torch.no_grad():
+                r = sequence_logprobs(ref, rows)[0]
+            train_step(dpo.batch_loss(policy, (rows, r), dcfg)[0])
+        emit("dpo_live", timed(live, cfg, dev), B, "pairs_per_s",
+             flops=6 * n_params * trained + 2 * n_params * tokens)
+        emit("dpo_cached", timed(lambda: train_step(dpo.batch_loss(policy, (rows, cached),
+                                                                   dcfg)[0]), cfg, dev),
+             B, "pairs_per_s", flops=6 * n_params * trained)
+
+    member = RewardMember(mconf, likelihood=True).to(dev)
+    reward_model = RewardModel([member], [(1.0, 0.0)]).to(dev)
+
+    if "reward" in only:
+        rows = collate([s for s, _ in seqs], [p for _, p in seqs], pad, dev)
+        ropt = member.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
+        member.train()
+
+        def rm_step():
+            r = reward_model(rows)
+            reward.bradley_terry_loss(r[:B], r[B:])[0].mean().backward()
+            torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
+            ropt.step()
+            ropt.zero_grad(set_to_none=True)
+        emit("reward_step", timed(rm_step, cfg, dev), B, "pairs_per_s",
+             flops=6 * member.num_params() * 2 * B * (P + N))
+        member.eval()
+
+    prompts = [s[:P] for s, _ in seqs]
+    if "ppo" in only:
+        pcfg = ppo.Config(batch_size=B, minibatch_size=B, ppo_epochs=4, max_new_tokens=N)
+        value_model = ScalarGPT(mconf).to(dev)
+        vopt = value_model.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
+        tok = SimpleNamespace(end=-1, pad=pad)  # no end token: full-length responses
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+
+        def score(prompt_rows, responses):
+            with torch.no_grad():
+                return reward_model(collate_pairs(list(zip(prompt_rows, responses)), pad, dev))
+
+        def iteration():
+            batch = ppo.rollout(policy, ref, value_model, score, prompts[:B], pcfg.kl_coef,
+                                pcfg, tok, gen, dev)
+            batch["advantages"] = ppo.whiten(batch["advantages"], batch["mask"])
+            ppo.ppo_update(policy, value_model, opt, vopt, batch, pcfg, 1e-6, 1e-6, gen, run)
+        emit("ppo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s",
+             epochs=pcfg.ppo_epochs)
+
+    if "grpo" in only:
+        G = 4
+        gcfg = grpo.Config(batch_size=B, group_size=G, updates=1, max_new_tokens=N, beta=0.04)
+        tok = SimpleNamespace(end=None, pad=pad)
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+
+        def iteration():
+            groups = prompts[:B // G]
+            responses = grpo.sample_groups(policy, groups, G, gcfg, tok, gen)
+            scores = torch.tensor([sum(t % 2 == 0 for t in r) / len(r) for r in responses],
+                                  device=dev)
+            rows = [p for p in groups for _ in range(G)]
+            tokens, attn, mask, start = grpo.assemble(rows, responses, pad, dev)
+            advantages = grpo.group_advantages(scores, G, gcfg.advantage)
+            with torch.no_grad():
+                ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=start)
+            old_logp = None
+            for _ in range(gcfg.updates):  # as grpo.py: π_old from the first forward
+                logp, _ = response_logprobs(policy, tokens, attn_mask=attn, start=start,
+                                            entropy=True)
+                old_logp = logp.detach() if old_logp is None else old_logp
+                train_step(grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, gcfg)[0])
+        emit("grpo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s",
+             group=G, updates=gcfg.updates)
+    distributed.teardown(run)
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_config(Config))

@@ -1,0 +1,48 @@
+"""bench/stages.py at a tiny size: every figure it prints is there and well formed, so the
+script cannot rot between the runs that time it. Nothing here is timed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from cli import UserError, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_stages():
+    spec = importlib.util.spec_from_file_location("bench_stages", ROOT / "bench" / "stages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_figure_at_a_tiny_size(capsys):
+    stages = load_stages()
+    stages.main(parse_config(stages.Config, ["--steps=2", "--warmup=0", "--batch=4",
+                                             "--prompt_len=3", "--response_len=4",
+                                             "--gen_batches=2,4"]))
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["bench"]: r for r in rows}
+    assert list(by_name) == ["setup", "generate_b2", "generate_b4", "dpo_live", "dpo_cached",
+                             "reward_step", "ppo_iteration", "grpo_iteration"]
+    rates = {"generate_b2": "tokens_per_s", "dpo_live": "pairs_per_s",
+             "reward_step": "pairs_per_s", "ppo_iteration": "episodes_per_s",
+             "grpo_iteration": "episodes_per_s"}
+    for name, unit in rates.items():
+        r = by_name[name]
+        assert r["runs"] == 2 and 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r[unit] == pytest.approx(
+            {"tokens_per_s": 2 * 4, "pairs_per_s": 4, "episodes_per_s": 4}[unit] / r["median_s"],
+            rel=1e-2)
+    # the live reference costs a forward more than the cached one: 8 against 6 × N per token
+    assert by_name["dpo_live"]["gflop_per_step"] == pytest.approx(
+        by_name["dpo_cached"]["gflop_per_step"] * 8 / 6, rel=1e-3)
+
+
+def test_unknown_figure_is_refused():
+    stages = load_stages()
+    with pytest.raises(UserError, match="--only: unknown figure"):
+        stages.main(parse_config(stages.Config, ["--only=gen,nope"]))
