@@ -80,15 +80,17 @@ def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temp
     float32, logits divided by the temperature; 0 where mask[:, t] is False (mask None:
     every column). Only the positions that predict those tokens go through the
     log-softmax. With entropy=True, also the entropies of those distributions."""
-    logits = model(tokens, attn_mask=attn_mask)[0][:, start - 1:]
+    logits = model(tokens, attn_mask=attn_mask, logits_from=start - 1)[0]
     m = None if mask is None else mask[:, start - 1:]
     logp = token_logprobs(logits, tokens[:, start - 1:], m, temperature=temperature)
     return (logp, token_entropy(logits, m, temperature=temperature)) if entropy else logp
 
 
 def sequence_logprobs(model, batch):
-    """Summed log-probs of each row's response tokens, and their count: (B,), (B,)."""
-    logp = response_logprobs(model, batch.tokens, batch.mask)
+    """Summed log-probs of each row's response tokens, and their count: (B,), (B,). The
+    columns before the shortest prompt's end hold no response token and are skipped."""
+    start = max(1, int(batch.prompt_lengths.min()))
+    logp = response_logprobs(model, batch.tokens, batch.mask, start=start)
     return logp.sum(-1), batch.mask[:, 1:].sum(-1).float()
 
 
@@ -129,8 +131,9 @@ def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     out = []
     for i in range(0, len(pairs), batch_size):
         b = collate_pairs(pairs[i:i + batch_size], pad, device)
-        logp, ref_logp = (response_logprobs(model, b.tokens, b.mask),
-                          response_logprobs(ref, b.tokens, b.mask))
+        start = max(1, int(b.prompt_lengths.min()))
+        logp, ref_logp = (response_logprobs(model, b.tokens, b.mask, start=start),
+                          response_logprobs(ref, b.tokens, b.mask, start=start))
         out += (logp - ref_logp).sum(1).tolist()
     return out
 

@@ -234,12 +234,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 attn_mask: Tensor | None = None, pos: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
-        """(B, T) ids -> (logits (B, T, V), mean cross-entropy over targets != IGNORE_INDEX
-        or None). targets[:, t] is the token that should follow position t."""
-        logits = self.lm_head(self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache))
+                cache: KVCache | None = None, logits_from: int = 0) -> tuple[Tensor, Tensor | None]:
+        """(B, T) ids -> (logits (B, T − logits_from, V), mean cross-entropy over targets !=
+        IGNORE_INDEX or None). targets[:, t] is the token that should follow position t.
+        logits_from > 0 skips the vocabulary projection of the first positions (a prompt
+        whose next-token probabilities nobody reads); targets are cut to match."""
+        h = self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache)
+        logits = self.lm_head(h[:, logits_from:] if logits_from else h)
         loss = None
         if targets is not None:
+            targets = targets[:, logits_from:]
             # float32: low-precision log-softmax over a large vocabulary loses accuracy
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
@@ -346,6 +350,13 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.size(-1) - 1)
 
 
+def scaled(logits: Tensor, temperature: float) -> Tensor:
+    """float32 logits divided by the temperature; at temperature 1 no division runs (it
+    would be a full pass over a (B, T, V) tensor for nothing)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
                    temperature: float = 1.0) -> Tensor:
     """log p(tokens[:, t+1] | tokens[:, :t+1]) as (B, T-1) float32.
@@ -354,7 +365,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
     token t+1, hence the shift. mask (B, T) bool: entries whose *predicted* token is
     masked (mask[:, 1:] False) are set to 0.
     """
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    logp = F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1)  # (B, T-1, V)
     out = logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     if mask is not None:
         out = out.masked_fill(~mask[:, 1:], 0.0)
@@ -363,7 +374,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
 
 def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Entropy of each next-token distribution, (B, T-1) float32, aligned like token_logprobs."""
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    logp = F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1)  # (B, T-1, V)
     out = -(logp.exp() * logp).sum(dim=-1)
     if mask is not None:
         out = out.masked_fill(~mask[:, 1:], 0.0)

@@ -295,6 +295,22 @@ def test_forward_loss_matches_manual_cross_entropy():
     assert model(idx)[1] is None
 
 
+def test_logits_from_skips_the_first_positions_only():
+    # the vocabulary projection of positions >= k, and the loss of their targets alone
+    model = make_model()
+    idx = torch.randint(0, 64, (3, 10))
+    targets = torch.randint(0, 64, (3, 10))
+    full, _ = model(idx)
+    part, loss = model(idx, targets, logits_from=4)
+    assert part.shape == (3, 6, 64)
+    torch.testing.assert_close(part, full[:, 4:], atol=1e-5, rtol=1e-5)
+    manual = F.cross_entropy(full[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+    torch.testing.assert_close(loss, manual, atol=1e-5, rtol=1e-5)
+    # what the log-probs of a response read is the same either way
+    torch.testing.assert_close(token_logprobs(part, idx[:, 4:]),
+                               token_logprobs(full, idx)[:, 4:], atol=1e-5, rtol=1e-5)
+
+
 def test_scalar_gpt():
     lm = make_model()
     rm = ScalarGPT.from_lm(lm)
