@@ -316,15 +316,16 @@ def main(cfg):
             rows = [i for i in idx for _ in range(G)]
             scores = score(rows, [prompts[i] for i in rows], responses).view(-1, G)
             return [((i, responses[k * G:(k + 1) * G]), scores[k]) for k, i in enumerate(idx)]
-        groups, sampling = fill_groups(draw, n_groups, len(prompts), cfg.dynamic_sampling,
-                                       cfg.max_rounds)
+        with run.autocast:  # bf16 on CUDA, as the updates
+            groups, sampling = fill_groups(draw, n_groups, len(prompts), cfg.dynamic_sampling,
+                                           cfg.max_rounds)
         idx = [i for (i, _), _ in groups for _ in range(G)]
         responses = [r for (_, rs), _ in groups for r in rs]
         scores = torch.cat([s for _, s in groups])
         # 4. log-probs under π_old and the reference; the KL in the reward, if asked
         tokens, attn, mask, P = assemble([prompts[i] for i in idx], responses, tok.pad,
                                          run.device)
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast:
             ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P,
                                          temperature=cfg.temperature)
             old_logp = None  # π_old: the policy as it sampled, so before its first step

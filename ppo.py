@@ -385,8 +385,9 @@ def main(cfg):
             distributed.global_batch(len(prompts), it, cfg.batch_size, cfg.seed), run, 1)[0]
         # steps 1-4
         score_fn = rm_score or verifiable_score(enc, [tasks[i] for i in mine])
-        batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta, cfg,
-                        tok, g, run.device)
+        with run.autocast:  # bf16 on CUDA as the update, so the first ratio is exactly 1
+            batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta,
+                            cfg, tok, g, run.device)
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
         n_tokens = batch["mask"].sum().item()
         t_rollout = time.time() - t0

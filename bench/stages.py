@@ -1,11 +1,15 @@
 """Benchmark: one step of each stage, timed on fixed shapes, one JSON line per figure.
 
-The work is the shape other RLHF libraries are usually timed on, so a figure here can be
-set beside theirs when both run one after the other on the same machine:
-a GPT-2-shaped model (4 layers, 128 dims, 4 heads, vocabulary 1024, 256 positions, fp32,
-random weights), prompts of 32 random tokens, responses of exactly 32 tokens (no end
-token, so every sequence has full length), batches of 16.
+--preset=compare (the default) is the shape other RLHF libraries are usually timed on, so
+a figure here can be set beside theirs when both run one after the other on the same
+machine: a GPT-2-shaped model (4 layers, 128 dims, 4 heads, vocabulary 1024, 256
+positions, random weights), prompts of 32 random tokens, responses of exactly 32 tokens
+(no end token, so every sequence has full length), batches of 16. --preset=gpt2 is
+GPT-2 small (124M: 12 layers, 768 dims, vocabulary 50304, 1024 positions) on the same
+batches: the figures to take whenever a GPU is at hand (a few minutes of one).
 
+  sft      one language-model step (SFT's and pretraining's) on --batch sequences of
+           --sft_len tokens: tokens/s and, on a GPU of known peak, MFU
   gen      GPT.generate at batch 16, 64 and 256, 32 new tokens, temperature 1, KV cache
   dpo      one DPO step on 16 pairs (dpo.batch_loss, backward, clip, AdamW), the
            reference's log-probs run live in the step (dpo_live) or cached (dpo_cached)
@@ -18,17 +22,21 @@ token, so every sequence has full length), batches of 16.
            grpo.assemble, grpo.group_advantages, grpo.grpo_loss, as grpo.py's loop)
 
 Each figure: --warmup untimed steps, then --steps timed ones; the median step time and
-its rate (tokens/s, pairs/s or episodes/s), with min and max. The training steps also
-carry their FLOPs (6 x parameters per trained token, 2 x per forward-only token) and the
-achieved GFLOP/s, to set against the CPU's fp32 limit.
+its rate (tokens/s, pairs/s or episodes/s), with min and max, and the peak memory (on a
+GPU, allocated by torch during that figure; on a CPU, the process's peak RSS so far). The
+training steps also carry their FLOPs (6 x parameters per trained token, 2 x per
+forward-only token), the achieved GFLOP/s and, on a GPU whose bf16 peak is known
+(distributed.PEAK_FLOPS), the MFU. On CUDA the training steps run under bf16 autocast,
+as the stages do.
 
     python bench/stages.py                        # every figure, CPU
     python bench/stages.py --only=gen,grpo        # some
-    python bench/stages.py --device=cuda
+    python bench/stages.py --device=cuda --preset=gpt2     # 124M on a GPU
 """
 
 import copy
 import json
+import resource
 import statistics
 import sys
 import time
@@ -50,29 +58,33 @@ from cli import UserError, parse_config, user_errors  # noqa: E402
 from model import GPT, GPTConfig, ScalarGPT  # noqa: E402
 from reward_model import RewardMember, RewardModel  # noqa: E402
 
-FIGURES = ("gen", "dpo", "reward", "ppo", "grpo")
+FIGURES = ("sft", "gen", "dpo", "reward", "ppo", "grpo")
+PRESETS = {
+    "compare": GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=128),
+    "gpt2": GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
+}
 
 
 @dataclass
 class Config:
     only: str = ",".join(FIGURES)  # which figures, comma-separated
+    preset: str = "compare"        # compare (the shapes other libraries are timed on) or gpt2
     steps: int = 10                # timed steps per figure
     warmup: int = 3                # untimed steps first
     batch: int = 16                # pairs, prompts or episodes per step
     prompt_len: int = 32           # tokens per prompt
     response_len: int = 32         # tokens per response
     gen_batches: str = "16,64,256"  # generation batch sizes
+    sft_len: int = 256             # tokens per sequence of the sft figure
     threads: int = 0               # torch threads (0 = torch's default)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     seed: int = 0
 
 
-def model_config():
-    return GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=128)
-
-
 def timed(step, cfg, device):
     """Run step() warmup + steps times; seconds of the timed ones."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(cfg.warmup + cfg.steps):
         if device.type == "cuda":
@@ -86,13 +98,20 @@ def timed(step, cfg, device):
     return times
 
 
-def emit(name, times, per_step, unit, flops=None, **extra):
+def emit(name, times, per_step, unit, device, flops=None, **extra):
     med = statistics.median(times)
     row = {"bench": name, "median_s": round(med, 5), "min_s": round(min(times), 5),
            "max_s": round(max(times), 5), "runs": len(times), unit: round(per_step / med, 2)}
     if flops:
         row["gflop_per_step"] = round(flops / 1e9, 3)
         row["gflop_per_s"] = round(flops / med / 1e9, 2)
+        peak = distributed.peak_flops(device)
+        if peak:
+            row["mfu"] = round(flops / med / peak, 4)
+    if device.type == "cuda":
+        row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:  # ru_maxrss is in KiB on Linux
+        row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     row.update(extra)
     print(json.dumps(row), flush=True)
 
@@ -104,6 +123,8 @@ def random_rows(n, length, vocab, g):
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.preset not in PRESETS:
+        raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
     unknown = set(cfg.only.split(",")) - set(FIGURES)
     if unknown:
         raise UserError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; expected some "
@@ -111,26 +132,22 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     dev, B, P, N = torch.device(run.device), cfg.batch, cfg.prompt_len, cfg.response_len
     g = torch.Generator().manual_seed(cfg.seed)
-    mconf = model_config()
+    mconf = copy.deepcopy(PRESETS[cfg.preset])
+    if P + N > mconf.block_size or cfg.sft_len > mconf.block_size:
+        raise UserError(f"--prompt_len + --response_len and --sft_len must fit the "
+                        f"{mconf.block_size} positions of --preset={cfg.preset}")
     policy = GPT(mconf).to(dev)
     n_params = policy.num_params()
     ref = copy.deepcopy(policy).requires_grad_(False)
     for m in (policy, ref):
         m.eval()  # dropout is 0 anyway; eval as the stages run their models
-    print(json.dumps({"bench": "setup", "device": str(dev), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "params": n_params, "batch": B,
-                      "prompt_len": P, "response_len": N}), flush=True)
+    print(json.dumps({"bench": "setup", "preset": cfg.preset, "device": str(dev),
+                      "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                      else "cpu"),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "params": n_params, "batch": B, "prompt_len": P, "response_len": N}),
+          flush=True)
     only = cfg.only.split(",")
-
-    if "gen" in only:
-        for b in (int(x) for x in cfg.gen_batches.split(",")):
-            prompts = random_rows(b, P, mconf.vocab_size, g)
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-            emit(f"generate_b{b}", timed(lambda: policy.generate(prompts, N, generator=gen), cfg,
-                                         dev), b * N, "tokens_per_s")
-
-    pad = 0
-    seqs = [(r, P) for r in random_rows(2 * B, P + N, mconf.vocab_size, g)]
     opt = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
 
     def train_step(loss):
@@ -139,21 +156,44 @@ def main(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if "sft" in only:
+        x = torch.randint(3, mconf.vocab_size, (B, cfg.sft_len + 1), generator=g).to(dev)
+
+        def sft_step():
+            with run.autocast:
+                loss = policy(x[:, :-1], x[:, 1:])[1]
+            train_step(loss)
+        emit("sft_step", timed(sft_step, cfg, dev), B * cfg.sft_len, "tokens_per_s", dev,
+             flops=policy.flops_per_token(cfg.sft_len) * B * cfg.sft_len)
+
+    if "gen" in only:
+        for b in (int(x) for x in cfg.gen_batches.split(",")):
+            prompts = random_rows(b, P, mconf.vocab_size, g)
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            with run.autocast:
+                times = timed(lambda: policy.generate(prompts, N, generator=gen), cfg, dev)
+            emit(f"generate_b{b}", times, b * N, "tokens_per_s", dev)
+
+    pad = 0
+    seqs = [(r, P) for r in random_rows(2 * B, P + N, mconf.vocab_size, g)]
+
     if "dpo" in only:
         dcfg = dpo.Config()
         rows = collate([s for s, _ in seqs], [p for _, p in seqs], pad, dev)
         cached = sequence_logprobs(ref, rows)[0].detach()
         trained, tokens = 2 * B * (P + N), 2 * B * (P + N)
 
-        def live():
-            with torch.no_grad():
-                r = sequence_logprobs(ref, rows)[0]
-            train_step(dpo.batch_loss(policy, (rows, r), dcfg)[0])
-        emit("dpo_live", timed(live, cfg, dev), B, "pairs_per_s",
+        def dpo_step(live):
+            with run.autocast:
+                if live:
+                    with torch.no_grad():
+                        r = sequence_logprobs(ref, rows)[0]
+                loss = dpo.batch_loss(policy, (rows, r if live else cached), dcfg)[0]
+            train_step(loss)
+        emit("dpo_live", timed(lambda: dpo_step(True), cfg, dev), B, "pairs_per_s", dev,
              flops=6 * n_params * trained + 2 * n_params * tokens)
-        emit("dpo_cached", timed(lambda: train_step(dpo.batch_loss(policy, (rows, cached),
-                                                                   dcfg)[0]), cfg, dev),
-             B, "pairs_per_s", flops=6 * n_params * trained)
+        emit("dpo_cached", timed(lambda: dpo_step(False), cfg, dev), B, "pairs_per_s", dev,
+             flops=6 * n_params * trained)
 
     member = RewardMember(mconf, likelihood=True).to(dev)
     reward_model = RewardModel([member], [(1.0, 0.0)]).to(dev)
@@ -164,12 +204,14 @@ def main(cfg):
         member.train()
 
         def rm_step():
-            r = reward_model(rows)
-            reward.bradley_terry_loss(r[:B], r[B:])[0].mean().backward()
+            with run.autocast:
+                r = reward_model(rows)
+                loss = reward.bradley_terry_loss(r[:B], r[B:])[0].mean()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
             ropt.step()
             ropt.zero_grad(set_to_none=True)
-        emit("reward_step", timed(rm_step, cfg, dev), B, "pairs_per_s",
+        emit("reward_step", timed(rm_step, cfg, dev), B, "pairs_per_s", dev,
              flops=6 * member.num_params() * 2 * B * (P + N))
         member.eval()
 
@@ -186,11 +228,12 @@ def main(cfg):
                 return reward_model(collate_pairs(list(zip(prompt_rows, responses)), pad, dev))
 
         def iteration():
-            batch = ppo.rollout(policy, ref, value_model, score, prompts[:B], pcfg.kl_coef,
-                                pcfg, tok, gen, dev)
+            with run.autocast:
+                batch = ppo.rollout(policy, ref, value_model, score, prompts[:B], pcfg.kl_coef,
+                                    pcfg, tok, gen, dev)
             batch["advantages"] = ppo.whiten(batch["advantages"], batch["mask"])
             ppo.ppo_update(policy, value_model, opt, vopt, batch, pcfg, 1e-6, 1e-6, gen, run)
-        emit("ppo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s",
+        emit("ppo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s", dev,
              epochs=pcfg.ppo_epochs)
 
     if "grpo" in only:
@@ -207,15 +250,17 @@ def main(cfg):
             rows = [p for p in groups for _ in range(G)]
             tokens, attn, mask, start = grpo.assemble(rows, responses, pad, dev)
             advantages = grpo.group_advantages(scores, G, gcfg.advantage)
-            with torch.no_grad():
+            with torch.no_grad(), run.autocast:
                 ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=start)
             old_logp = None
             for _ in range(gcfg.updates):  # as grpo.py: π_old from the first forward
-                logp, _ = response_logprobs(policy, tokens, attn_mask=attn, start=start,
-                                            entropy=True)
-                old_logp = logp.detach() if old_logp is None else old_logp
-                train_step(grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, gcfg)[0])
-        emit("grpo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s",
+                with run.autocast:
+                    logp, _ = response_logprobs(policy, tokens, attn_mask=attn, start=start,
+                                                entropy=True)
+                    old_logp = logp.detach() if old_logp is None else old_logp
+                    loss = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, gcfg)[0]
+                train_step(loss)
+        emit("grpo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s", dev,
              group=G, updates=gcfg.updates)
     distributed.teardown(run)
 

@@ -23,26 +23,31 @@ def test_every_figure_at_a_tiny_size(capsys):
     stages = load_stages()
     stages.main(parse_config(stages.Config, ["--steps=2", "--warmup=0", "--batch=4",
                                              "--prompt_len=3", "--response_len=4",
-                                             "--gen_batches=2,4"]))
+                                             "--gen_batches=2,4", "--sft_len=8"]))
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_name = {r["bench"]: r for r in rows}
-    assert list(by_name) == ["setup", "generate_b2", "generate_b4", "dpo_live", "dpo_cached",
-                             "reward_step", "ppo_iteration", "grpo_iteration"]
-    rates = {"generate_b2": "tokens_per_s", "dpo_live": "pairs_per_s",
+    assert list(by_name) == ["setup", "sft_step", "generate_b2", "generate_b4", "dpo_live",
+                             "dpo_cached", "reward_step", "ppo_iteration", "grpo_iteration"]
+    rates = {"sft_step": "tokens_per_s", "generate_b2": "tokens_per_s", "dpo_live": "pairs_per_s",
              "reward_step": "pairs_per_s", "ppo_iteration": "episodes_per_s",
              "grpo_iteration": "episodes_per_s"}
     for name, unit in rates.items():
         r = by_name[name]
         assert r["runs"] == 2 and 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r[unit] == pytest.approx(
-            {"tokens_per_s": 2 * 4, "pairs_per_s": 4, "episodes_per_s": 4}[unit] / r["median_s"],
-            rel=1e-2)
+            {"sft_step": 4 * 8, "generate_b2": 2 * 4}.get(name, 4) / r["median_s"], rel=1e-2)
+        assert r["peak_rss_mib"] > 0
     # the live reference costs a forward more than the cached one: 8 against 6 × N per token
     assert by_name["dpo_live"]["gflop_per_step"] == pytest.approx(
         by_name["dpo_cached"]["gflop_per_step"] * 8 / 6, rel=1e-3)
 
 
-def test_unknown_figure_is_refused():
+@pytest.mark.parametrize("flags, message", [
+    (["--only=gen,nope"], "--only: unknown figure"),
+    (["--preset=gpt3"], "--preset=gpt3: expected one of compare, gpt2"),
+    (["--sft_len=300"], "must fit the 256 positions of --preset=compare"),
+])
+def test_settings_that_cannot_run_are_refused(flags, message):
     stages = load_stages()
-    with pytest.raises(UserError, match="--only: unknown figure"):
-        stages.main(parse_config(stages.Config, ["--only=gen,nope"]))
+    with pytest.raises(UserError, match=message):
+        stages.main(parse_config(stages.Config, flags))
