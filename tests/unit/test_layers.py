@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS = [
     {"model", "cli", "data.tokenizer", "data.world", "data"},             # L0: no project import
-    {"distributed"},                                                     # L1
+    {"distributed", "hf"},                                               # L1
     {"checkpoint", "logger", "optim"},                                   # L2
     {"batch", "records"},                                                # L3
     {"reward_model"},                                                    # L4
