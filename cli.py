@@ -99,17 +99,21 @@ def print_help(cls):
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
     print(" ".join(doc.split()) or cls.__name__)
     print(f"\nusage: python {os.path.relpath(sys.argv[0])} [--name=value ...]\n")
-    defaults = cls()
-    flags = {f.name: f"--{f.name}={getattr(defaults, f.name)!s}" for f in dataclasses.fields(cls)}
+    defaults, shown = cls(), {v: k for k, v in getattr(cls, "FLAGS", {}).items()}
+    flags = {f.name: f"--{shown.get(f.name, f.name)}={getattr(defaults, f.name)!s}"
+             for f in dataclasses.fields(cls)}
     width = max(map(len, flags.values()))
     for name, flag in flags.items():
         print(f"  {flag:<{width}}  {helps.get(name, '')}")
 
 
 def parse_config(cls, argv=None):
-    """Fill a config dataclass from --name=value flags; --help lists the fields."""
+    """Fill a config dataclass from --name=value flags; --help lists the fields. A config's
+    FLAGS {flag: field} names a field whose flag is a Python keyword (--from: src)."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "FLAGS", {})
+    fields.update({flag: fields.pop(field) for flag, field in renamed.items()})
     if "-h" in argv or "--help" in argv:
         print_help(cls)
         sys.exit(0)
@@ -124,8 +128,9 @@ def parse_config(cls, argv=None):
             close = [f for f in fields if f.startswith(name[:3])]
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"--{name}: unknown flag{hint}; see --help")
-        values[name] = _convert(name, fields[name].type, text)
-        _check_range(name, values[name], text, bounds.get(name))
+        field = renamed.get(name, name)
+        values[field] = _convert(name, fields[name].type, text)
+        _check_range(name, values[field], text, bounds.get(field))
     return cls(**values)
 
 

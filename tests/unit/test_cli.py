@@ -146,3 +146,19 @@ def test_each_configs_ranges_name_its_fields(name, config):
         if f.type is float:
             with pytest.raises(UserError, match="must be a finite number"):
                 cli.parse_config(config, [f"--{field}=nan"])
+
+
+def test_a_flag_named_for_a_python_keyword(capsys):
+    @dataclass
+    class Paths:
+        src: str = "out/sft"  # where from
+        to: str = "x"         # where to
+
+        FLAGS: ClassVar = {"from": "src"}
+
+    assert cli.parse_config(Paths, ["--from=a", "--to=b"]) == Paths("a", "b")
+    with pytest.raises(UserError, match="--src: unknown flag"):
+        cli.parse_config(Paths, ["--src=a"])
+    with pytest.raises(SystemExit):
+        cli.parse_config(Paths, ["--help"])
+    assert "--from=out/sft" in capsys.readouterr().out
