@@ -13,7 +13,7 @@ LAYERS = [
     {"checkpoint", "logger", "optim"},                                   # L2
     {"batch", "records"},                                                # L3
     {"reward_model"},                                                    # L4
-    {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval",          # L5: the stages
+    {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
      "pipeline", "data.label", "data.prepare", "export"},
     {"overopt"},                                                         # L6
 ]
