@@ -11,7 +11,7 @@ LAYERS = [
     {"model", "cli", "data.tokenizer", "data.world", "data"},             # L0: no project import
     {"distributed", "hf"},                                               # L1
     {"checkpoint", "logger", "optim"},                                   # L2
-    {"batch", "records"},                                                # L3
+    {"batch", "records", "formats"},                                     # L3
     {"reward_model"},                                                    # L4
     {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
      "pipeline", "data.label", "data.prepare", "export"},

@@ -1,0 +1,208 @@
+"""Preference, SFT and prompt files in the formats the wider world uses, read into one
+shape: a conversation is a list of messages {"role": "user" | "assistant" | "system",
+"content": str}; a preference is (the conversation so far, the chosen answer, the rejected
+answer); an SFT example is (the conversation so far, the answer).
+
+  HH-RLHF        .jsonl or .jsonl.gz, {"chosen": str, "rejected": str}: two whole
+                 dialogues whose turns start "\\n\\nHuman: " and "\\n\\nAssistant: " and which
+                 differ only in the last assistant turn. The prompt is everything up to the
+                 last "\\n\\nAssistant:"; pairs whose answers are identical are skipped, and
+                 so are pairs whose dialogues differ before the last turn (both counted).
+  preference     {"prompt", "chosen", "rejected"} as strings, or as lists of messages
+                 (TRL's conversational format: the prompt's messages, then each answer as
+                 a list holding one assistant message)
+  SFT            {"prompt", "response"} as strings, or {"messages": [...]} ending with the
+                 assistant's answer
+  RL prompts     {"prompt": str or messages}
+
+Every malformed record is refused in one line naming the file and the line; a truncated
+.gz file says so. Each loader returns (records, counts of what was read and skipped).
+"""
+
+import gzip
+import json
+import zlib
+
+from cli import UserError
+
+ROLES = ("system", "user", "assistant")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def json_lines(path):
+    """(line number, object) of each non-blank line of a .jsonl or .jsonl.gz file."""
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of "
+                                    f"the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got "
+                                    f"{type(rec).__name__}")
+                yield lineno, rec
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except EOFError:
+        raise UserError(f"{path}: truncated gzip file (it ends after line {lineno})") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"{path}: damaged gzip file after line {lineno} ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+
+
+def field(rec, name, types, where):
+    if name not in rec:
+        raise UserError(f"{where}: missing field {name!r}")
+    if not isinstance(rec[name], types):
+        kinds = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise UserError(f"{where}: field {name!r} should be {kinds}, got "
+                        f"{type(rec[name]).__name__}")
+    return rec[name]
+
+
+def messages(value, where, name):
+    """A list of {"role", "content"} messages, checked."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: field {name!r} should be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {name}[{i}] should be {{\"role\": str, \"content\": str}}")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: {name}[{i}] has role {m['role']!r}; expected one of "
+                            f"{', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def conversation(value, where, name):
+    """A prompt given as a string (one user message) or as messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where}: field {name!r} is empty")
+        return [{"role": "user", "content": value}]
+    return messages(value, where, name)
+
+
+def answer(value, where, name):
+    """An answer given as a string, or as a list holding one assistant message."""
+    if isinstance(value, list):
+        ms = messages(value, where, name)
+        if len(ms) != 1 or ms[0]["role"] != "assistant":
+            raise UserError(f"{where}: field {name!r} should hold one assistant message")
+        value = ms[0]["content"]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {name!r} should be a string or a list of messages")
+    if not value.strip():
+        raise UserError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def hh_turns(dialogue, where, name):
+    """An HH dialogue as messages; it must start with a human turn and alternate."""
+    if not dialogue.startswith(HUMAN):
+        raise UserError(f"{where}: field {name!r} does not start with {HUMAN!r}")
+    out, rest = [], dialogue
+    while rest:
+        role, tag = ("user", HUMAN) if rest.startswith(HUMAN) else ("assistant", ASSISTANT)
+        if not rest.startswith(tag):
+            raise UserError(f"{where}: field {name!r}: a turn does not start with {HUMAN!r} "
+                            f"or {ASSISTANT!r}")
+        body = rest[len(tag):]
+        cut = min([i for i in (body.find(HUMAN), body.find(ASSISTANT)) if i >= 0],
+                  default=len(body))
+        if out and out[-1]["role"] == role:
+            raise UserError(f"{where}: field {name!r}: two {role} turns in a row")
+        out.append({"role": role, "content": body[:cut].strip()})
+        rest = body[cut:]
+    if out[-1]["role"] != "assistant":
+        raise UserError(f"{where}: field {name!r} does not end with an {ASSISTANT!r} turn")
+    return out
+
+
+def load_hh(path):
+    """HH-RLHF pairs: [(prompt messages, chosen, rejected)], counts."""
+    out, counts = [], {"read": 0, "identical": 0, "prompts_differ": 0}
+    for lineno, rec in json_lines(path):
+        where = f"{path}:{lineno}"
+        chosen = hh_turns(field(rec, "chosen", str, where), where, "chosen")
+        rejected = hh_turns(field(rec, "rejected", str, where), where, "rejected")
+        counts["read"] += 1
+        if chosen[:-1] != rejected[:-1]:
+            counts["prompts_differ"] += 1
+        elif chosen[-1]["content"] == rejected[-1]["content"]:
+            counts["identical"] += 1
+        else:
+            out.append((chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]))
+    return checked(out, counts, path)
+
+
+def load_preferences(path):
+    """{"prompt", "chosen", "rejected"} records, strings or messages: pairs and counts."""
+    out, counts = [], {"read": 0, "identical": 0}
+    for lineno, rec in json_lines(path):
+        where = f"{path}:{lineno}"
+        prompt = conversation(field(rec, "prompt", (str, list), where), where, "prompt")
+        chosen = answer(field(rec, "chosen", (str, list), where), where, "chosen")
+        rejected = answer(field(rec, "rejected", (str, list), where), where, "rejected")
+        counts["read"] += 1
+        if chosen == rejected:
+            counts["identical"] += 1
+        else:
+            out.append((prompt, chosen, rejected))
+    return checked(out, counts, path)
+
+
+def load_sft(path):
+    """SFT examples, {"prompt", "response"} or {"messages"}: (prompt messages, answer)."""
+    out, counts = [], {"read": 0}
+    for lineno, rec in json_lines(path):
+        where = f"{path}:{lineno}"
+        if "messages" in rec:
+            ms = messages(rec["messages"], where, "messages")
+            if ms[-1]["role"] != "assistant" or len(ms) < 2:
+                raise UserError(f"{where}: field 'messages' should end with the assistant's "
+                                f"answer, after at least one other message")
+            example = (ms[:-1], answer(ms[-1]["content"], where, "messages[-1]"))
+        else:
+            example = (conversation(field(rec, "prompt", (str, list), where), where, "prompt"),
+                       answer(field(rec, "response", (str, list), where), where, "response"))
+        counts["read"] += 1
+        out.append(example)
+    return checked(out, counts, path)
+
+
+def load_rl_prompts(path):
+    """RL prompts, {"prompt": str or messages}: prompt messages and counts."""
+    out, counts = [], {"read": 0}
+    for lineno, rec in json_lines(path):
+        where = f"{path}:{lineno}"
+        out.append(conversation(field(rec, "prompt", (str, list), where), where, "prompt"))
+        counts["read"] += 1
+    return checked(out, counts, path)
+
+
+def checked(out, counts, path):
+    if not out:
+        raise UserError(f"{path}: no usable records ({describe(counts)})")
+    return out, counts
+
+
+def describe(counts):
+    """'read 24, skipped 2 identical' and the like."""
+    read = counts.get("read", 0)
+    skipped = [f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if k != "read" and n]
+    return f"read {read}" + (f", skipped {', '.join(skipped)}" if skipped else "")
