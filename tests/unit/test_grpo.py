@@ -191,7 +191,7 @@ def test_tiny_run_logs_and_writes_a_loadable_checkpoint(pipeline, tmp_path):
     # the other choices, one short run: the verifiable reward of the tiny model is 0
     main_of(grpo, [*common, f"--out_dir={tmp_path}/b", "--advantage=rloo", "--loss_agg=constant",
                    "--kl_in=reward", "--clip_high=0.28", "--ptx_coef=0.5", "--ptx_len=32",
-                   "--iterations=2"])
+                   "--iterations=2", "--dynamic_sampling=false"])
     log = read_log(tmp_path / "b" / "log.jsonl")
     assert len(log) == 2 and log[0]["groups/zero_signal"] == 1.0 and "loss/ptx" in log[0]
     assert log[0]["objective/score"] == 0.0 and log[0]["gold/correct"] == 0.0
