@@ -18,6 +18,7 @@ pytorch_model.bin, and the tokenizer as vocab.json + merges.txt. What each forma
   merges.txt    "#version" line, then one merge "a b" a line, earliest first
 
     model, enc = hf.from_pretrained("path/to/gpt2")      # GPT and a tiktoken Encoding
+    model, enc = hf.from_pretrained("gpt2")      # downloaded once (hub.py), then cached
 """
 
 import json
@@ -27,6 +28,7 @@ import struct
 import tiktoken
 import torch
 
+import hub
 from cli import UserError
 from model import GPT, GPTConfig
 
@@ -266,7 +268,10 @@ def load_gpt2_tokenizer(directory, name="gpt2"):
 
 
 def from_pretrained(directory):
-    """(GPT in eval mode, tiktoken Encoding) from a Hugging Face GPT-2 directory."""
+    """(GPT in eval mode, tiktoken Encoding) from a Hugging Face GPT-2 directory, or from
+    a model name of hub.MODELS ("gpt2", ...), downloaded once into the cache."""
+    if not os.path.isdir(directory) and directory in hub.MODELS:
+        directory = hub.fetch(directory)
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no such directory (a Hugging Face GPT-2 checkpoint "
                         f"directory: config.json, model.safetensors or pytorch_model.bin, "

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS = [
     {"model", "cli", "data.tokenizer", "data.world", "data"},             # L0: no project import
-    {"distributed", "hf"},                                               # L1
-    {"checkpoint", "logger", "optim"},                                   # L2
+    {"distributed", "hub"},                                              # L1
+    {"checkpoint", "logger", "optim", "hf"},                             # L2
     {"batch", "records", "formats"},                                     # L3
     {"reward_model"},                                                    # L4
     {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
