@@ -14,7 +14,7 @@ LAYERS = [
     {"batch", "records", "formats"},                                     # L3
     {"reward_model"},                                                    # L4
     {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
-     "pipeline", "data.label", "data.prepare", "export"},
+     "pipeline", "data.label", "data.labeler", "data.prepare", "export"},
     {"overopt"},                                                         # L6
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
