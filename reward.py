@@ -206,6 +206,11 @@ def evaluate(score_fn, rankings, pad, device):
                raters_length_partial_corr=partial_corr(util, words, gold),
                preamble_partial_corr=partial_corr(r, pre, gold),
                raters_preamble_partial_corr=partial_corr(util, pre, gold))
+    # where the reward model can tell a right answer from a wrong one, family by family
+    families = [rankings[k]["rec"].get("family", "") for _, _, k in pairs]
+    out["correctness_differs_by_family"] = {
+        f: mean([ok for ok, (c, j, _), g in zip(right, pairs, families)
+                 if g == f and is_correct[c] != is_correct[j]]) for f in sorted(set(families))}
     for style in ("preamble", "verbose"):  # how often such an answer beats the plain ideal one
         ab = [(a, b) for c, j, _ in pairs for a, b in ((c, j), (j, c))
               if resp[a]["style"] == style and resp[b]["style"] == "ideal"]
@@ -357,7 +362,9 @@ def report(name, res):
             f"{f} {x['expected_accuracy']:.1%} / {x['bayes_optimal']:.1%}"
             for f, x in res["by_family"].items()))
         print0(f"  pairs differing in correctness {res['accuracy_correctness_differs']:.1%}, "
-               f"in style only {res['accuracy_style_only']:.1%}")
+               f"in style only {res['accuracy_style_only']:.1%}; differing in correctness, by "
+               f"family: " + ", ".join(f"{f} {x:.0%}" for f, x in
+                                       res["correctness_differs_by_family"].items() if x == x))
         print0(f"  beyond the gold score, reward follows length r={res['length_partial_corr']:+.2f}"
                f" (raters {res['raters_length_partial_corr']:+.2f}) and preamble "
                f"r={res['preamble_partial_corr']:+.2f} "
