@@ -17,6 +17,8 @@ answer); an SFT example is (the conversation so far, the answer).
 
 Every malformed record is refused in one line naming the file and the line; a truncated
 .gz file says so. Each loader returns (records, counts of what was read and skipped).
+hh_prompt and hh_answer write a conversation back in HH's text format, the chat format of
+a GPT-2 model trained on it.
 """
 
 import gzip
@@ -193,6 +195,24 @@ def load_rl_prompts(path):
         out.append(conversation(field(rec, "prompt", (str, list), where), where, "prompt"))
         counts["read"] += 1
     return checked(out, counts, path)
+
+
+def hh_prompt(messages):
+    """A conversation in HH-RLHF's text format, ending where the assistant answers next:
+    "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:". A system message, which
+    HH has no turn for, comes first as plain text."""
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(m["content"])
+        else:
+            out.append(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}")
+    return "".join(out) + ASSISTANT
+
+
+def hh_answer(text):
+    """The answer as it follows hh_prompt in HH's files: one space, then the text."""
+    return " " + text
 
 
 def checked(out, counts, path):

@@ -39,6 +39,16 @@ def test_hh_pairs_and_counts(tmp_path, gz):
     assert (chosen, rejected) == ("Mix flour, water, yeast.", "I can’t help with that.")
 
 
+def test_hh_text_round_trip(tmp_path):
+    # read, then written back: the chosen dialogue exactly as the file had it
+    pairs, _ = formats.load_hh(write(tmp_path / "hh.jsonl", HH))
+    prompt, chosen, rejected = pairs[0]
+    assert formats.hh_prompt(prompt) + formats.hh_answer(chosen) == HH[0]["chosen"]
+    assert formats.hh_prompt(prompt) + formats.hh_answer(rejected) == HH[0]["rejected"]
+    system = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    assert formats.hh_prompt(system) == "Be kind.\n\nHuman: Hi\n\nAssistant:"
+
+
 def test_preferences_as_strings_and_as_messages(tmp_path):
     path = write(tmp_path / "p.jsonl", [
         {"prompt": "2 + 2?", "chosen": "4", "rejected": "5"},
