@@ -130,6 +130,11 @@ def load_model(path, made_by, enc, cls=GPT, device="cpu"):
     """Rebuild a stage's language model from its checkpoint, after checking it was
     trained with this tokenizer. Returns (model, ckpt); the model is in eval mode."""
     ckpt = load(path, made_by)
+    return model_from(ckpt, path, made_by, enc, cls, device), ckpt
+
+
+def model_from(ckpt, path, made_by, enc, cls=GPT, device="cpu"):
+    """load_model's second half, for a checkpoint already loaded: the model, in eval mode."""
     if isinstance(ckpt, dict) and "members" in ckpt:
         raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), "
                         f"not a language model: expected the output of `{made_by}`")
@@ -142,7 +147,7 @@ def load_model(path, made_by, enc, cls=GPT, device="cpu"):
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {type(model).__name__} "
                         f"({str(e).splitlines()[0][:120]})") from None
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval()
 
 
 class RunLock:

@@ -31,7 +31,6 @@ from typing import ClassVar
 import checkpoint
 import hf
 from cli import UserError, parse_config, ranges, user_errors
-from data.tokenizer import SPECIAL_TOKENS
 from records import world_tokenizer
 
 
@@ -132,12 +131,17 @@ def with_biases(sd, model):
 
 def main(cfg):
     path = os.path.join(cfg.src, "ckpt.pt")
-    enc = world_tokenizer(cfg.data_dir)
-    model, ckpt = checkpoint.load_model(path, f"the stage that writes {cfg.src}", enc)
+    ckpt = checkpoint.load(path, f"the stage that writes {cfg.src}")
+    enc = hf.checkpoint_tokenizer(ckpt, path)  # a stage trained from GPT-2 carries its own
+    gpt2 = enc is not None
+    enc = enc or world_tokenizer(cfg.data_dir)
+    model = checkpoint.model_from(ckpt, path, f"the stage that writes {cfg.src}", enc)
     if os.path.exists(cfg.to) and (not os.path.isdir(cfg.to) or os.listdir(cfg.to)):
         raise UserError(f"--to={cfg.to}: exists and is not an empty directory; choose another")
-    eos = "<|end|>" if "<|end|>" in SPECIAL_TOKENS else "<|endoftext|>"
+    eos = "<|endoftext|>" if gpt2 else "<|end|>"
     files = tokenizer_files(enc, eos)
+    if gpt2:  # GPT-2's own files, as they came
+        files.update(ckpt["hf_tokenizer"])
     files["config.json"] = json.dumps(gpt2_config_json(model.config,
                                                        enc.encode_single_token(eos)), indent=1)
     parent = os.path.dirname(os.path.abspath(cfg.to))

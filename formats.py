@@ -215,6 +215,21 @@ def hh_answer(text):
     return " " + text
 
 
+def load_demonstrations(path):
+    """(prompt messages, answer) pairs to fine-tune on, from whichever of the formats the
+    file holds (told by its first record): SFT records, or the chosen answers of HH-RLHF or
+    preference records. Returns (examples, counts, the format's name)."""
+    first = next((rec for _, rec in json_lines(path)), None)
+    if first is None:
+        raise UserError(f"{path}: no records")
+    if "chosen" in first:
+        hh = isinstance(first["chosen"], str) and first["chosen"].startswith(HUMAN)
+        pairs, counts = load_hh(path) if hh else load_preferences(path)
+        return [(p, c) for p, c, _ in pairs], counts, "HH-RLHF" if hh else "preference"
+    examples, counts = load_sft(path)
+    return examples, counts, "SFT"
+
+
 def checked(out, counts, path):
     if not out:
         raise UserError(f"{path}: no usable records ({describe(counts)})")

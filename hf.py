@@ -21,6 +21,7 @@ pytorch_model.bin, and the tokenizer as vocab.json + merges.txt. What each forma
     model, enc = hf.from_pretrained("gpt2")      # downloaded once (hub.py), then cached
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -216,22 +217,40 @@ def byte_alphabet():
     return table
 
 
-def load_gpt2_tokenizer(directory, name="gpt2"):
-    """A tiktoken Encoding from vocab.json + merges.txt with GPT-2's ids. tiktoken merges
-    the adjacent pair whose result has the lowest rank, so the ids serve as ranks when
-    every merge's result has a larger id than the merges before it (true of GPT-2's
-    files); otherwise the files are refused. Tokens of vocab.json that are neither a byte
-    nor made by a merge ("<|endoftext|>" and the like) are special tokens."""
-    vocab_path, merges_path = (os.path.join(directory, f) for f in ("vocab.json", "merges.txt"))
+def tokenizer_texts(directory):
+    """{"vocab.json": text, "merges.txt": text} of a GPT-2 directory: what a stage's
+    checkpoint carries, so the model's tokenizer travels with it."""
+    texts = {}
+    for name in ("vocab.json", "merges.txt"):
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts[name] = f.read()
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    return texts
+
+
+def load_gpt2_tokenizer(directory):
+    """GPT-2's tokenizer from the vocab.json and merges.txt of a directory."""
+    return gpt2_tokenizer(tokenizer_texts(directory), directory)
+
+
+def gpt2_tokenizer(texts, where):
+    """A tiktoken Encoding from vocab.json + merges.txt (their texts) with GPT-2's ids.
+    tiktoken merges the adjacent pair whose result has the lowest rank, so the ids serve as
+    ranks when every merge's result has a larger id than the merges before it (true of
+    GPT-2's files); otherwise the files are refused. Tokens of vocab.json that are neither
+    a byte nor made by a merge ("<|endoftext|>" and the like) are special tokens. The
+    Encoding's name carries a hash of both texts, which checkpoints store."""
+    vocab_path, merges_path = (os.path.join(where, f) for f in ("vocab.json", "merges.txt"))
     try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except OSError as e:
-        raise UserError(f"{e.filename}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        vocab = json.loads(texts["vocab.json"])
+    except json.JSONDecodeError as e:
         raise UserError(f"{vocab_path}: not valid JSON ({e})") from None
+    lines = texts["merges.txt"].split("\n")
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise UserError(f"{vocab_path}: expected an object of token -> integer id")
     if len(set(vocab.values())) != len(vocab):
@@ -263,19 +282,41 @@ def load_gpt2_tokenizer(directory, name="gpt2"):
     # what neither a byte nor a merge makes ("<|endoftext|>") is a special token
     made = {"".join(alphabet[b] for b in token) for token in ranks}
     special = {t: i for t, i in vocab.items() if t not in made}
-    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=special)
+    digest = hashlib.sha256((texts["vocab.json"] + "\0" + texts["merges.txt"]).encode())
+    return tiktoken.Encoding(name=f"gpt2-{digest.hexdigest()[:12]}", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=special)
 
 
-def from_pretrained(directory):
-    """(GPT in eval mode, tiktoken Encoding) from a Hugging Face GPT-2 directory, or from
-    a model name of hub.MODELS ("gpt2", ...), downloaded once into the cache."""
-    if not os.path.isdir(directory) and directory in hub.MODELS:
-        directory = hub.fetch(directory)
-    if not os.path.isdir(directory):
-        raise UserError(f"{directory}: no such directory (a Hugging Face GPT-2 checkpoint "
+def checkpoint_tokenizer(ckpt, path):
+    """The GPT-2 tokenizer a stage's checkpoint carries (one trained from a GPT-2
+    checkpoint), or None for a checkpoint of the world."""
+    texts = ckpt.get("hf_tokenizer") if isinstance(ckpt, dict) else None
+    return gpt2_tokenizer(texts, os.path.dirname(str(path))) if texts else None
+
+
+def resolve(name_or_dir):
+    """The directory of a GPT-2 checkpoint: a directory as given, or a model name of
+    hub.MODELS, downloaded once into the cache."""
+    if not os.path.isdir(name_or_dir) and name_or_dir in hub.MODELS:
+        return hub.fetch(name_or_dir)
+    if not os.path.isdir(name_or_dir):
+        raise UserError(f"{name_or_dir}: no such directory (a Hugging Face GPT-2 checkpoint "
                         f"directory: config.json, model.safetensors or pytorch_model.bin, "
                         f"vocab.json, merges.txt)")
+    return name_or_dir
+
+
+def is_gpt2(name_or_dir):
+    """Whether --init_from names a GPT-2 checkpoint (a directory with config.json, or a
+    model name to download) rather than a stage's folder."""
+    return (os.path.isfile(os.path.join(name_or_dir, "config.json")) or
+            (name_or_dir in hub.MODELS and not os.path.isdir(name_or_dir)))
+
+
+def from_pretrained(name_or_dir):
+    """(GPT in eval mode, tiktoken Encoding) from a Hugging Face GPT-2 directory, or from
+    a model name of hub.MODELS ("gpt2", ...), downloaded once into the cache."""
+    directory = resolve(name_or_dir)
     config = gpt2_config(os.path.join(directory, "config.json"))
     sd, path = load_weights(directory)
     model = GPT(config)

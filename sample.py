@@ -46,13 +46,23 @@ class Config:
 
 def load(cfg, device):
     """(model, encode(prompt) -> ids, decode(ids) -> (text, ended), stop token, pad)."""
-    if os.path.isfile(os.path.join(cfg.src, "config.json")):  # a GPT-2 directory
+    gpt2, ckpt = None, None
+    if hf.is_gpt2(cfg.src):  # a GPT-2 directory, or a name to download
         model, enc = hf.from_pretrained(cfg.src)
+        gpt2 = f"{cfg.src} is a GPT-2 checkpoint"
+    else:
+        path = os.path.join(cfg.src, "ckpt.pt")
+        ckpt = checkpoint.load(path, f"the stage that writes {cfg.src}")
+        enc = hf.checkpoint_tokenizer(ckpt, path)
+        if enc is not None:  # a stage trained from GPT-2: its tokenizer travels with it
+            model = checkpoint.model_from(ckpt, path, "a stage", enc, device=device)
+            gpt2 = f"{cfg.src} was trained from GPT-2"
+    if gpt2:
         eot = enc.encode_single_token("<|endoftext|>") if "<|endoftext|>" in \
             enc._special_tokens else None
         fmt = "hh" if cfg.format == "auto" else cfg.format
         if fmt == "chat":
-            raise UserError(f"--format=chat: {cfg.src} is a GPT-2 directory; use hh or plain")
+            raise UserError(f"--format=chat: {gpt2}; use hh or plain")
 
         def encode(text):
             return enc.encode_ordinary(f"\n\nHuman: {text}\n\nAssistant:" if fmt == "hh"
@@ -68,8 +78,8 @@ def load(cfg, device):
     enc = world_tokenizer(cfg.data_dir)
     if cfg.format not in ("auto", "chat"):
         raise UserError(f"--format={cfg.format}: a stage's checkpoint answers in the chat format")
-    model, _ = checkpoint.load_model(os.path.join(cfg.src, "ckpt.pt"),
-                                     f"the stage that writes {cfg.src}", enc, device=device)
+    model = checkpoint.model_from(ckpt, os.path.join(cfg.src, "ckpt.pt"),
+                                  f"the stage that writes {cfg.src}", enc, device=device)
     end, pad = (enc.encode_single_token(t) for t in ("<|end|>", "<|endoftext|>"))
     return (model, lambda text: encode_prompt(enc, text),
             lambda ids: decode_response(enc, ids), end, pad)

@@ -12,6 +12,15 @@ forgets what pretraining taught about the others (docs/world.md).
     python sft.py --device=cuda --compile=true       # one GPU
     torchrun --standalone --nproc_per_node=2 sft.py  # DDP
     python sft.py --resume=true                      # continue out/sft
+
+Your own model and data: --init_from also takes a GPT-2 checkpoint directory in the
+Hugging Face format (or a name to download once: gpt2, gpt2-medium, ...), which answers in
+HH-RLHF's chat format ("\n\nHuman: ...\n\nAssistant: ..." and GPT-2's end-of-text), and
+--data a file of demonstrations (formats.py: SFT records, or the chosen answers of an
+HH-RLHF or preference file); --val_fraction of it is held out. Examples longer than the
+context are skipped and counted. The checkpoint carries the tokenizer it was trained with.
+
+    python sft.py --init_from=gpt2 --data=hh-rlhf/train.jsonl.gz --out_dir=out/sft-gpt2
 """
 
 import math
@@ -23,6 +32,8 @@ import torch
 
 import checkpoint
 import distributed
+import formats
+import hf
 import optim
 from batch import collate as collate_rows
 from cli import UserError, parse_config, ranges, user_errors
@@ -54,11 +65,14 @@ class Config:
     device: str = "auto"                 # auto, cpu, cuda, cuda:N or mps
     compile: bool = False                # torch.compile the model
     resume: bool = False                 # continue from out_dir/ckpt.pt
+    data: str = ""                       # your own demonstrations (default: the world's)
+    val_fraction: float = 0.05           # with --data: the share held out for validation
 
     RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval "
                                          "log_interval ckpt_interval",
                               non_negative="warmup_steps weight_decay grad_clip",
-                              positive="learning_rate", below_1="beta1 beta2")
+                              positive="learning_rate", below_1="beta1 beta2",
+                              fraction="val_fraction")
 
 
 def load_examples(path, enc, block_size):
@@ -72,6 +86,49 @@ def load_examples(path, enc, block_size):
                             f"context of {block_size} tokens (block_size)")
         examples.append((p + r, len(p)))
     return examples
+
+
+def own_examples(path, enc, chat, block_size, val_fraction):
+    """Your demonstrations (formats.load_demonstrations) in the model's chat format, split
+    into training and validation; those longer than the context are skipped, counted."""
+    records, counts, kind = formats.load_demonstrations(path)
+    end = enc.encode_single_token("<|endoftext|>" if chat == "hh" else "<|end|>")
+    examples, too_long = [], 0
+    for messages, answer in records:
+        if chat == "hh":
+            p = enc.encode_ordinary(formats.hh_prompt(messages))
+            r = enc.encode_ordinary(formats.hh_answer(answer)) + [end]
+        else:  # the world's chat format holds one question
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise UserError(f"{path}: a conversation of {len(messages)} messages; the world's "
+                                f"chat format holds one user question (use a GPT-2 model)")
+            p, r = encode_prompt(enc, messages[0]["content"]), encode_response(enc, answer)
+        if len(p) + len(r) > block_size + 1:
+            too_long += 1
+            continue
+        examples.append((p + r, len(p)))
+    if len(examples) < 2:
+        raise UserError(f"{path}: {len(examples)} usable demonstration(s) ({too_long} longer "
+                        f"than the context of {block_size} tokens); at least 2 are needed")
+    n_val = max(1, round(len(examples) * val_fraction))
+    print0(f"{path}: {kind} file, {formats.describe(counts)}; {too_long} longer than the "
+           f"context skipped; {len(examples) - n_val} to train on, {n_val} held out")
+    return examples[:-n_val], examples[-n_val:]
+
+
+def load_base(cfg, run):
+    """(model, tokenizer, chat format, what the checkpoint carries besides): a stage's
+    checkpoint of the world, or a GPT-2 checkpoint (hf.py)."""
+    if hf.is_gpt2(cfg.init_from):
+        directory = hf.resolve(cfg.init_from)
+        model, enc = hf.from_pretrained(directory)
+        return (model.to(run.device), enc, "hh",
+                dict(hf_tokenizer=hf.tokenizer_texts(directory), chat="hh",
+                     init_from=cfg.init_from))
+    enc = world_tokenizer(cfg.data_dir)
+    model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py",
+                                     enc, device=run.device)
+    return model, enc, "world", {}
 
 
 def collate(examples, pad, device):
@@ -110,15 +167,17 @@ def val_loss(model, examples, pad, run):
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    enc = world_tokenizer(cfg.data_dir)
-    raw_model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"),
-                                         "python pretrain.py", enc, device=run.device)
+    raw_model, enc, chat, carried = load_base(cfg, run)
     raw_model.train()
     pad = enc.encode_single_token("<|endoftext|>")
-    train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc,
-                          raw_model.config.block_size)
-    val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc,
-                        raw_model.config.block_size)
+    if cfg.data:
+        train, val = own_examples(cfg.data, enc, chat, raw_model.config.block_size,
+                                  cfg.val_fraction)
+    else:
+        train = load_examples(os.path.join(cfg.data_dir, "sft_train.jsonl"), enc,
+                              raw_model.config.block_size)
+        val = load_examples(os.path.join(cfg.data_dir, "sft_val.jsonl"), enc,
+                            raw_model.config.block_size)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -162,7 +221,7 @@ def main(cfg):
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "sft", raw_model, cfg, step, optimizer, enc,
-                            val_loss=val_l)))  # also on SIGTERM
+                            val_loss=val_l, **carried)))  # also on SIGTERM
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -39,7 +39,7 @@ def test_gpt2_greedy_is_transformers_greedy(capsys):
 @pytest.mark.parametrize("flags, prompts, needle", [
     ([], [], "no prompt"),
     (["--format=json"], ["x"], "--format=json: expected auto, chat, hh or plain"),
-    ([f"--from={FIXTURE}", "--format=chat"], ["x"], "is a GPT-2 directory; use hh or plain"),
+    ([f"--from={FIXTURE}", "--format=chat"], ["x"], "is a GPT-2 checkpoint; use hh or plain"),
 ])
 def test_refusals(capsys, flags, prompts, needle):
     capsys.readouterr()

@@ -1,0 +1,80 @@
+"""sft.py from a GPT-2 checkpoint on HH-RLHF-format data, and from the world's model on a
+file of your own; then sample.py and export.py on the result: the tokenizer travels in the
+checkpoint, and the export reads back as the same model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_user_error_in_process, main_of, read_log
+
+import checkpoint
+import export
+import hf
+import sample
+import sft
+from cli import parse_config
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gpt2-tiny"
+H, A = "\n\nHuman: ", "\n\nAssistant: "
+STEPS = ["--batch_size=4", "--max_steps=3", "--eval_interval=3", "--log_interval=1",
+         "--warmup_steps=1"]
+
+
+def hh_file(path, n=12):
+    rows = [{"chosen": f"{H}What is {i} + {i}?{A}It is {2 * i}.",
+             "rejected": f"{H}What is {i} + {i}?{A}No idea."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gpt2_sft_sample_and_export(tmp_path, capsys):
+    out = tmp_path / "sft"
+    main_of(sft, [f"--init_from={FIXTURE}", f"--data={hh_file(tmp_path / 'hh.jsonl')}",
+                  f"--out_dir={out}", "--val_fraction=0.25", *STEPS])
+    assert "HH-RLHF file, read 12; 0 longer than the context skipped; 9 to train on, 3 held " \
+           "out" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [0, 1, 2]
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    assert ckpt["chat"] == "hh" and ckpt["init_from"] == str(FIXTURE)
+    enc = hf.checkpoint_tokenizer(ckpt, out / "ckpt.pt")
+    assert enc.name == hf.load_gpt2_tokenizer(str(FIXTURE)).name
+    model = checkpoint.model_from(ckpt, out / "ckpt.pt", "x", enc)
+
+    # sample.py answers in HH's format with the checkpoint's own tokenizer
+    sample.main(parse_config(sample.Config, [f"--from={out}", "--max_new_tokens=4"]), ["Hi"])
+    assert capsys.readouterr().out.startswith("> Hi\n  '")
+
+    # export: GPT-2's own tokenizer files, and the same model read back
+    main_of(export, [f"--from={out}", f"--to={tmp_path / 'export'}"])
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "export" / name).read_text() == (FIXTURE / name).read_text()
+    back, _ = hf.from_pretrained(str(tmp_path / "export"))
+    x = torch.tensor([enc.encode_ordinary(f"{H}What is 2 + 2?{A}")])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_world_model_on_a_file_of_your_own(pipeline, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": f"{i + 1}."})
+                            + "\n" for i in range(8)))
+    main_of(sft, [f"--data_dir={pipeline.data}", f"--init_from={pipeline.out / 'pretrain'}",
+                  f"--data={data}", f"--out_dir={tmp_path / 'sft'}", *STEPS])
+    assert "SFT file, read 8;" in capsys.readouterr().out
+    assert "hf_tokenizer" not in checkpoint.load(tmp_path / "sft" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}],
+     "the world's chat format holds one user question"),
+    ([{"prompt": "q", "response": "a"}], "1 usable demonstration(s)"),
+])
+def test_own_data_refusals(pipeline, tmp_path, capsys, rows, needle):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_user_error_in_process(capsys, sft, f"--data_dir={pipeline.data}",
+                                 f"--init_from={pipeline.out / 'pretrain'}", f"--data={data}",
+                                 f"--out_dir={tmp_path / 'sft'}", *STEPS, needles=(needle,))
