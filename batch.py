@@ -95,15 +95,19 @@ def sequence_logprobs(model, batch):
 
 
 @torch.no_grad()
-def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, device, batch_size=64):
-    """Answer each prompt (text) in the chat format with the KV cache, batch by batch,
-    from one generator seeded with `seed`. Returns (prompt tokens, response tokens) per
+def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, device, batch_size=64,
+                     stop=None):
+    """Answer each prompt with the KV cache, batch by batch, from one generator seeded with
+    `seed`: a text, put in the world's chat format, or a token list already in the model's
+    own (then `stop` is its end token). Returns (prompt tokens, response tokens) per
     prompt; a response keeps its end token when it emitted one."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|endoftext|>")
+    end = enc.encode_single_token("<|end|>") if stop is None else stop
+    pad = enc.encode_single_token("<|endoftext|>")
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = [encode_prompt(enc, p) for p in prompts[i:i + batch_size]]
+        batch = [p if isinstance(p, list) else encode_prompt(enc, p)
+                 for p in prompts[i:i + batch_size]]
         longest = max(len(b) for b in batch)
         if longest + max_new_tokens > model.config.block_size:
             raise UserError(f"a prompt of {longest} tokens + --max_new_tokens={max_new_tokens} "

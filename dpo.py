@@ -34,6 +34,13 @@ estimate of KL(π‖π_ref) on held-out prompts.
     python dpo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 dpo.py
     python dpo.py --resume=true
+
+Your own data: --data an HH-RLHF or preference file (formats.py), --val_fraction of it
+held out, pairs longer than the context skipped and counted; with an SFT model trained
+from GPT-2 (sft.py --init_from=gpt2) the pairs are put in HH's chat format, and the
+tokenizer travels on in the checkpoint.
+
+    python dpo.py --init_from=out/sft-gpt2 --data=hh-rlhf/train.jsonl.gz --out_dir=out/dpo-gpt2
 """
 
 import copy
@@ -47,6 +54,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import distributed
+import formats
+import hf
 import optim
 from batch import collate, sample_responses, sequence_kl, sequence_logprobs
 from cli import UserError, parse_config, ranges, user_errors
@@ -89,13 +98,16 @@ class Config:
     device: str = "auto"             # auto, cpu, cuda, cuda:N or mps
     compile: bool = False            # torch.compile the model
     resume: bool = False             # continue from out_dir/ckpt.pt
+    data: str = ""                   # your own preference pairs (default: the world's --prefs)
+    val_fraction: float = 0.05       # with --data: the share held out
 
     RANGES: ClassVar = ranges(
         at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
                    "log_interval ckpt_interval",
         non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight "
                      "kto_undesirable_weight warmup_steps weight_decay grad_clip",
-        positive="learning_rate", fraction="label_smoothing", below_1="beta1 beta2")
+        positive="learning_rate", fraction="label_smoothing val_fraction",
+        below_1="beta1 beta2")
 
 
 # --- the losses: sequence log-probs in, per-example loss out ------------------------------
@@ -158,6 +170,36 @@ def load_sets(data_dir, prefs, split, enc, block_size):
             top = set(r["ranking"][:len(r["ranking"]) // 2])
             desirable += [i in top for i in range(len(r["seqs"]))]
     return seqs, pairs, desirable
+
+
+def own_sets(path, enc, chat, block_size, val_fraction):
+    """Your pairs (formats.load_comparisons) in the model's chat format, as load_sets
+    gives the world's, for training and validation; and the validation prompts' tokens
+    (for the KL estimate). Pairs longer than the context are skipped and counted."""
+    records, counts, kind = formats.load_comparisons(path)
+    encoded, too_long = [], 0
+    for messages, chosen, rejected in records:
+        p, c = formats.chat_tokens(enc, chat, messages, chosen, path)
+        r = formats.chat_tokens(enc, chat, messages, rejected, path)[1]
+        if len(p) + max(len(c), len(r)) > block_size:
+            too_long += 1
+            continue
+        encoded.append((p, c, r))
+    if len(encoded) < 2:
+        raise UserError(f"{path}: {len(encoded)} usable pair(s) ({too_long} longer than the "
+                        f"context of {block_size} tokens); at least 2 are needed")
+    n_val = max(1, round(len(encoded) * val_fraction))
+    print0(f"{path}: {kind} file, {formats.describe(counts)}; {too_long} longer than the "
+           f"context skipped; {len(encoded) - n_val} pairs to train on, {n_val} held out")
+
+    def sets(part):
+        seqs, pairs, desirable = [], [], []
+        for p, c, r in part:
+            pairs.append((len(seqs), len(seqs) + 1))
+            seqs += [(p + c, len(p)), (p + r, len(p))]
+            desirable += [True, False]
+        return seqs, pairs, desirable
+    return sets(encoded[:-n_val]), sets(encoded[-n_val:]), [p for p, _, _ in encoded[-n_val:]]
 
 
 @torch.no_grad()
@@ -239,10 +281,12 @@ def validate(model, data, cfg, pad, device, chunk=256):
 
 
 @torch.no_grad()
-def kl_to_reference(policy, ref, enc, prompts, cfg, device):
-    """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref."""
+def kl_to_reference(policy, ref, enc, prompts, cfg, device, stop=None):
+    """Monte-Carlo KL(π‖π_ref): mean over sampled responses of Σ_t log π − log π_ref.
+    prompts: the world's texts, or token lists in the model's chat format (stop: its end
+    token)."""
     samples = sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
-                               batch_size=len(prompts))
+                               batch_size=len(prompts), stop=stop)
     kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device,
                       batch_size=len(samples))
     return sum(kls) / len(kls)
@@ -271,18 +315,35 @@ def main(cfg):
         raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
     refuse_settings_that_train_nothing(cfg)
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
-    enc = world_tokenizer(cfg.data_dir)
-    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
-                                   device=run.device)
+    path = os.path.join(cfg.init_from, "ckpt.pt")
+    sft_ckpt = checkpoint.load(path, "python sft.py")
+    enc = hf.checkpoint_tokenizer(sft_ckpt, path)  # a model trained from GPT-2 carries its own
+    carried = {k: sft_ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in sft_ckpt}
+    chat = sft_ckpt.get("chat", "world")
+    enc = enc or world_tokenizer(cfg.data_dir)
+    ref = checkpoint.model_from(sft_ckpt, path, "python sft.py", enc, device=run.device)
+    del sft_ckpt
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)
     pad = enc.encode_single_token("<|endoftext|>")
-    seqs, pairs, desirable = load_sets(cfg.data_dir, cfg.prefs, "train", enc, ref.config.block_size)
-    vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc,
-                                          ref.config.block_size)
-    prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
-                                               {"prompt": str})][:cfg.kl_prompts]
+    stop = None
+    if cfg.data:
+        (seqs, pairs, desirable), (vseqs, vpairs, vdesirable), prompts = own_sets(
+            cfg.data, enc, chat, ref.config.block_size, cfg.val_fraction)
+        stop = formats.end_token(enc, chat)
+        room = ref.config.block_size - cfg.max_new_tokens  # the KL samples' prompts must fit
+        prompts = [p for p in prompts if len(p) <= room][:cfg.kl_prompts]
+        if not prompts:
+            raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: no held-out prompt of "
+                            f"{cfg.data} leaves that many tokens of the context; lower it")
+    else:
+        seqs, pairs, desirable = load_sets(cfg.data_dir, cfg.prefs, "train", enc,
+                                           ref.config.block_size)
+        vseqs, vpairs, vdesirable = load_sets(cfg.data_dir, cfg.prefs, "val", enc,
+                                              ref.config.block_size)
+        prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"),
+                                                   {"prompt": str})][:cfg.kl_prompts]
     # the frozen reference's log-probs, once (simpo and orpo do not use them; they are logged)
     ref_lp = reference_logps(ref, seqs, pad, run.device).cpu()
     vref_lp = reference_logps(ref, vseqs, pad, run.device).cpu()
@@ -327,13 +388,15 @@ def main(cfg):
             raw_model.eval()
             metrics.update({f"val/{k}": v
                             for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
-            metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device)
+            metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device,
+                                                      stop)
             raw_model.train()
         log.step(step - 1, sum(b[0].tokens.numel() for b in batches) * run.world_size,
                  force="objective/kl" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            cfg.loss, raw_model, cfg, step, optimizer, enc)))  # also on SIGTERM
+                            cfg.loss, raw_model, cfg, step, optimizer, enc,
+                            **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -26,6 +26,7 @@ import json
 import zlib
 
 from cli import UserError
+from data.tokenizer import encode_prompt, encode_response
 
 ROLES = ("system", "user", "assistant")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -213,6 +214,39 @@ def hh_prompt(messages):
 def hh_answer(text):
     """The answer as it follows hh_prompt in HH's files: one space, then the text."""
     return " " + text
+
+
+def load_comparisons(path):
+    """(prompt messages, chosen, rejected) from an HH-RLHF or a preference file (told by
+    its first record). Returns (pairs, counts, the format's name)."""
+    first = next((rec for _, rec in json_lines(path)), None)
+    if first is None:
+        raise UserError(f"{path}: no records")
+    if isinstance(first.get("chosen"), str) and first["chosen"].startswith(HUMAN):
+        return (*load_hh(path), "HH-RLHF")
+    return (*load_preferences(path), "preference")
+
+
+def end_token(enc, chat):
+    """The token that ends an answer: GPT-2's end-of-text in HH's format, the world's
+    <|end|> in its own."""
+    return enc.encode_single_token("<|endoftext|>" if chat == "hh" else "<|end|>")
+
+
+def chat_tokens(enc, chat, messages, answer=None, where=""):
+    """(prompt ids, answer ids ending with the end token, or None) in the model's chat
+    format: "hh" (a GPT-2 model: hh_prompt, hh_answer, end-of-text) or "world" (one user
+    question: <|user|> ... <|end|> <|assistant|> answer <|end|>)."""
+    if chat == "hh":
+        prompt = enc.encode_ordinary(hh_prompt(messages))
+        reply = None if answer is None else (enc.encode_ordinary(hh_answer(answer)) +
+                                             [end_token(enc, chat)])
+        return prompt, reply
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise UserError(f"{where}: a conversation of {len(messages)} messages; the world's chat "
+                        f"format holds one user question (use a GPT-2 model)")
+    return (encode_prompt(enc, messages[0]["content"]),
+            None if answer is None else encode_response(enc, answer))
 
 
 def load_demonstrations(path):

@@ -92,17 +92,9 @@ def own_examples(path, enc, chat, block_size, val_fraction):
     """Your demonstrations (formats.load_demonstrations) in the model's chat format, split
     into training and validation; those longer than the context are skipped, counted."""
     records, counts, kind = formats.load_demonstrations(path)
-    end = enc.encode_single_token("<|endoftext|>" if chat == "hh" else "<|end|>")
     examples, too_long = [], 0
     for messages, answer in records:
-        if chat == "hh":
-            p = enc.encode_ordinary(formats.hh_prompt(messages))
-            r = enc.encode_ordinary(formats.hh_answer(answer)) + [end]
-        else:  # the world's chat format holds one question
-            if len(messages) != 1 or messages[0]["role"] != "user":
-                raise UserError(f"{path}: a conversation of {len(messages)} messages; the world's "
-                                f"chat format holds one user question (use a GPT-2 model)")
-            p, r = encode_prompt(enc, messages[0]["content"]), encode_response(enc, answer)
+        p, r = formats.chat_tokens(enc, chat, messages, answer, path)
         if len(p) + len(r) > block_size + 1:
             too_long += 1
             continue

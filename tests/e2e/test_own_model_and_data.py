@@ -10,6 +10,7 @@ import torch
 from conftest import assert_user_error_in_process, main_of, read_log
 
 import checkpoint
+import dpo
 import export
 import hf
 import sample
@@ -54,6 +55,25 @@ def test_gpt2_sft_sample_and_export(tmp_path, capsys):
     x = torch.tensor([enc.encode_ordinary(f"{H}What is 2 + 2?{A}")])
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_sft_then_dpo_on_hh_pairs(tmp_path, capsys):
+    data = hh_file(tmp_path / "hh.jsonl")
+    main_of(sft, [f"--init_from={FIXTURE}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}",
+                  *STEPS])
+    capsys.readouterr()
+    main_of(dpo, [f"--init_from={tmp_path / 'sft'}", f"--data={data}",
+                  f"--out_dir={tmp_path / 'dpo'}", "--val_fraction=0.25", "--kl_prompts=2",
+                  "--max_new_tokens=4", *STEPS])
+    assert "HH-RLHF file, read 12; 0 longer than the context skipped; 9 pairs to train on, " \
+           "3 held out" in capsys.readouterr().out
+    log = read_log(tmp_path / "dpo" / "log.jsonl")
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # the policy starts as SFT
+    assert "objective/kl" in log[-1] and "val/rewards/accuracy" in log[-1]
+    ckpt = checkpoint.load(tmp_path / "dpo" / "ckpt.pt")
+    assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
+    main_of(export, [f"--from={tmp_path / 'dpo'}", f"--to={tmp_path / 'export'}"])
+    assert hf.from_pretrained(str(tmp_path / "export"))[0].config.n_layer == 2
 
 
 def test_world_model_on_a_file_of_your_own(pipeline, tmp_path, capsys):

@@ -158,7 +158,8 @@ BAD_INPUTS = {
                                                            x.splitlines(True)[6:]))(w, s, t)],
         ["tokenizer.tiktoken", "ranks are not 0..", "damaged"]),
     "tokenizer not text": (dpo, lambda w, s, t: [
-        world_with("tokenizer.tiktoken", lambda x: b"\xff\xfe" + x.encode())(w, s, t)],
+        world_with("tokenizer.tiktoken", lambda x: b"\xff\xfe" + x.encode())(w, s, t),
+        f"--init_from={s}/sft"],
         ["tokenizer.tiktoken", "can't decode", "damaged"]),
     "token stream of odd bytes": (pretrain, lambda w, s, t: [
         world_with_bytes("train.bin", lambda b: b[:7])(w, s, t)],
