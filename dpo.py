@@ -185,12 +185,8 @@ def own_sets(path, enc, chat, block_size, val_fraction):
             too_long += 1
             continue
         encoded.append((p, c, r))
-    if len(encoded) < 2:
-        raise UserError(f"{path}: {len(encoded)} usable pair(s) ({too_long} longer than the "
-                        f"context of {block_size} tokens); at least 2 are needed")
-    n_val = max(1, round(len(encoded) * val_fraction))
-    print0(f"{path}: {kind} file, {formats.describe(counts)}; {too_long} longer than the "
-           f"context skipped; {len(encoded) - n_val} pairs to train on, {n_val} held out")
+    train, val = formats.hold_out(encoded, val_fraction, path, kind, counts, too_long,
+                                  block_size, "pair", kept="pairs ")
 
     def sets(part):
         seqs, pairs, desirable = [], [], []
@@ -199,7 +195,7 @@ def own_sets(path, enc, chat, block_size, val_fraction):
             seqs += [(p + c, len(p)), (p + r, len(p))]
             desirable += [True, False]
         return seqs, pairs, desirable
-    return sets(encoded[:-n_val]), sets(encoded[-n_val:]), [p for p, _, _ in encoded[-n_val:]]
+    return sets(train), sets(val), [p for p, _, _ in val]
 
 
 @torch.no_grad()

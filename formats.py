@@ -21,48 +21,13 @@ hh_prompt and hh_answer write a conversation back in HH's text format, the chat 
 a GPT-2 model trained on it.
 """
 
-import gzip
-import json
-import zlib
-
 from cli import UserError
 from data.tokenizer import encode_prompt, encode_response
+from distributed import print0
+from records import json_lines
 
 ROLES = ("system", "user", "assistant")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-
-
-def json_lines(path):
-    """(line number, object) of each non-blank line of a .jsonl or .jsonl.gz file."""
-    path = str(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    lineno = 0
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of "
-                                    f"the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got "
-                                    f"{type(rec).__name__}")
-                yield lineno, rec
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except EOFError:
-        raise UserError(f"{path}: truncated gzip file (it ends after line {lineno})") from None
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise UserError(f"{path}: damaged gzip file after line {lineno} ({e})") from None
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror or e}") from None
 
 
 def field(rec, name, types, where):
@@ -262,6 +227,18 @@ def load_demonstrations(path):
         return [(p, c) for p, c, _ in pairs], counts, "HH-RLHF" if hh else "preference"
     examples, counts = load_sft(path)
     return examples, counts, "SFT"
+
+
+def hold_out(items, val_fraction, path, kind, counts, too_long, block_size, noun, kept=""):
+    """Training and held-out parts of a file's usable items (at least 2; at least one
+    held out), saying what was read, skipped and kept."""
+    if len(items) < 2:
+        raise UserError(f"{path}: {len(items)} usable {noun}(s) ({too_long} longer than the "
+                        f"context of {block_size} tokens); at least 2 are needed")
+    n_val = max(1, round(len(items) * val_fraction))
+    print0(f"{path}: {kind} file, {describe(counts)}; {too_long} longer than the context "
+           f"skipped; {len(items) - n_val} {kept}to train on, {n_val} held out")
+    return items[:-n_val], items[-n_val:]
 
 
 def checked(out, counts, path):

@@ -68,7 +68,7 @@ def read_safetensors(path):
             if not isinstance(header, dict):
                 raise UserError(f"{path}: damaged safetensors header (not a JSON object)")
             header.pop("__metadata__", None)
-            data = f.read()
+            data = bytearray(f.read())  # one buffer; the tensors are views of it
     except OSError as e:
         raise UserError(f"{path}: {e.strerror or e}") from None
     out, spans = {}, []
@@ -86,9 +86,8 @@ def read_safetensors(path):
             raise UserError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not fit "
                             f"its bytes [{begin}, {end}) of {len(data)} (truncated file?)")
         spans.append((begin, end, name))
-        raw = bytearray(data[begin:end])
-        out[name] = (torch.frombuffer(raw, dtype=dtype) if nbytes else
-                     torch.empty(0, dtype=dtype)).reshape(shape)
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if nbytes
+                     else torch.empty(0, dtype=dtype)).reshape(shape)
     spans.sort()
     for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
         if b2 < e1:

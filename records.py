@@ -7,8 +7,10 @@ and the token streams of pretraining (and of PPO-ptx's and GRPO's pretraining te
 """
 
 import binascii
+import gzip
 import json
 import os
+import zlib
 
 import numpy as np
 
@@ -18,6 +20,41 @@ from data import world
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
 
 
+def json_lines(path):
+    """(line number, object) of each non-blank line of a .jsonl or .jsonl.gz file; a line
+    that is not UTF-8, not JSON or not an object, and a truncated or damaged .gz, each
+    refused in one line naming the file (and the line)."""
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of "
+                                    f"the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got "
+                                    f"{type(rec).__name__}")
+                yield lineno, rec
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except EOFError:
+        raise UserError(f"{path}: truncated gzip file (it ends after line {lineno})") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"{path}: damaged gzip file after line {lineno} ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+
+
 def read_jsonl(path, fields):
     """Records from a JSONL file; `fields` maps each required field to its type. Each
     record gets `_line`, its line number."""
@@ -25,29 +62,15 @@ def read_jsonl(path, fields):
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python data/prepare.py` first")
     records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text "
-                                f"(byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object")
-            for name, typ in fields.items():
-                if name not in rec:
-                    raise UserError(f"{path}:{lineno}: missing field {name!r}")
-                if not isinstance(rec[name], typ) or (typ is int and isinstance(rec[name], bool)):
-                    raise UserError(f"{path}:{lineno}: field {name!r} should be {typ.__name__}, "
-                                    f"got {type(rec[name]).__name__}")
-            rec["_line"] = lineno
-            records.append(rec)
+    for lineno, rec in json_lines(path):
+        for name, typ in fields.items():
+            if name not in rec:
+                raise UserError(f"{path}:{lineno}: missing field {name!r}")
+            if not isinstance(rec[name], typ) or (typ is int and isinstance(rec[name], bool)):
+                raise UserError(f"{path}:{lineno}: field {name!r} should be {typ.__name__}, "
+                                f"got {type(rec[name]).__name__}")
+        rec["_line"] = lineno
+        records.append(rec)
     if not records:
         raise UserError(f"{path}: no records")
     return records

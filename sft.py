@@ -99,13 +99,8 @@ def own_examples(path, enc, chat, block_size, val_fraction):
             too_long += 1
             continue
         examples.append((p + r, len(p)))
-    if len(examples) < 2:
-        raise UserError(f"{path}: {len(examples)} usable demonstration(s) ({too_long} longer "
-                        f"than the context of {block_size} tokens); at least 2 are needed")
-    n_val = max(1, round(len(examples) * val_fraction))
-    print0(f"{path}: {kind} file, {formats.describe(counts)}; {too_long} longer than the "
-           f"context skipped; {len(examples) - n_val} to train on, {n_val} held out")
-    return examples[:-n_val], examples[-n_val:]
+    return formats.hold_out(examples, val_fraction, path, kind, counts, too_long, block_size,
+                            "demonstration")
 
 
 def load_base(cfg, run):

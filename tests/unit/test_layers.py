@@ -11,8 +11,8 @@ LAYERS = [
     {"model", "cli", "data.tokenizer", "data.world", "data"},             # L0: no project import
     {"distributed", "hub"},                                              # L1
     {"checkpoint", "logger", "optim", "hf"},                             # L2
-    {"batch", "records", "formats"},                                     # L3
-    {"reward_model"},                                                    # L4
+    {"batch", "records"},                                                # L3
+    {"reward_model", "formats"},                                         # L4
     {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
      "pipeline", "data.label", "data.labeler", "data.prepare", "export"},
     {"overopt"},                                                         # L6
