@@ -55,6 +55,40 @@ def json_lines(path):
         raise UserError(f"{path}: {e.strerror or e}") from None
 
 
+def read_log(path, check):
+    """The objects of an append-only JSONL log that a program is about to append to, each
+    passed through check(obj) (a ValueError, KeyError or AttributeError marks the line bad),
+    and a note or None. A bad last line, which is what a kill in the middle of a write
+    leaves, is cut off the file, so the next line appended starts on a line of its own,
+    and the note says so; a bad line before the end is a UserError naming it."""
+    if not os.path.exists(path):
+        return [], None
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    out, good_bytes = [], 0
+    for n, raw in enumerate(lines, 1):
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError
+            check(obj)
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError):
+            if n < len(lines):
+                raise UserError(f"{path}:{n}: not a line of this log; the file is damaged "
+                                f"before its end") from None
+            os.truncate(path, good_bytes)
+            return out, f"{path}:{n}: cut off a damaged last line (a crash or a kill mid-write)"
+        out.append(obj)
+        good_bytes += len(raw) + 1
+    if data and not data.endswith(b"\n"):  # a whole last object, but its newline was lost
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return out, None
+
+
 def read_jsonl(path, fields):
     """Records from a JSONL file; `fields` maps each required field to its type. Each
     record gets `_line`, its line number."""
@@ -83,10 +117,13 @@ def preference_paths(data_dir, prefs, split):
     names = [x for x in prefs.split(",") if x]
     if not names:
         raise UserError("--prefs is empty: name at least one preference set (e.g. prefs)")
-    made_by = {"prefs_sft": "python data/label.py"}
-    return [(name, require(os.path.join(data_dir, f"{name}_{split}.jsonl"),
-                           made_by.get(name, "python data/prepare.py")))
-            for name in names]
+    made_by = {"prefs_sft": "python data/label.py", "prefs_human": "python data/labeler.py",
+               "prefs_playground": "python playground.py"}
+    paths = [(name, os.path.join(data_dir, f"{name}_{split}.jsonl")) for name in names]
+    # a set after the first may have no held-out file (the playground's labels): it only trains
+    return [(name, require(path, made_by.get(name, "python data/prepare.py")))
+            for k, (name, path) in enumerate(paths)
+            if split == "train" or k == 0 or os.path.exists(path)]
 
 
 def ranking_pairs(ranking):
@@ -96,12 +133,24 @@ def ranking_pairs(ranking):
             for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
 
 
+NO_PREFERENCE = ("tie", "both_bad", "skip")  # a labeler's choices that rank nothing
+
+
 def load_rankings(path, enc, block_size):
     """Each ranking record as its K token sequences (prompt + response), the prompt
-    length, the ranking (best first), its (chosen, rejected) pairs and the record."""
+    length, the ranking (best first), its (chosen, rejected) pairs and the record. A
+    record with a "choice" in NO_PREFERENCE and no ranking (a tie or skip the playground
+    logged) is left out."""
     out = []
-    for rec in read_jsonl(path, {"prompt": str, "responses": list, "ranking": list}):
+    for rec in read_jsonl(path, {"prompt": str, "responses": list}):
         where = f"{path}:{rec['_line']}"
+        if rec.get("choice") in NO_PREFERENCE and "ranking" not in rec:
+            continue  # a labeler's tie or skip: a label, but no preference to learn from
+        if "ranking" not in rec:
+            raise UserError(f"{where}: missing field 'ranking'")
+        if not isinstance(rec["ranking"], list):
+            raise UserError(f"{where}: field 'ranking' should be list, got "
+                            f"{type(rec['ranking']).__name__}")
         resp, ranking = rec["responses"], rec["ranking"]
         if len(resp) < 2:
             raise UserError(f"{where}: a ranking needs at least 2 responses, got {len(resp)}")

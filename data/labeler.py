@@ -13,7 +13,7 @@ recorded. Keys, no Enter needed:
 Every label is one JSON line appended to --log and flushed to the disk (fsync) before the
 next pair is shown, so a crash or a kill loses nothing already given; undo appends a
 retraction rather than editing the file. Starting again resumes after the last label. A
-damaged last line (a label being written when the process was killed) is skipped, and
+damaged last line (a label being written when the process was killed) is cut off, and
 the labeler says so.
 
 --export=true turns the log into rankings reward.py and dpo.py read: the A/B choices
@@ -45,6 +45,7 @@ from batch import sample_responses  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import decode_response  # noqa: E402
+import records  # noqa: E402
 from records import read_jsonl, world_tokenizer  # noqa: E402
 
 CHOICES = {"a": "A", "b": "B", "t": "tie", "x": "both_bad", "s": "skip"}
@@ -115,28 +116,16 @@ def load_pairs(path):
 
 def read_log(path, n_pairs):
     """The labels in force (retractions applied), in order, and a note on a damaged last
-    line. Each label: {"pair", "choice", "left"}."""
-    if not os.path.exists(path):
-        return [], None
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    labels, note = [], None
-    for n, raw in enumerate(lines, 1):
-        try:
-            ev = json.loads(raw.decode("utf-8"))
-            if ev.get("event") not in ("label", "undo"):
-                raise ValueError
-            if ev["event"] == "label" and (not isinstance(ev.get("pair"), int) or
-                                           not 0 <= ev["pair"] < n_pairs or
-                                           ev.get("choice") not in CHOICES.values()):
-                raise ValueError
-        except (ValueError, UnicodeDecodeError, AttributeError, KeyError):
-            if n == len(lines):  # what a kill mid-write leaves: skipped, said
-                note = f"{path}:{n}: skipped a damaged last line (cut off by a crash or a kill)"
-                break
-            raise UserError(f"{path}:{n}: not a label line; the log is damaged before its end")
+    line (cut off the log, so labelling goes on after the last whole label). Each label:
+    {"pair", "choice", "left"}."""
+    def check(ev):
+        if ev["event"] not in ("label", "undo") or ev["event"] == "label" and (
+                not isinstance(ev.get("pair"), int) or not 0 <= ev["pair"] < n_pairs
+                or ev.get("choice") not in CHOICES.values()):
+            raise ValueError
+    events, note = records.read_log(path, check)
+    labels = []
+    for ev in events:
         if ev["event"] == "label":
             labels.append(ev)
         elif labels:

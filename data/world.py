@@ -182,6 +182,35 @@ def render(task, value):
     }[k]()
 
 
+def task_of_prompt(text):
+    """The Task a typed question asks, when it is one of the world's questions in one of
+    TEMPLATES' wordings (numbers in range or not, any lowercase word, a known country or
+    opposite), else None: what lets a free prompt be scored by the gold scorer."""
+    text = " ".join(text.split())
+    for kind, templates in TEMPLATES.items():
+        for t in templates:
+            slot = r"(\d+(?: \d+)*)" if kind == "sort" else (
+                r"(\d+)" if KIND_FAMILY[kind] in NUMBER_FAMILIES else r"([A-Za-z ]+?)")
+            pattern = re.escape(t).replace(r"\{0\}", slot).replace(r"\{1\}", slot)
+            m = re.fullmatch(pattern, text)
+            if m is None:
+                continue
+            if kind == "sort":
+                args = tuple(int(x) for x in m.group(1).split())
+            elif KIND_FAMILY[kind] in NUMBER_FAMILIES:
+                args = tuple(int(x) for x in m.groups())
+            else:
+                args = (m.group(1),)
+            known = {"capital": CAPITALS, "opposite": OPPOSITES}.get(kind)
+            if (known is not None and args[0] not in known) or (
+                    kind in ("reverse", "count") and not re.fullmatch(r"[a-z]+", args[0])):
+                continue
+            if kind in ("larger", "smaller") and args[0] == args[1]:
+                continue
+            return Task(kind, args, text)
+    return None
+
+
 def ideal_answer(task):
     return render(task, answer_value(task))
 

@@ -104,11 +104,16 @@ def test_keys_undo_quit_resume_and_kill(files):
     with open(log, "a") as f:
         f.write('{"event": "label", "pa')
     t = Terminal(*args)
-    t.wait_for("skipped a damaged last line")
+    t.wait_for("cut off a damaged last line")
     t.wait_for("pair 4 of 5")
     t.key("s", "pair 5 of 5")
     t.key("a", "5 of 5 pairs labelled")
     assert t.close() == 0
+    # the damaged line was cut off, so the labels given after it read back whole
+    labels, note = labeler.read_log(str(log), len(PAIRS))
+    assert [(e["pair"], e["choice"]) for e in labels] == [
+        (0, "B"), (1, "tie"), (2, "both_bad"), (3, "skip"), (4, "A")]
+    assert note is None
 
 
 def test_the_same_pair_shows_the_same_order_after_a_resume(files):
@@ -132,7 +137,7 @@ def test_a_log_damaged_before_its_end_is_refused(files, capsys):
         with labeler.user_errors():
             main_of(labeler, [f"--pairs={pairs}", f"--log={log}"])
     err = capsys.readouterr().err
-    assert f"{log}:1: not a label line" in err and err.count("\n") == 1
+    assert f"{log}:1: not a line of this log" in err and err.count("\n") == 1
 
 
 def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path):
