@@ -200,6 +200,7 @@ class Playground:
         self.lock, self.file_lock = threading.Lock(), threading.Lock()
         self.rng = random.Random(f"{cfg.seed}:{sum(self.counts.values())}")
         self.pair_id, self.pair, self.last_verdict = 0, None, None
+        self.version = 0  # counts the changes to what the page shows; a tab keeps the newest
         self.job, self.thread = None, None
         self.rm, self.rm_info = None, None
         self.beta = cfg.beta
@@ -225,6 +226,7 @@ class Playground:
                      for t, e in answers]
         with self.lock:
             self.pair_id += 1
+            self.version += 1
             self.pair = dict(id=self.pair_id, task=task.to_dict(), family=task.family,
                              prompt=prompt, responses=responses, left=self.rng.randrange(2))
         return self.pair
@@ -330,6 +332,7 @@ class Playground:
                     scored=self.score_cases(rm))
         with self.lock:
             self.rm, self.rm_info = rm, info
+            self.version += 1
         self.reset_policy()  # a new reward model: PPO starts again from SFT
 
     def score_cases(self, rm):
@@ -359,6 +362,7 @@ class Playground:
             self.opt_value = value.configure_optimizers(0.0, 1e-4, (0.9, 0.95),
                                                         self.run.device_type)
             self.history, self.samples, self.iteration = [], [], 0
+            self.version += 1
 
     def ppo_steps(self, job, n):
         cfg, dev = self.cfg, self.run.device
@@ -408,6 +412,7 @@ class Playground:
                 self.iteration += 1
                 self.history.append(point)
                 self.samples, self.shown_policy = samples, shown
+                self.version += 1
             job.done = k + 1
             job.message = (f"iteration {it + 1}: reward {point['reward']:+.2f}, gold "
                            f"{point['gold']:+.2f}, KL {point['kl']:.2f}")
@@ -455,7 +460,7 @@ class Playground:
             p = self.pair
             shown = [p["responses"][p["left"]], p["responses"][1 - p["left"]]]
             return dict(
-                pair=dict(id=p["id"], prompt=p["prompt"],
+                version=self.version, pair=dict(id=p["id"], prompt=p["prompt"],
                           a=dict(text=shown[0]["text"], ended=shown[0]["ended"]),
                           b=dict(text=shown[1]["text"], ended=shown[1]["ended"])),
                 counts=self.counts, labels_path=self.labels_path, verdict=self.last_verdict,
@@ -509,7 +514,9 @@ def api(pg, method, path, body):
         if not 0 <= beta <= 10:
             raise ApiError(400, f"beta={beta}: expected a number from 0 to 10")
         busy(pg)
-        pg.beta = float(beta)
+        with pg.lock:
+            pg.beta = float(beta)
+            pg.version += 1
         return pg.state()
     if path == "/api/reset":
         busy(pg)
