@@ -77,11 +77,11 @@ class Config:
     rm_steps: int = 60               # reward model: optimizer steps
     rm_batch: int = 16               # reward model: rankings per step
     rm_lr: float = 3e-4              # reward model: peak learning rate (warmup, cosine decay)
-    ppo_batch: int = 16              # PPO: rollouts per iteration
-    ppo_minibatch: int = 8           # PPO: rollouts per gradient step
+    ppo_batch: int = 32              # PPO: rollouts per iteration
+    ppo_minibatch: int = 16          # PPO: rollouts per gradient step
     ppo_epochs: int = 4              # PPO: passes over each batch of rollouts
     ppo_lr: float = 1e-4             # PPO: policy learning rate (constant)
-    beta: float = 0.1                # PPO: KL penalty β at start; the page changes it
+    beta: float = 0.2                # PPO: KL penalty β at start (ppo.py's); the page changes it
     seed: int = 1337                 # pairs, training order and rollouts follow from it
     device: str = "cpu"              # cpu, cuda or mps (the page is made for a CPU)
 
@@ -205,13 +205,19 @@ class Playground:
         self.rm, self.rm_info = None, None
         self.beta = cfg.beta
         self.reset_policy()
-        self.cases = showcase([t for _, t in self.prompts[:2]], cfg.seed)
+        # the reward model's exhibit: a question of arithmetic (whose wrong answers it can
+        # hardly tell from right ones) and one of facts
+        firsts = {}
+        for _, t in self.prompts:
+            firsts.setdefault(t.family, t)
+        self.cases = showcase([firsts[f] for f in ("arithmetic", "facts") if f in firsts]
+                              or [self.prompts[0][1]], cfg.seed)
 
     # -- labelling --------------------------------------------------------------------------
 
     def draw_pair(self):
         """Two different answers of the SFT model to a random training prompt (at most
-        8 tries), and a coin for which is shown as A."""
+        8 tries), and a coin for which is shown as A; not shown yet."""
         for attempt in range(8):
             prompt, task = self.rng.choice(self.prompts)
             seed = self.rng.randrange(2 ** 31)
@@ -224,12 +230,14 @@ class Playground:
                           gold=round(world.gold(task, t, e), 4),
                           utility=round(world.rater_utility(task, t, e, self.raters), 4))
                      for t, e in answers]
-        with self.lock:
-            self.pair_id += 1
-            self.version += 1
-            self.pair = dict(id=self.pair_id, task=task.to_dict(), family=task.family,
-                             prompt=prompt, responses=responses, left=self.rng.randrange(2))
-        return self.pair
+        return dict(task=task.to_dict(), family=task.family, prompt=prompt,
+                    responses=responses, left=self.rng.randrange(2))
+
+    def show_pair(self, pair):
+        """Called with self.lock held: the pair every tab shows from now on."""
+        self.pair_id += 1
+        self.version += 1
+        self.pair = dict(pair, id=self.pair_id)
 
     def label(self, pair_id, choice):
         """Append the label to the file (flushed and synced before this returns), show
@@ -247,13 +255,14 @@ class Playground:
                 f.write(json.dumps(label_record(pair, choice)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            with self.lock:
+            following = self.draw_pair()
+            with self.lock:  # the count, the verdict and the next pair change together
                 self.counts[choice] += 1
                 self.last_verdict = dict(verdict(pair, choice, self.raters), pair=pair_id,
                                          prompt=pair["prompt"],
                                          a=pair["responses"][pair["left"]]["text"],
                                          b=pair["responses"][1 - pair["left"]]["text"])
-            self.draw_pair()
+                self.show_pair(following)
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -357,10 +366,7 @@ class Playground:
         with self.lock:
             self.policy, self.value = policy, value
             self.shown_policy = copy.deepcopy(policy).requires_grad_(False)
-            self.opt_policy = policy.configure_optimizers(0.0, self.cfg.ppo_lr, (0.9, 0.95),
-                                                          self.run.device_type)
-            self.opt_value = value.configure_optimizers(0.0, 1e-4, (0.9, 0.95),
-                                                        self.run.device_type)
+            self.opt_policy = self.opt_value = None  # made by the first step
             self.history, self.samples, self.iteration = [], [], 0
             self.version += 1
 
@@ -370,6 +376,11 @@ class Playground:
                           ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.max_new_tokens,
                           learning_rate=cfg.ppo_lr, kl_coef=self.beta)
         rm = self.rm
+        if self.opt_policy is None:
+            self.opt_policy = self.policy.configure_optimizers(0.0, cfg.ppo_lr, (0.9, 0.95),
+                                                               self.run.device_type)
+            self.opt_value = self.value.configure_optimizers(0.0, pcfg.value_lr, (0.9, 0.95),
+                                                             self.run.device_type)
         for k in range(n):
             if job.cancel.is_set():
                 return
@@ -455,7 +466,10 @@ class Playground:
 
     def state(self):
         if self.pair is None:
-            self.draw_pair()
+            first = self.draw_pair()
+            with self.lock:
+                if self.pair is None:
+                    self.show_pair(first)
         with self.lock:
             p = self.pair
             shown = [p["responses"][p["left"]], p["responses"][1 - p["left"]]]
@@ -608,6 +622,9 @@ def main(cfg):
     host, port = server.server_address[:2]
     print(f"playground: http://{host}:{port}/  (ready in {time.time() - t0:.1f}s; labels go "
           f"to {pg.labels_path}; Ctrl-C stops)", flush=True)
+    # torch's optimizers import a good deal on first use: done now, not when a job starts
+    threading.Thread(target=lambda: torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
+                     daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

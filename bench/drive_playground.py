@@ -231,7 +231,7 @@ def main(cfg):
             summary["hack"] = [{k: p[k] for k in ("step", "beta", "reward", "gold", "kl",
                                                   "preamble", "length")}
                                for p in hist if p["step"] == start or p["step"] % 10 == 0]
-            browser.keys("3")
+            browser.keys("\ue00c3")  # Escape leaves the compare box, 3 shows PPO
             time.sleep(1.6)
             browser.shot(shots / "3-ppo-beta0.png")
             for p in summary["hack"]:
