@@ -37,6 +37,7 @@ proxy reward (objective/score) is real progress or reward hacking.
     python ppo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 ppo.py   # each rank its own rollouts and seed
     python ppo.py --resume=true
+    python ppo.py --init_from=out/ppo --ref_from=out/sft --out_dir=out/ppo2   # a second round
 """
 
 import copy
@@ -67,6 +68,7 @@ from reward_model import load_reward_model
 class Config:
     data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
     init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
+    ref_from: str = ""                # the frozen reference, if not init_from (iterative rounds)
     reward_from: str = "out/reward"   # reward model; its first member also starts the value model
     reward: str = "model"             # model: the reward model; verifiable: 1 if right, else 0
     out_dir: str = "out/ppo"          # checkpoint and log go here
@@ -335,6 +337,9 @@ def main(cfg):
     ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
     policy = copy.deepcopy(ref)
+    if cfg.ref_from:  # a policy of an earlier round starts; the reference stays the SFT model
+        ref, _ = checkpoint.load_model(os.path.join(cfg.ref_from, "ckpt.pt"), "python sft.py",
+                                       enc, device=run.device)
     if cfg.reward == "model":
         reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
                                                   "python reward.py", enc, device=run.device)

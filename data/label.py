@@ -10,6 +10,7 @@ gold score plus their biases. reward.py trains on both sets.
 
     python data/label.py                       # reads out/sft, writes data/world/prefs_sft_*.jsonl
     python data/label.py --n_prompts=6000 --K=6
+    python data/label.py --policy=out/ppo --name=prefs_round2   # the next round's rankings
 
 Records have the same fields as prefs_*.jsonl; every response's style is "sft_sample".
 The raters' biases are those prepare.py wrote to meta.json, so both sets share one
@@ -19,6 +20,7 @@ labeler population.
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,6 +41,7 @@ from records import read_jsonl, world_tokenizer  # noqa: E402
 class Config:
     data_dir: str = "data/world"   # folder written by data/prepare.py; the rankings are added here
     policy: str = "out/sft"        # the model whose answers are ranked
+    name: str = "prefs_sft"        # the set written: data_dir/NAME_train.jsonl and NAME_val.jsonl
     n_prompts: int = 2000          # training prompts to label (10% more for validation)
     K: int = 4                     # answers sampled per prompt (duplicates are dropped)
     temperature: float = 1.0       # sampling temperature
@@ -69,6 +72,8 @@ def label(records, answers, K, raters, rng):
 
 
 def main(cfg):
+    if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
+        raise UserError(f"--name={cfg.name!r}: a set's name is letters, digits and _ only")
     if cfg.K < 2 or cfg.n_prompts < 1:
         raise UserError(f"need --K >= 2 and --n_prompts >= 1, "
                         f"got --K={cfg.K} --n_prompts={cfg.n_prompts}")
@@ -93,15 +98,15 @@ def main(cfg):
     answers = [decode_response(enc, response) for _, response in samples]
     rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
     n_val = max(1, len(rankings) // 11)
-    for name, part in (("prefs_sft_train", rankings[:-n_val]),
-                       ("prefs_sft_val", rankings[-n_val:])):
+    for name, part in ((f"{cfg.name}_train", rankings[:-n_val]),
+                       (f"{cfg.name}_val", rankings[-n_val:])):
         checkpoint.atomic_write(os.path.join(cfg.data_dir, f"{name}.jsonl"),
                                 lambda f: f.write("".join(json.dumps(r) + "\n"
                                                           for r in part).encode()))
     correct = sum(world.grade(world.Task.from_dict(r["task"]), *a)["correct"]
                   for r, a in zip([r for r in records for _ in range(cfg.K)],
                                   answers)) / len(answers)
-    print(f"wrote {cfg.data_dir}/prefs_sft_train.jsonl and prefs_sft_val.jsonl: "
+    print(f"wrote {cfg.data_dir}/{cfg.name}_train.jsonl and {cfg.name}_val.jsonl: "
           f"{len(rankings)} rankings of the answers of {cfg.policy} to {n} prompts "
           f"(K={cfg.K}, {correct:.0%} of the sampled answers correct)")
     distributed.teardown(run)
