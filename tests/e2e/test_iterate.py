@@ -1,0 +1,51 @@
+"""Iterative RLHF on the tiny pipeline: a round's stages run as processes, write their
+own sets and checkpoints, a second round starts PPO from the first round's policy with
+the KL still to SFT, and a second run skips what is done."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_user_error_in_process, read_log, run
+
+from data import label
+
+SMALL = ["--n_prompts=8", "--K=3", "--reward_steps=3", "--ppo_iterations=2", "--eval_prompts=12"]
+
+
+def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path):
+    out = tmp_path / "it"
+    p = run("iterate.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
+            f"--out_dir={out}", "--rounds=2", *SMALL)
+    rounds = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert 0 <= r["correct"] <= 1 and 0 <= r["preamble"] <= 1 and 0 <= r["sign_off"] <= 1
+        assert 0 <= r["rm_accuracy_on_policy"] <= 1
+    # each round's set is in the copy of the world, not in the world itself
+    assert {f"prefs_round{k}_{s}.jsonl" for k in (1, 2, 3) for s in ("train", "val")} <= {
+        f.name for f in (out / "world").iterdir()}
+    assert not list(pipeline.data.glob("prefs_round*"))
+    # round 2 trained its reward model on every set so far and started PPO from round 1's
+    # policy: its first rollout differs from the SFT reference it is penalised against
+    assert json.loads((out / "reward_r2" / "log.jsonl").read_text().splitlines()[0])[
+        "config"]["prefs"] == "prefs,prefs_round1,prefs_round2"
+    ppo2 = read_log(out / "ppo_r2" / "log.jsonl")
+    ppo1 = read_log(out / "ppo_r1" / "log.jsonl")
+    assert ppo1[0]["objective/kl"] == pytest.approx(0, abs=1e-4)  # round 1 starts at SFT
+    assert abs(ppo2[0]["objective/kl"]) > 1e-3
+    ck = torch.load(out / "ppo_r2" / "ckpt.pt", weights_only=True)
+    assert ck["config"]["init_from"] == str(out / "ppo_r1")
+    assert ck["config"]["ref_from"] == f"{pipeline.out}/sft"
+    assert "| round | gold |" in p.stdout
+    again = run("iterate.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
+                f"--out_dir={out}", "--rounds=2", *SMALL)
+    assert again.stdout.count("done already") == 7  # 3 labellings, 2 reward models, 2 PPO runs
+    assert json.loads((out / "rounds.json").read_text())["rounds"] == rounds
+
+
+def test_label_names_its_set_and_refuses_a_name_that_is_not_one(capsys, pipeline, stages,
+                                                                 tmp_path):
+    assert_user_error_in_process(capsys, label, f"--data_dir={pipeline.data}",
+                                 f"--policy={stages}/sft", "--name=../escape",
+                                 needles=["--name='../escape'"])
