@@ -28,6 +28,14 @@ a longer answer, against the raters' own and against the gold scorer's.
     python reward.py --device=cuda
     torchrun --standalone --nproc_per_node=2 reward.py
     python reward.py --resume=true
+    python reward.py --init_from=out/sft-gpt2 --data=hh-rlhf/train.jsonl.gz --out_dir=out/rm-gpt2
+
+Your own data: --data an HH-RLHF or preference file (formats.py), --val_fraction of it
+held out; each (chosen, rejected) pair is a ranking of two. On a model fine-tuned from
+GPT-2 (sft.py --init_from=gpt2) the pairs are put in HH's chat format and the tokenizer
+travels on in the checkpoint; the normalisation samples the SFT model's answers to the
+training pairs' prompts. The world's diagnostics (Bayes-optimal accuracy, biases) need
+the world's records and are left out.
 """
 
 import math
@@ -40,6 +48,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import distributed
+import formats
+import hf
 import optim
 from batch import collate as collate_rows
 from batch import reward_scores, sample_responses
@@ -57,6 +67,8 @@ class Config:
     init_from: str = "out/sft"       # the SFT model: reward-model trunk; policy for normalisation
     out_dir: str = "out/reward"      # checkpoint and log go here
     prefs: str = "prefs,prefs_sft"   # preference sets in data_dir: NAME_train/val.jsonl each
+    data: str = ""                   # your own preference pairs instead (HH-RLHF or preference)
+    val_fraction: float = 0.05       # with --data: the share held out
     pooling: str = "last"            # last: value at the last token; mean: mean over the response
     likelihood: bool = True  # add the trunk's gated log-likelihood of a response (reward_model.py)
     members: int = 1                 # ensemble size: members differ by seed (data order)
@@ -85,7 +97,7 @@ class Config:
         at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens "
                    "eval_interval log_interval ckpt_interval",
         non_negative="warmup_steps weight_decay grad_clip norm_temperature",
-        positive="learning_rate", below_1="beta1 beta2")
+        positive="learning_rate", below_1="beta1 beta2", fraction="val_fraction")
 
 
 # --- the loss ----------------------------------------------------------------------------
@@ -111,6 +123,25 @@ def collate(rankings, pad, device):
         rejected += [offset + j for _, j in r["pairs"]]
         offset += len(r["seqs"])
     return batch, torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
+
+
+def own_rankings(path, enc, chat, block_size, val_fraction):
+    """Your pairs (formats.load_comparisons) as rankings of two in the model's chat
+    format, for training and validation, and the training prompts' tokens (for the
+    normalisation). Pairs longer than the context are skipped and counted."""
+    records, counts, kind = formats.load_comparisons(path)
+    rankings, too_long = [], 0
+    for messages, chosen, rejected in records:
+        p, c = formats.chat_tokens(enc, chat, messages, chosen, path)
+        r = formats.chat_tokens(enc, chat, messages, rejected, path)[1]
+        if len(p) + max(len(c), len(r)) > block_size:
+            too_long += 1
+            continue
+        rankings.append(dict(seqs=[p + c, p + r], prompt_len=len(p), ranking=[0, 1],
+                             pairs=[(0, 1)], rec={}))
+    train, val = formats.hold_out(rankings, val_fraction, path, kind, counts, too_long,
+                                  block_size, "pair", kept="pairs ")
+    return train, val, [r["seqs"][0][:r["prompt_len"]] for r in train]
 
 
 def micro_batches(rankings, step, seed, cfg, run, pad):
@@ -176,9 +207,9 @@ def evaluate(score_fn, rankings, pad, device):
     margin = r[chosen] - r[rejected]
     right = (margin > 0).float().tolist()
     out = dict(accuracy=sum(right) / len(right), pairs=len(right))
-    resp = [x for rk in rankings for x in rk["rec"]["responses"]]
+    resp = [x for rk in rankings for x in rk["rec"].get("responses", [{}])]
     if not all("gold" in x and "utility" in x and "style" in x for x in resp):
-        return out
+        return out  # not the world's records (your own pairs): the accuracy only
 
     gold = torch.tensor([float(x["gold"]) for x in resp])
     util = torch.tensor([float(x["utility"]) for x in resp])
@@ -287,17 +318,31 @@ def main(cfg):
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
                         f"last|mean, reduce mean|min")
-    enc = world_tokenizer(cfg.data_dir)
-    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
-                                   device=run.device)
-    block = sft.config.block_size
-    train = [r for rs in load_preference_sets(cfg.data_dir, cfg.prefs, "train", enc, block).values()
-             for r in rs]
-    vals = load_preference_sets(cfg.data_dir, cfg.prefs, "val", enc, block)
+    path = os.path.join(cfg.init_from, "ckpt.pt")
+    sft_ckpt = checkpoint.load(path, "python sft.py")
+    enc = hf.checkpoint_tokenizer(sft_ckpt, path)  # a model trained from GPT-2 carries its own
+    carried = {k: sft_ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in sft_ckpt}
+    chat = sft_ckpt.get("chat", "world")
+    enc = enc or world_tokenizer(cfg.data_dir)
+    sft = checkpoint.model_from(sft_ckpt, path, "python sft.py", enc, device=run.device)
+    del sft_ckpt
+    block, stop = sft.config.block_size, None
+    if cfg.data:
+        train, val, prompts = own_rankings(cfg.data, enc, chat, block, cfg.val_fraction)
+        vals = {os.path.basename(cfg.data): val}
+        stop = formats.end_token(enc, chat)
+        prompts = [p for p in prompts if len(p) + cfg.max_new_tokens <= block][:cfg.norm_prompts]
+        if not prompts:
+            raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: no training prompt of "
+                            f"{cfg.data} leaves that many tokens of the context; lower it")
+    else:
+        train = [r for rs in load_preference_sets(cfg.data_dir, cfg.prefs, "train", enc,
+                                                  block).values() for r in rs]
+        vals = load_preference_sets(cfg.data_dir, cfg.prefs, "val", enc, block)
+        prompts = [r["prompt"] for r in read_jsonl(os.path.join(
+            cfg.data_dir, "prompts_train.jsonl"), {"prompt": str})][:cfg.norm_prompts]
     # the first set's held-out rankings are validated during training
     val = next(iter(vals.values()))
-    prompts = [r["prompt"] for r in read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
-                                               {"prompt": str})][:cfg.norm_prompts]
     print0(f"{len(train)} rankings ({sum(len(r['pairs']) for r in train)} pairs) "
            f"from {', '.join(vals)}, {sum(map(len, vals.values()))} held out; "
            f"{cfg.members} member(s) x {cfg.max_steps} steps of {cfg.batch_size} rankings "
@@ -321,13 +366,13 @@ def main(cfg):
             p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc)
                  if raw is not None else dict(stage="reward", model_config=asdict(sft.config),
                                               config=asdict(cfg), tokenizer=enc.name, step=step))
-            checkpoint.save(ckpt_path, {**p, "members": done, "norms": norms})
+            checkpoint.save(ckpt_path, {**p, **carried, "members": done, "norms": norms})
 
     stop = distributed.StopSignal()
     pad = enc.encode_single_token("<|endoftext|>")
     # the SFT model's answers to training prompts, whose rewards set the normalisation
     norm_pairs = sample_responses(sft, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature,
-                                  cfg.seed, run.device)
+                                  cfg.seed, run.device, stop=stop)
     for m in range(len(done), cfg.members):
         raw = train_member(m, sft, train, val, enc, cfg, run, state, save, stop)
         state = None

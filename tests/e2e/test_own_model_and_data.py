@@ -13,9 +13,11 @@ import checkpoint
 import dpo
 import export
 import hf
+import reward
 import sample
 import sft
 from cli import parse_config
+from reward_model import load_reward_model
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gpt2-tiny"
 H, A = "\n\nHuman: ", "\n\nAssistant: "
@@ -74,6 +76,27 @@ def test_gpt2_sft_then_dpo_on_hh_pairs(tmp_path, capsys):
     assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
     main_of(export, [f"--from={tmp_path / 'dpo'}", f"--to={tmp_path / 'export'}"])
     assert hf.from_pretrained(str(tmp_path / "export"))[0].config.n_layer == 2
+
+
+def test_gpt2_sft_then_a_reward_model_on_hh_pairs(tmp_path, capsys):
+    data = hh_file(tmp_path / "hh.jsonl")
+    main_of(sft, [f"--init_from={FIXTURE}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}",
+                  *STEPS])
+    capsys.readouterr()
+    main_of(reward, [f"--init_from={tmp_path / 'sft'}", f"--data={data}",
+                     f"--out_dir={tmp_path / 'rm'}", "--val_fraction=0.25", "--norm_prompts=4",
+                     "--max_new_tokens=4", *STEPS])
+    out = capsys.readouterr().out
+    assert "HH-RLHF file, read 12; 0 longer than the context skipped; 9 pairs to train on, " \
+           "3 held out" in out
+    assert "9 rankings (9 pairs) from hh.jsonl, 3 held out" in out
+    assert "hh.jsonl: held-out pair accuracy" in out and "Bayes" not in out
+    ckpt = checkpoint.load(tmp_path / "rm" / "ckpt.pt")
+    assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
+    # the reward model loads with the tokenizer it carries, and scores HH-format answers
+    enc = hf.checkpoint_tokenizer(ckpt, tmp_path / "rm" / "ckpt.pt")
+    rm, _ = load_reward_model(tmp_path / "rm" / "ckpt.pt", "x", enc)
+    assert len(rm.members) == 1 and rm.norms.shape == (1, 2)
 
 
 def test_world_model_on_a_file_of_your_own(pipeline, tmp_path, capsys):
