@@ -55,13 +55,12 @@ import torch.nn.functional as F
 import checkpoint
 import distributed
 import formats
-import hf
 import optim
 from batch import collate, sample_responses, sequence_kl, sequence_logprobs
 from cli import UserError, parse_config, ranges, user_errors
 from distributed import print0
 from logger import Logger
-from records import load_preference_sets, read_jsonl, world_tokenizer
+from records import load_preference_sets, read_jsonl, stage_model
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 
@@ -311,14 +310,9 @@ def main(cfg):
         raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
     refuse_settings_that_train_nothing(cfg)
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
-    path = os.path.join(cfg.init_from, "ckpt.pt")
-    sft_ckpt = checkpoint.load(path, "python sft.py")
-    enc = hf.checkpoint_tokenizer(sft_ckpt, path)  # a model trained from GPT-2 carries its own
-    carried = {k: sft_ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in sft_ckpt}
-    chat = sft_ckpt.get("chat", "world")
-    enc = enc or world_tokenizer(cfg.data_dir)
-    ref = checkpoint.model_from(sft_ckpt, path, "python sft.py", enc, device=run.device)
-    del sft_ckpt
+    # a model fine-tuned from GPT-2 carries its tokenizer and chat format
+    ref, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+                                          cfg.data_dir, run.device)
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)

@@ -38,6 +38,13 @@ proxy reward (objective/score) is real progress or reward hacking.
     torchrun --standalone --nproc_per_node=2 ppo.py   # each rank its own rollouts and seed
     python ppo.py --resume=true
     python ppo.py --init_from=out/ppo --ref_from=out/sft --out_dir=out/ppo2   # a second round
+    python ppo.py --init_from=out/sft-gpt2 --reward_from=out/rm-gpt2 --data=prompts.jsonl \
+        --out_dir=out/ppo-gpt2
+
+Your own prompts: --data an RL prompt file ({"prompt": text or messages} a line,
+formats.py) for a model fine-tuned from GPT-2, in HH's chat format with GPT-2's
+end-of-text ending an answer, against a reward model of the same tokenizer (reward.py
+--data). Without the world there is no gold scorer to log and no verifiable reward.
 """
 
 import copy
@@ -52,6 +59,7 @@ import torch
 
 import checkpoint
 import distributed
+import formats
 import optim
 from batch import left_pad, ptx_windows, response_logprobs, reward_scores, verifiable_score
 from cli import UserError, parse_config, ranges, user_errors
@@ -60,13 +68,14 @@ from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import ScalarGPT
-from records import load_prompts, ptx_stream, world_tokenizer
+from records import load_prompts, ptx_stream, stage_model
 from reward_model import load_reward_model
 
 
 @dataclass
 class Config:
     data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
+    data: str = ""                    # your own RL prompts instead (formats.py), e.g. for GPT-2
     init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
     ref_from: str = ""                # the frozen reference, if not init_from (iterative rounds)
     reward_from: str = "out/reward"   # reward model; its first member also starts the value model
@@ -307,9 +316,27 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
 # --- data and set-up -----------------------------------------------------------------------------
 
 
-def show_samples(enc, texts, batch, n=3):
+def own_prompts(path, enc, chat, room):
+    """Your RL prompts (formats.load_rl_prompts) in the model's chat format: (texts, token
+    lists, None for the tasks); prompts that leave no room for the answer are skipped
+    and counted."""
+    messages, counts = formats.load_rl_prompts(path)
+    texts, prompts = [], []
+    for m in messages:
+        ids = formats.chat_tokens(enc, chat, m, None, path)[0]
+        if len(ids) <= room:
+            texts.append(m[-1]["content"])
+            prompts.append(ids)
+    print0(f"{path}: RL prompt file, {formats.describe(counts)}; {len(messages) - len(prompts)} "
+           f"too long for the context with --max_new_tokens skipped; {len(prompts)} to train on")
+    if not prompts:
+        raise UserError(f"{path}: no prompt leaves room for --max_new_tokens in the context")
+    return texts, prompts, None
+
+
+def show_samples(enc, texts, batch, end, n=3):
     for p, r, s in list(zip(texts, batch["responses"], batch["scores"].tolist()))[:n]:
-        text, ended = decode_response(enc, r)
+        text, ended = decode_response(enc, r, end)
         print0(f"    {p!r} -> {text!r}{'' if ended else ' (no end token)'}  score {s:+.2f}")
 
 
@@ -328,14 +355,17 @@ def main(cfg):
     if cfg.adaptive_kl and cfg.kl_coef == 0:
         raise UserError("--kl_coef=0 with --adaptive_kl=true: the controller scales β by a "
                         "factor, so it would stay 0; start from a β above 0")
-    enc = world_tokenizer(cfg.data_dir)
-    tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"),
-                          pad=enc.encode_single_token("<|endoftext|>"))
-
     if cfg.reward not in ("model", "verifiable"):
         raise UserError(f"--reward={cfg.reward}: expected model or verifiable")
-    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
-                                   device=run.device)
+    if cfg.data and (cfg.reward == "verifiable" or cfg.ptx_coef > 0):
+        raise UserError(f"--data={cfg.data} with --reward={cfg.reward} --ptx_coef={cfg.ptx_coef}: "
+                        f"the verifiable reward and the pretraining term need the world; use "
+                        f"--reward=model --ptx_coef=0")
+    # a model fine-tuned from GPT-2 carries its tokenizer and chat format
+    ref, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+                                          cfg.data_dir, run.device)
+    tok = SimpleNamespace(end=formats.end_token(enc, chat),
+                          pad=enc.encode_single_token("<|endoftext|>"))
     policy = copy.deepcopy(ref)
     if cfg.ref_from:  # a policy of an earlier round starts; the reference stays the SFT model
         ref, _ = checkpoint.load_model(os.path.join(cfg.ref_from, "ckpt.pt"), "python sft.py",
@@ -352,8 +382,12 @@ def main(cfg):
     ref.requires_grad_(False)
     for m in (policy, ref, value_model):
         m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
-    texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
-                           policy.config.block_size - cfg.max_new_tokens)
+    room = policy.config.block_size - cfg.max_new_tokens
+    if cfg.data:  # your prompts: no tasks, so no gold scorer
+        texts, prompts, tasks = own_prompts(cfg.data, enc, chat, room)
+    else:
+        texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                                             enc, room)
     ptx_data = ptx_stream(cfg, enc, policy.config.block_size)  # None when --ptx_coef=0
 
     opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
@@ -399,7 +433,7 @@ def main(cfg):
         # the world's gold scorer on the same rollouts: logged to show what the proxy hides,
         # never optimised
         grades = [world.grade(tasks[i], *decode_response(enc, r))
-                  for i, r in zip(mine, batch["responses"])]
+                  for i, r in zip(mine, batch["responses"])] if tasks else None
 
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
@@ -421,9 +455,10 @@ def main(cfg):
             "value/explained_variance": distributed.all_reduce_mean(
                 explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
             "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
-            "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
-            "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
-            "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades])),
+            **({} if grades is None else {
+                "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
+                "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
+                "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades]))}),
             "time/rollout_tok_per_s": distributed.all_reduce_mean(n_tokens / t_rollout, run)
                                       * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
@@ -436,13 +471,13 @@ def main(cfg):
                  "policy/clipfrac", "value/explained_variance", "rollout/length")
         log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
-            show_samples(enc, [texts[i] for i in mine], batch)
+            show_samples(enc, [texts[i] for i in mine], batch, tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "ppo", policy, cfg, it, opt_policy, enc,
                             value_model=value_model.state_dict(),
                             value_optimizer=opt_value.state_dict(), kl_coef=beta,
-                            reward_model=rm_ckpt["config"])))  # also on SIGTERM
+                            reward_model=rm_ckpt["config"], **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -14,7 +14,8 @@ import zlib
 
 import numpy as np
 
-from checkpoint import require
+import hf
+from checkpoint import load, model_from, require
 from cli import UserError
 from data import world
 from data.tokenizer import encode_prompt, encode_response, load_tokenizer
@@ -185,6 +186,18 @@ def world_tokenizer(data_dir):
         what = str(e) if str(e).startswith(path) else f"{path}: {e}"
         raise UserError(f"{what}: the tokenizer file is damaged; run `python data/prepare.py` "
                         f"again") from None
+
+
+def stage_model(path, made_by, data_dir, device):
+    """A stage's language model (eval mode) with its tokenizer and chat format: GPT-2's
+    and "hh" when it was fine-tuned from GPT-2 (the checkpoint carries them), else the
+    world's (data_dir) and "world". Returns (model, enc, chat, carried), carried being
+    what the next stage's checkpoint keeps of them."""
+    ckpt = load(path, made_by)
+    enc = hf.checkpoint_tokenizer(ckpt, path) or world_tokenizer(data_dir)
+    carried = {k: ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in ckpt}
+    model = model_from(ckpt, path, made_by, enc, device=device)
+    return model, enc, ckpt.get("chat", "world"), carried
 
 
 def token_stream(path, vocab_size, min_tokens):

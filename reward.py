@@ -49,7 +49,6 @@ import torch.nn.functional as F
 import checkpoint
 import distributed
 import formats
-import hf
 import optim
 from batch import collate as collate_rows
 from batch import reward_scores, sample_responses
@@ -57,7 +56,7 @@ from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from distributed import print0
 from logger import Logger, append_jsonl
-from records import load_preference_sets, read_jsonl, world_tokenizer
+from records import load_preference_sets, read_jsonl, stage_model
 from reward_model import RewardMember, load_reward_model, member_scores
 
 
@@ -318,14 +317,9 @@ def main(cfg):
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
                         f"last|mean, reduce mean|min")
-    path = os.path.join(cfg.init_from, "ckpt.pt")
-    sft_ckpt = checkpoint.load(path, "python sft.py")
-    enc = hf.checkpoint_tokenizer(sft_ckpt, path)  # a model trained from GPT-2 carries its own
-    carried = {k: sft_ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in sft_ckpt}
-    chat = sft_ckpt.get("chat", "world")
-    enc = enc or world_tokenizer(cfg.data_dir)
-    sft = checkpoint.model_from(sft_ckpt, path, "python sft.py", enc, device=run.device)
-    del sft_ckpt
+    # a model fine-tuned from GPT-2 carries its tokenizer and chat format
+    sft, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+                                          cfg.data_dir, run.device)
     block, stop = sft.config.block_size, None
     if cfg.data:
         train, val, prompts = own_rankings(cfg.data, enc, chat, block, cfg.val_fraction)

@@ -132,9 +132,10 @@ def encode_response(enc, text, ended=True):
     return enc.encode_ordinary(text) + ([enc.encode_single_token("<|end|>")] if ended else [])
 
 
-def decode_response(enc, tokens):
-    """(text, ended): the text up to the first end token, and whether there was one."""
-    end = enc.encode_single_token("<|end|>")
+def decode_response(enc, tokens, end=None):
+    """(text, ended): the text up to the first end token (the world's <|end|>, or the id
+    given), and whether there was one."""
+    end = enc.encode_single_token("<|end|>") if end is None else end
     ended = end in tokens
     if ended:
         tokens = tokens[: tokens.index(end)]

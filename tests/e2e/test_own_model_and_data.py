@@ -13,6 +13,7 @@ import checkpoint
 import dpo
 import export
 import hf
+import ppo
 import reward
 import sample
 import sft
@@ -78,7 +79,7 @@ def test_gpt2_sft_then_dpo_on_hh_pairs(tmp_path, capsys):
     assert hf.from_pretrained(str(tmp_path / "export"))[0].config.n_layer == 2
 
 
-def test_gpt2_sft_then_a_reward_model_on_hh_pairs(tmp_path, capsys):
+def test_gpt2_sft_reward_model_and_ppo_on_data_of_your_own(tmp_path, capsys):
     data = hh_file(tmp_path / "hh.jsonl")
     main_of(sft, [f"--init_from={FIXTURE}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}",
                   *STEPS])
@@ -93,10 +94,29 @@ def test_gpt2_sft_then_a_reward_model_on_hh_pairs(tmp_path, capsys):
     assert "hh.jsonl: held-out pair accuracy" in out and "Bayes" not in out
     ckpt = checkpoint.load(tmp_path / "rm" / "ckpt.pt")
     assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
-    # the reward model loads with the tokenizer it carries, and scores HH-format answers
+    # the reward model loads with the tokenizer it carries
     enc = hf.checkpoint_tokenizer(ckpt, tmp_path / "rm" / "ckpt.pt")
     rm, _ = load_reward_model(tmp_path / "rm" / "ckpt.pt", "x", enc)
     assert len(rm.members) == 1 and rm.norms.shape == (1, 2)
+
+    # PPO on prompts of your own against it: HH's format, no gold scorer to log
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?"}) + "\n"
+                               for i in range(6)) + json.dumps({"prompt": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 1 + 1?"}]}) + "\n")
+    main_of(ppo, [f"--init_from={tmp_path / 'sft'}", f"--reward_from={tmp_path / 'rm'}",
+                  f"--data={prompts}", f"--out_dir={tmp_path / 'ppo'}", "--iterations=2",
+                  "--batch_size=4", "--minibatch_size=2", "--ppo_epochs=1",
+                  "--max_new_tokens=4", "--sample_interval=1"])
+    out = capsys.readouterr().out
+    assert "RL prompt file, read 7; 0 too long for the context with --max_new_tokens skipped; " \
+           "7 to train on" in out and " -> " in out
+    log = read_log(tmp_path / "ppo" / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 1] and "gold/score" not in log[0]
+    assert log[0]["objective/kl"] == pytest.approx(0, abs=1e-4)
+    ckpt = checkpoint.load(tmp_path / "ppo" / "ckpt.pt")
+    assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
 
 
 def test_world_model_on_a_file_of_your_own(pipeline, tmp_path, capsys):
@@ -121,3 +141,11 @@ def test_own_data_refusals(pipeline, tmp_path, capsys, rows, needle):
     assert_user_error_in_process(capsys, sft, f"--data_dir={pipeline.data}",
                                  f"--init_from={pipeline.out / 'pretrain'}", f"--data={data}",
                                  f"--out_dir={tmp_path / 'sft'}", *STEPS, needles=(needle,))
+
+
+def test_ppo_on_your_prompts_refuses_what_needs_the_world(capsys, tmp_path):
+    for flags in (["--reward=verifiable"], ["--ptx_coef=0.5"]):
+        assert_user_error_in_process(capsys, ppo, f"--data={tmp_path / 'p.jsonl'}",
+                                     f"--out_dir={tmp_path / 'o'}", *flags,
+                                     needles=["need the world", flags[0]])
+    assert not (tmp_path / "o").exists()
