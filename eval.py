@@ -24,6 +24,17 @@ out/report.md and out/<stage>/eval.json.
     python eval.py --best_of=1,4,16,64               # a longer best-of-n sweep
     python eval.py --temperature=1.0                 # sampled instead of greedy answers
     python eval.py --device=cuda
+    python eval.py --data=prompts.jsonl --judge_from=out/rm-judge \
+        --models=out/sft-gpt2,out/ppo-gpt2,out/dpo-gpt2      # your models and prompts
+
+Your own models and prompts (--data, an RL prompt file of formats.py): there is no gold
+scorer, so a reward model you name (--judge_from; trained with reward.py on preferences
+the policies did not train on, ideally) judges the answers instead. Each of --models (stage
+folders, GPT-2's included) answers every prompt; the table gives the judge's mean score,
+the win rate against --reference under the judge (the first model unless named; ties
+half), the sampled KL to it, the length and the end-of-answer rate, and a few answers side
+by side. Writes out/report_judged.md. The judge is a proxy, with the proxy's blind spots:
+the world's report shows how far a reward model's verdict can sit from the gold one.
 """
 
 import json
@@ -36,12 +47,13 @@ from typing import ClassVar
 
 import checkpoint
 import distributed
+import formats
 from batch import reward_scores, sample_responses, sequence_kl
 from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response
 from distributed import print0
-from records import read_jsonl, world_tokenizer
+from records import read_jsonl, stage_model, world_tokenizer
 from reward_model import load_reward_model
 
 # language-model stages
@@ -56,6 +68,9 @@ class Config:
     stages: str = ""                 # comma-separated stages to score (default: every one found)
     reward_from: str = "auto"  # reward model (proxy, best-of-n): auto = <out>/reward if there; none
     reference: str = "sft"           # the stage KL and win rates are measured against
+    data: str = ""                   # your own prompts instead of the world's (see above)
+    judge_from: str = ""             # with --data: the reward model that judges the answers
+    models: str = ""                 # with --data: the stage folders to compare, comma-separated
     best_of: str = "1,4,16"          # n for best-of-n from the reference ("" = none)
     temperature: float = 0.0         # 0 = greedy decoding
     max_new_tokens: int = 48         # answer length limit
@@ -275,8 +290,83 @@ def training_curves(out, cfg):
 
 # ---- main ----------------------------------------------------------------------------------
 
+# ---- your own models and prompts, judged by a reward model -----------------------------------
+
+
+def judged(cfg, run):
+    """The report on --data's prompts: every model of --models, scored by --judge_from."""
+    folders = [m for m in cfg.models.split(",") if m]
+    if not folders or not cfg.judge_from:
+        raise UserError("--data needs --models (stage folders, comma-separated) and --judge_from "
+                        "(a reward model to judge the answers): there is no gold scorer there")
+    reference = cfg.reference if cfg.reference in folders else folders[0]
+    models = {f: stage_model(os.path.join(f, "ckpt.pt"), "python sft.py", cfg.data_dir,
+                             run.device) for f in folders}
+    _, enc, chat, _ = models[reference]
+    judge, _ = load_reward_model(os.path.join(cfg.judge_from, "ckpt.pt"), "python reward.py", enc,
+                                 device=run.device)  # refused unless it has the same tokenizer
+    for f, (_, e, c, _) in models.items():
+        if (e.name, c) != (enc.name, chat):
+            raise UserError(f"{f}: tokenizer {e.name} / chat {c}, but {reference} has {enc.name} "
+                            f"/ {chat}: the models compared must share them")
+    messages, counts = formats.load_rl_prompts(cfg.data)
+    room = models[reference][0].config.block_size - cfg.max_new_tokens
+    prompts = [(m, ids) for m in messages
+               if len(ids := formats.chat_tokens(enc, chat, m, None, cfg.data)[0]) <= room]
+    print0(f"{cfg.data}: {formats.describe(counts)}; {len(messages) - len(prompts)} too long for "
+           f"--max_new_tokens skipped; {len(prompts)} prompts")
+    if not prompts:
+        raise UserError(f"{cfg.data}: no prompt leaves room for "
+                        f"--max_new_tokens={cfg.max_new_tokens}")
+    end, pad = formats.end_token(enc, chat), enc.encode_single_token("<|endoftext|>")
+    ids = [p for _, p in prompts]
+
+    def answers(model, temperature, seed):
+        return sample_responses(model, enc, ids, cfg.max_new_tokens, temperature, seed,
+                                run.device, cfg.batch_size, stop=end)
+
+    rows = {}
+    for f, (model, *_) in models.items():
+        pairs = answers(model, cfg.temperature, cfg.seed)
+        scores = reward_scores(judge, pairs, pad, run.device, cfg.batch_size).tolist()
+        kls = (sequence_kl(model, models[reference][0], answers(model, 1.0, cfg.seed + 2), pad,
+                           run.device, cfg.batch_size) if f != reference else [0.0] * len(ids))
+        rows[f] = [dict(zip(("text", "ended"), decode_response(enc, r, end)), judge=s, kl=k)
+                   for (_, r), s, k in zip(pairs, scores, kls)]
+    base = rows[reference]
+    table = [f"| model | judge | win vs {reference} | KL to {reference} | words | ended |",
+             "|---|---|---|---|---|---|"]
+    for f, rs in rows.items():
+        n = len(rs)
+        win = sum(1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0
+                  for a, b in zip(rs, base)) / n
+        table.append(f"| {f} | {sum(r['judge'] for r in rs) / n:+.3f} | {win:.1%} | "
+                     f"{sum(r['kl'] for r in rs) / n:.2f} | "
+                     f"{sum(len(r['text'].split()) for r in rs) / n:.1f} | "
+                     f"{sum(r['ended'] for r in rs) / n:.0%} |")
+    shown = []
+    for i in range(min(cfg.n_show * 3, len(prompts))):
+        shown.append(f"**{prompts[i][0][-1]['content'][:200]}**\n")
+        shown += [f"- {f}: `{rs[i]['text'][:160]!r}` (judge {rs[i]['judge']:+.2f})"
+                  for f, rs in rows.items()]
+        shown.append("")
+    decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
+    report = ["# minRLHF evaluation on your prompts\n",
+              f"{len(prompts)} prompts from {cfg.data}, {decoding} answers, judged by the reward "
+              f"model {cfg.judge_from} (a proxy: no gold scorer here). win: share of prompts where "
+              f"the judge scores the answer above {reference}'s, ties half; KL: Σ log π/π_ref per "
+              f"answer, mean over answers sampled at temperature 1.\n",
+              "\n".join(table), "\n## Answers side by side\n", "\n".join(shown)]
+    path = os.path.join(cfg.out, "report_judged.md")
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint.atomic_write(path, lambda fh: fh.write("\n".join(report).encode()))
+    print0("\n" + "\n".join(table) + f"\n\nreport: {path}")
+
+
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
+    if cfg.data:
+        return judged(cfg, run)
     enc = world_tokenizer(cfg.data_dir)
     records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]

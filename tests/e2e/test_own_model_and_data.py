@@ -11,6 +11,7 @@ from conftest import assert_user_error_in_process, main_of, read_log
 
 import checkpoint
 import dpo
+import eval as evaluation
 import export
 import hf
 import ppo
@@ -118,6 +119,16 @@ def test_gpt2_sft_reward_model_and_ppo_on_data_of_your_own(tmp_path, capsys):
     ckpt = checkpoint.load(tmp_path / "ppo" / "ckpt.pt")
     assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
 
+    # eval on the same prompts, the reward model as the judge (no gold scorer there)
+    main_of(evaluation, [f"--data={prompts}", f"--judge_from={tmp_path / 'rm'}",
+                         f"--models={tmp_path / 'sft'},{tmp_path / 'ppo'}",
+                         f"--out={tmp_path / 'report'}", "--max_new_tokens=4"])
+    report = (tmp_path / "report" / "report_judged.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert len(rows) == 2
+    assert rows[0].split(" | ")[2:4] == ["50.0%", "0.00"]  # the reference against itself
+    assert "## Answers side by side" in report and "(judge " in report
+
 
 def test_world_model_on_a_file_of_your_own(pipeline, tmp_path, capsys):
     data = tmp_path / "mine.jsonl"
@@ -148,4 +159,10 @@ def test_ppo_on_your_prompts_refuses_what_needs_the_world(capsys, tmp_path):
         assert_user_error_in_process(capsys, ppo, f"--data={tmp_path / 'p.jsonl'}",
                                      f"--out_dir={tmp_path / 'o'}", *flags,
                                      needles=["need the world", flags[0]])
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_on_your_prompts_needs_models_and_a_judge(capsys, tmp_path):
+    assert_user_error_in_process(capsys, evaluation, f"--data={tmp_path / 'p.jsonl'}",
+                                 f"--out={tmp_path / 'o'}", needles=["--models", "--judge_from"])
     assert not (tmp_path / "o").exists()
