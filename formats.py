@@ -214,6 +214,23 @@ def chat_tokens(enc, chat, messages, answer=None, where=""):
             None if answer is None else encode_response(enc, answer))
 
 
+def rl_prompts(path, enc, chat, room):
+    """An RL prompt file's prompts in the model's chat format: (texts, token lists), the
+    prompts longer than `room` tokens skipped and counted."""
+    messages, counts = load_rl_prompts(path)
+    texts, prompts = [], []
+    for m in messages:
+        ids = chat_tokens(enc, chat, m, None, path)[0]
+        if len(ids) <= room:
+            texts.append(m[-1]["content"])
+            prompts.append(ids)
+    print0(f"{path}: RL prompt file, {describe(counts)}; {len(messages) - len(prompts)} too "
+           f"long for the context with --max_new_tokens skipped; {len(prompts)} to train on")
+    if not prompts:
+        raise UserError(f"{path}: no prompt leaves room for --max_new_tokens in the context")
+    return texts, prompts
+
+
 def load_demonstrations(path):
     """(prompt messages, answer) pairs to fine-tune on, from whichever of the formats the
     file holds (told by its first record): SFT records, or the chosen answers of HH-RLHF or

@@ -61,6 +61,12 @@ the policy never sees it.
     python grpo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 grpo.py   # each process its own groups and seed
     python grpo.py --resume=true
+    python grpo.py --init_from=out/sft-gpt2 --reward=model --reward_from=out/rm-gpt2 \
+        --data=prompts.jsonl --out_dir=out/grpo-gpt2
+
+Your own prompts: --data an RL prompt file (formats.py) for a model fine-tuned from GPT-2,
+scored by a reward model of the same tokenizer (--reward=model); there is no answer to
+check (verifiable) and no gold scorer to log without the world.
 """
 
 import copy
@@ -75,6 +81,7 @@ import torch
 
 import checkpoint
 import distributed
+import formats
 import optim
 from batch import left_pad, ptx_windows, response_logprobs, reward_scores, verifiable_score
 from cli import UserError, parse_config, ranges, user_errors
@@ -82,7 +89,7 @@ from data import world
 from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
-from records import load_prompts, ptx_stream, world_tokenizer
+from records import load_prompts, ptx_stream, stage_model
 from reward_model import load_reward_model
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce")
@@ -92,6 +99,7 @@ LOSS_AGGS = ("seq_mean", "constant", "token_mean")
 @dataclass
 class Config:
     data_dir: str = "data/world"      # folder written by data/prepare.py (prompts_train.jsonl)
+    data: str = ""                    # your own RL prompts instead (formats.py), e.g. for GPT-2
     init_from: str = "out/sft"        # the SFT model: the policy's start and the frozen reference
     reward_from: str = "out/reward"   # reward model (--reward=model or sum)
     reward: str = "verifiable"        # verifiable: 1 if right, else 0; model: the reward model; sum
@@ -262,11 +270,15 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     check(cfg, run)
     G, n_groups = cfg.group_size, cfg.batch_size // (cfg.group_size * run.world_size)
-    enc = world_tokenizer(cfg.data_dir)
-    tok = SimpleNamespace(end=enc.encode_single_token("<|end|>"),
+    if cfg.data and (cfg.reward != "model" or cfg.ptx_coef > 0):
+        raise UserError(f"--data={cfg.data} with --reward={cfg.reward} --ptx_coef={cfg.ptx_coef}: "
+                        f"the verifiable reward and the pretraining term need the world; use "
+                        f"--reward=model --ptx_coef=0")
+    # a model fine-tuned from GPT-2 carries its tokenizer and chat format
+    ref, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+                                          cfg.data_dir, run.device)
+    tok = SimpleNamespace(end=formats.end_token(enc, chat),
                           pad=enc.encode_single_token("<|endoftext|>"))
-    ref, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
-                                   device=run.device)
     policy = copy.deepcopy(ref)
     ref.requires_grad_(False)
     reward_model, rm_config = None, None
@@ -275,8 +287,12 @@ def main(cfg):
                                                   "python reward.py", enc, device=run.device)
         reward_model.requires_grad_(False).eval()
         rm_config = rm_ckpt["config"]
-    texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"), enc,
-                                         policy.config.block_size - cfg.max_new_tokens)
+    room = policy.config.block_size - cfg.max_new_tokens
+    if cfg.data:  # your prompts: no tasks, so no check and no gold scorer
+        (texts, prompts), tasks = formats.rl_prompts(cfg.data, enc, chat, room), None
+    else:
+        texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                                             enc, room)
     ptx_data = ptx_stream(cfg, enc, policy.config.block_size)  # None when --ptx_coef=0
 
     optimizer = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
@@ -370,7 +386,8 @@ def main(cfg):
         t_update = time.time() - t0 - t_rollout
 
         # the world's gold scorer on the same rollouts: logged, never optimised
-        grades = [world.grade(tasks[i], *decode_response(enc, r)) for i, r in zip(idx, responses)]
+        grades = [world.grade(tasks[i], *decode_response(enc, r))
+                  for i, r in zip(idx, responses)] if tasks else None
         def mean(x):  # over this process's answers, then over the processes
             return distributed.all_reduce_mean(float(torch.as_tensor(x).float().mean()), run)
         ended = [tok.end in r for r in responses]
@@ -381,9 +398,10 @@ def main(cfg):
             **{k: mean(v) for k, v in stats.items()},
             **{k: mean(v) for k, v in sampling.items()},
             "rollout/length": mean(mask.sum(1)), "rollout/ended": mean(ended),
-            "gold/score": mean([x["gold"] for x in grades]),
-            "gold/correct": mean([float(x["correct"]) for x in grades]),
-            "gold/preamble": mean([float(x["preamble"]) for x in grades]),
+            **({} if grades is None else {
+                "gold/score": mean([x["gold"] for x in grades]),
+                "gold/correct": mean([float(x["correct"]) for x in grades]),
+                "gold/preamble": mean([float(x["preamble"]) for x in grades])}),
             "time/rollout_s": t_rollout, "time/update_s": t_update, **guard.logged(),
         }
         it += 1
@@ -392,12 +410,12 @@ def main(cfg):
         log.step(it - 1, int(mask.sum().item()) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             for i, r, s in list(zip(idx, responses, scores.tolist()))[:3]:
-                text, end = decode_response(enc, r)
+                text, end = decode_response(enc, r, tok.end)
                 print0(f"    {texts[i]!r} -> {text!r}{'' if end else ' (no end)'}  score {s:+.2f}")
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "grpo", policy, cfg, it, optimizer, enc,
-                            reward_model=rm_config)))  # also on SIGTERM
+                            reward_model=rm_config, **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -316,24 +316,6 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
 # --- data and set-up -----------------------------------------------------------------------------
 
 
-def own_prompts(path, enc, chat, room):
-    """Your RL prompts (formats.load_rl_prompts) in the model's chat format: (texts, token
-    lists, None for the tasks); prompts that leave no room for the answer are skipped
-    and counted."""
-    messages, counts = formats.load_rl_prompts(path)
-    texts, prompts = [], []
-    for m in messages:
-        ids = formats.chat_tokens(enc, chat, m, None, path)[0]
-        if len(ids) <= room:
-            texts.append(m[-1]["content"])
-            prompts.append(ids)
-    print0(f"{path}: RL prompt file, {formats.describe(counts)}; {len(messages) - len(prompts)} "
-           f"too long for the context with --max_new_tokens skipped; {len(prompts)} to train on")
-    if not prompts:
-        raise UserError(f"{path}: no prompt leaves room for --max_new_tokens in the context")
-    return texts, prompts, None
-
-
 def show_samples(enc, texts, batch, end, n=3):
     for p, r, s in list(zip(texts, batch["responses"], batch["scores"].tolist()))[:n]:
         text, ended = decode_response(enc, r, end)
@@ -384,7 +366,7 @@ def main(cfg):
         m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
     room = policy.config.block_size - cfg.max_new_tokens
     if cfg.data:  # your prompts: no tasks, so no gold scorer
-        texts, prompts, tasks = own_prompts(cfg.data, enc, chat, room)
+        (texts, prompts), tasks = formats.rl_prompts(cfg.data, enc, chat, room), None
     else:
         texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                                              enc, room)

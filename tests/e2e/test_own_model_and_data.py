@@ -13,6 +13,7 @@ import checkpoint
 import dpo
 import eval as evaluation
 import export
+import grpo
 import hf
 import ppo
 import reward
@@ -119,6 +120,15 @@ def test_gpt2_sft_reward_model_and_ppo_on_data_of_your_own(tmp_path, capsys):
     ckpt = checkpoint.load(tmp_path / "ppo" / "ckpt.pt")
     assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
 
+    # GRPO on them too, the reward model scoring each group of answers
+    main_of(grpo, [f"--init_from={tmp_path / 'sft'}", f"--reward_from={tmp_path / 'rm'}",
+                   "--reward=model", f"--data={prompts}", f"--out_dir={tmp_path / 'grpo'}",
+                   "--iterations=2", "--batch_size=8", "--group_size=4", "--max_new_tokens=4",
+                   "--dynamic_sampling=false"])
+    log = read_log(tmp_path / "grpo" / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 1] and "gold/score" not in log[0]
+    assert checkpoint.load(tmp_path / "grpo" / "ckpt.pt")["chat"] == "hh"
+
     # eval on the same prompts, the reward model as the judge (no gold scorer there)
     main_of(evaluation, [f"--data={prompts}", f"--judge_from={tmp_path / 'rm'}",
                          f"--models={tmp_path / 'sft'},{tmp_path / 'ppo'}",
@@ -154,11 +164,12 @@ def test_own_data_refusals(pipeline, tmp_path, capsys, rows, needle):
                                  f"--out_dir={tmp_path / 'sft'}", *STEPS, needles=(needle,))
 
 
-def test_ppo_on_your_prompts_refuses_what_needs_the_world(capsys, tmp_path):
-    for flags in (["--reward=verifiable"], ["--ptx_coef=0.5"]):
-        assert_user_error_in_process(capsys, ppo, f"--data={tmp_path / 'p.jsonl'}",
+def test_rl_on_your_prompts_refuses_what_needs_the_world(capsys, tmp_path):
+    for module, flags in ((ppo, ["--reward=verifiable"]), (ppo, ["--ptx_coef=0.5"]),
+                          (grpo, ["--reward=sum"]), (grpo, ["--reward=model", "--ptx_coef=1"])):
+        assert_user_error_in_process(capsys, module, f"--data={tmp_path / 'p.jsonl'}",
                                      f"--out_dir={tmp_path / 'o'}", *flags,
-                                     needles=["need the world", flags[0]])
+                                     needles=["need the world", flags[-1]])
     assert not (tmp_path / "o").exists()
 
 
