@@ -20,7 +20,8 @@ The default is the case where one round is known to hack: the plain-head reward 
   4. measured on the held-out prompts: P_r's greedy answers (gold, correctness,
      preamble and sign-off rates, the round's reward), its KL to SFT on sampled
      answers; and the round's reward model on P_r's own answers as the raters rank
-     them (the next round's set): how well it still tells better from worse there
+     them (the next round's set): how well it still tells better from worse there.
+     Round 0 is the SFT model under the first reward model.
 
 Each stage runs as its own process, printed before it runs; a stage whose output is
 there already is not run again, so a stopped run continues where it was. Writes
@@ -146,6 +147,10 @@ def main(cfg):
               f"--out_dir={rm_dir}", f"--prefs={sets}", f"--likelihood={cfg.likelihood}",
               f"--max_steps={cfg.reward_steps}", f"--seed={cfg.seed}", *device,
               done=finished(rm_dir, lambda ck: bool(ck.get("members")) and "model" not in ck))
+        if r == 1:  # round 0: the SFT model itself, under the first reward model
+            fig = measure(cfg, enc, tasks, cfg.init_from, rm_dir,
+                          os.path.join(w, "prefs_round1_val.jsonl"), sft, run)
+            rounds.append(dict(round=0, **fig))
         stage("ppo.py", f"--data_dir={w}", f"--init_from={policy}",
               f"--ref_from={cfg.init_from}", f"--reward_from={rm_dir}", f"--out_dir={ppo_dir}",
               f"--kl_coef={cfg.kl_coef}", f"--iterations={cfg.ppo_iterations}",

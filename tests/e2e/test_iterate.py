@@ -18,7 +18,8 @@ def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path):
     p = run("iterate.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
             f"--out_dir={out}", "--rounds=2", *SMALL)
     rounds = json.loads((out / "rounds.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["kl"] == 0  # round 0 is the SFT model against itself
     for r in rounds:
         assert 0 <= r["correct"] <= 1 and 0 <= r["preamble"] <= 1 and 0 <= r["sign_off"] <= 1
         assert 0 <= r["rm_accuracy_on_policy"] <= 1
