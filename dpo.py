@@ -311,7 +311,7 @@ def main(cfg):
     refuse_settings_that_train_nothing(cfg)
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
-    ref, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+    ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():

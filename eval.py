@@ -300,7 +300,7 @@ def judged(cfg, run):
         raise UserError("--data needs --models (stage folders, comma-separated) and --judge_from "
                         "(a reward model to judge the answers): there is no gold scorer there")
     reference = cfg.reference if cfg.reference in folders else folders[0]
-    models = {f: stage_model(os.path.join(f, "ckpt.pt"), "python sft.py", cfg.data_dir,
+    models = {f: stage_model(f, "python sft.py", cfg.data_dir,
                              run.device) for f in folders}
     _, enc, chat, _ = models[reference]
     judge, _ = load_reward_model(os.path.join(cfg.judge_from, "ckpt.pt"), "python reward.py", enc,

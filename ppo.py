@@ -344,7 +344,7 @@ def main(cfg):
                         f"the verifiable reward and the pretraining term need the world; use "
                         f"--reward=model --ptx_coef=0")
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
-    ref, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+    ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
     tok = SimpleNamespace(end=formats.end_token(enc, chat),
                           pad=enc.encode_single_token("<|endoftext|>"))

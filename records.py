@@ -188,11 +188,19 @@ def world_tokenizer(data_dir):
                         f"again") from None
 
 
-def stage_model(path, made_by, data_dir, device):
-    """A stage's language model (eval mode) with its tokenizer and chat format: GPT-2's
-    and "hh" when it was fine-tuned from GPT-2 (the checkpoint carries them), else the
-    world's (data_dir) and "world". Returns (model, enc, chat, carried), carried being
-    what the next stage's checkpoint keeps of them."""
+def stage_model(folder, made_by, data_dir, device):
+    """A model to start a stage from, in eval mode, with its tokenizer and chat format: a
+    Hugging Face GPT-2 directory or model name (GPT-2's tokenizer, HH's chat format), or a
+    stage's folder (its ckpt.pt; GPT-2's tokenizer and "hh" when it was fine-tuned from
+    GPT-2, which the checkpoint carries, else the world's of data_dir and "world").
+    Returns (model, enc, chat, carried), carried being what the next stage's checkpoint
+    keeps of them."""
+    if hf.is_gpt2(folder):
+        directory = hf.resolve(folder)
+        model, enc = hf.from_pretrained(directory)
+        return (model.to(device), enc, "hh",
+                dict(hf_tokenizer=hf.tokenizer_texts(directory), chat="hh", init_from=folder))
+    path = os.path.join(folder, "ckpt.pt")
     ckpt = load(path, made_by)
     enc = hf.checkpoint_tokenizer(ckpt, path) or world_tokenizer(data_dir)
     carried = {k: ckpt[k] for k in ("hf_tokenizer", "chat", "init_from") if k in ckpt}

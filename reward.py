@@ -318,7 +318,7 @@ def main(cfg):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
                         f"last|mean, reduce mean|min")
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
-    sft, enc, chat, carried = stage_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+    sft, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
     block, stop = sft.config.block_size, None
     if cfg.data:

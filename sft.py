@@ -33,7 +33,6 @@ import torch
 import checkpoint
 import distributed
 import formats
-import hf
 import optim
 from batch import collate as collate_rows
 from cli import UserError, parse_config, ranges, user_errors
@@ -41,7 +40,7 @@ from data.tokenizer import encode_prompt, encode_response
 from distributed import print0
 from logger import Logger
 from model import IGNORE_INDEX
-from records import read_jsonl, world_tokenizer
+from records import read_jsonl, stage_model
 
 
 @dataclass
@@ -103,21 +102,6 @@ def own_examples(path, enc, chat, block_size, val_fraction):
                             "demonstration")
 
 
-def load_base(cfg, run):
-    """(model, tokenizer, chat format, what the checkpoint carries besides): a stage's
-    checkpoint of the world, or a GPT-2 checkpoint (hf.py)."""
-    if hf.is_gpt2(cfg.init_from):
-        directory = hf.resolve(cfg.init_from)
-        model, enc = hf.from_pretrained(directory)
-        return (model.to(run.device), enc, "hh",
-                dict(hf_tokenizer=hf.tokenizer_texts(directory), chat="hh",
-                     init_from=cfg.init_from))
-    enc = world_tokenizer(cfg.data_dir)
-    model, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python pretrain.py",
-                                     enc, device=run.device)
-    return model, enc, "world", {}
-
-
 def collate(examples, pad, device):
     """Inputs and next-token targets, right-padded; the targets are IGNORE_INDEX on the
     prompt and the padding, so only answer tokens (end token included) are learned."""
@@ -154,7 +138,9 @@ def val_loss(model, examples, pad, run):
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
-    raw_model, enc, chat, carried = load_base(cfg, run)
+    # a GPT-2 checkpoint (directory or name) starts in HH's chat format with its tokenizer
+    raw_model, enc, chat, carried = stage_model(cfg.init_from, "python pretrain.py", cfg.data_dir,
+                                                run.device)
     raw_model.train()
     pad = enc.encode_single_token("<|endoftext|>")
     if cfg.data:

@@ -177,3 +177,17 @@ def test_eval_on_your_prompts_needs_models_and_a_judge(capsys, tmp_path):
     assert_user_error_in_process(capsys, evaluation, f"--data={tmp_path / 'p.jsonl'}",
                                  f"--out={tmp_path / 'o'}", needles=["--models", "--judge_from"])
     assert not (tmp_path / "o").exists()
+
+
+def test_reward_and_dpo_straight_from_a_gpt2_directory(tmp_path, capsys):
+    """--init_from takes a GPT-2 directory in every stage, not only in sft.py."""
+    data = hh_file(tmp_path / "hh.jsonl")
+    main_of(reward, [f"--init_from={FIXTURE}", f"--data={data}", f"--out_dir={tmp_path / 'rm'}",
+                     "--norm_prompts=4", "--max_new_tokens=4", *STEPS])
+    main_of(dpo, [f"--init_from={FIXTURE}", f"--data={data}", f"--out_dir={tmp_path / 'dpo'}",
+                  "--kl_prompts=2", "--max_new_tokens=4", *STEPS])
+    for stage in ("rm", "dpo"):
+        ckpt = checkpoint.load(tmp_path / stage / "ckpt.pt")
+        assert ckpt["chat"] == "hh" and ckpt["init_from"] == str(FIXTURE)
+        assert ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
+    assert read_log(tmp_path / "dpo" / "log.jsonl")[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
