@@ -623,19 +623,26 @@ def main(cfg):
     print(f"playground: http://{host}:{port}/  (ready in {time.time() - t0:.1f}s; labels go "
           f"to {pg.labels_path}; Ctrl-C stops)", flush=True)
     # torch's optimizers import a good deal on first use: done now, not when a job starts
-    threading.Thread(target=lambda: torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
-                     daemon=True).start()
+    warm = threading.Thread(target=lambda: torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
+                            daemon=True)
+    warm.start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         if pg.job is not None and pg.job.running:
-            pg.job.cancel.set()
-            pg.thread.join(timeout=30)
+            pg.job.cancel.set()  # a job stops at its next step
         server.server_close()
+    busy = [t for t in (pg.thread, warm) if t is not None]
+    for t in busy:
+        t.join(timeout=30)
     n = sum(pg.counts.values())
-    print(f"\nstopped; {n} label(s) in {pg.labels_path}")
+    print(f"\nstopped; {n} label(s) in {pg.labels_path}", flush=True)
+    if any(t.is_alive() for t in busy):
+        # a thread still inside one long call (on a loaded machine): every label is on the
+        # disk, so end now rather than let the interpreter's exit wait on it
+        os._exit(0)
 
 
 if __name__ == "__main__":
