@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -626,6 +627,13 @@ def main(cfg):
     warm = threading.Thread(target=lambda: torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
                             daemon=True)
     warm.start()
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    # Ctrl-C and SIGTERM stop the server, even where the shell that started it ignores
+    # SIGINT (a background job of a script does)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
