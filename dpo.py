@@ -175,15 +175,7 @@ def own_sets(path, enc, chat, block_size, val_fraction):
     """Your pairs (formats.load_comparisons) in the model's chat format, as load_sets
     gives the world's, for training and validation; and the validation prompts' tokens
     (for the KL estimate). Pairs longer than the context are skipped and counted."""
-    records, counts, kind = formats.load_comparisons(path)
-    encoded, too_long = [], 0
-    for messages, chosen, rejected in records:
-        p, c = formats.chat_tokens(enc, chat, messages, chosen, path)
-        r = formats.chat_tokens(enc, chat, messages, rejected, path)[1]
-        if len(p) + max(len(c), len(r)) > block_size:
-            too_long += 1
-            continue
-        encoded.append((p, c, r))
+    encoded, counts, kind, too_long = formats.comparison_tokens(path, enc, chat, block_size)
     train, val = formats.hold_out(encoded, val_fraction, path, kind, counts, too_long,
                                   block_size, "pair", kept="pairs ")
 

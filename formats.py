@@ -21,6 +21,8 @@ hh_prompt and hh_answer write a conversation back in HH's text format, the chat 
 a GPT-2 model trained on it.
 """
 
+from types import SimpleNamespace
+
 from cli import UserError
 from data.tokenizer import encode_prompt, encode_response
 from distributed import print0
@@ -229,6 +231,37 @@ def rl_prompts(path, enc, chat, room):
     if not prompts:
         raise UserError(f"{path}: no prompt leaves room for --max_new_tokens in the context")
     return texts, prompts
+
+
+def comparison_tokens(path, enc, chat, block_size):
+    """A comparison file's pairs in the model's chat format: ((prompt, chosen, rejected)
+    token lists, counts, the format's name, how many were longer than the context and
+    left out)."""
+    records, counts, kind = load_comparisons(path)
+    encoded, too_long = [], 0
+    for messages, chosen, rejected in records:
+        p, c = chat_tokens(enc, chat, messages, chosen, path)
+        r = chat_tokens(enc, chat, messages, rejected, path)[1]
+        if len(p) + max(len(c), len(r)) > block_size:
+            too_long += 1
+            continue
+        encoded.append((p, c, r))
+    return encoded, counts, kind, too_long
+
+
+def rl_tokens(enc, chat):
+    """The answer's end token and the padding token of an RL stage, in the model's chat
+    format."""
+    return SimpleNamespace(end=end_token(enc, chat), pad=enc.encode_single_token("<|endoftext|>"))
+
+
+def refuse_world_only(cfg):
+    """An RL stage on prompts of your own (--data) has no tasks to check and no
+    pretraining tokens: only the reward model's score, and no PPO-ptx term."""
+    if cfg.data and (cfg.reward != "model" or cfg.ptx_coef > 0):
+        raise UserError(f"--data={cfg.data} with --reward={cfg.reward} --ptx_coef={cfg.ptx_coef}: "
+                        f"the verifiable reward and the pretraining term need the world; use "
+                        f"--reward=model --ptx_coef=0")
 
 
 def load_demonstrations(path):

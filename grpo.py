@@ -74,7 +74,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -270,15 +269,11 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     check(cfg, run)
     G, n_groups = cfg.group_size, cfg.batch_size // (cfg.group_size * run.world_size)
-    if cfg.data and (cfg.reward != "model" or cfg.ptx_coef > 0):
-        raise UserError(f"--data={cfg.data} with --reward={cfg.reward} --ptx_coef={cfg.ptx_coef}: "
-                        f"the verifiable reward and the pretraining term need the world; use "
-                        f"--reward=model --ptx_coef=0")
+    formats.refuse_world_only(cfg)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
-    tok = SimpleNamespace(end=formats.end_token(enc, chat),
-                          pad=enc.encode_single_token("<|endoftext|>"))
+    tok = formats.rl_tokens(enc, chat)
     policy = copy.deepcopy(ref)
     ref.requires_grad_(False)
     reward_model, rm_config = None, None

@@ -52,7 +52,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -339,15 +338,11 @@ def main(cfg):
                         "factor, so it would stay 0; start from a β above 0")
     if cfg.reward not in ("model", "verifiable"):
         raise UserError(f"--reward={cfg.reward}: expected model or verifiable")
-    if cfg.data and (cfg.reward == "verifiable" or cfg.ptx_coef > 0):
-        raise UserError(f"--data={cfg.data} with --reward={cfg.reward} --ptx_coef={cfg.ptx_coef}: "
-                        f"the verifiable reward and the pretraining term need the world; use "
-                        f"--reward=model --ptx_coef=0")
+    formats.refuse_world_only(cfg)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
-    tok = SimpleNamespace(end=formats.end_token(enc, chat),
-                          pad=enc.encode_single_token("<|endoftext|>"))
+    tok = formats.rl_tokens(enc, chat)
     policy = copy.deepcopy(ref)
     if cfg.ref_from:  # a policy of an earlier round starts; the reference stays the SFT model
         ref, _ = checkpoint.load_model(os.path.join(cfg.ref_from, "ckpt.pt"), "python sft.py",

@@ -128,16 +128,9 @@ def own_rankings(path, enc, chat, block_size, val_fraction):
     """Your pairs (formats.load_comparisons) as rankings of two in the model's chat
     format, for training and validation, and the training prompts' tokens (for the
     normalisation). Pairs longer than the context are skipped and counted."""
-    records, counts, kind = formats.load_comparisons(path)
-    rankings, too_long = [], 0
-    for messages, chosen, rejected in records:
-        p, c = formats.chat_tokens(enc, chat, messages, chosen, path)
-        r = formats.chat_tokens(enc, chat, messages, rejected, path)[1]
-        if len(p) + max(len(c), len(r)) > block_size:
-            too_long += 1
-            continue
-        rankings.append(dict(seqs=[p + c, p + r], prompt_len=len(p), ranking=[0, 1],
-                             pairs=[(0, 1)], rec={}))
+    encoded, counts, kind, too_long = formats.comparison_tokens(path, enc, chat, block_size)
+    rankings = [dict(seqs=[p + c, p + r], prompt_len=len(p), ranking=[0, 1], pairs=[(0, 1)],
+                     rec={}) for p, c, r in encoded]
     train, val = formats.hold_out(rankings, val_fraction, path, kind, counts, too_long,
                                   block_size, "pair", kept="pairs ")
     return train, val, [r["seqs"][0][:r["prompt_len"]] for r in train]
