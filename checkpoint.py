@@ -107,9 +107,13 @@ def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
                 rng=torch.get_rng_state(), **extra)
 
 
-def resume(path, model, optimizer):
-    """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt)."""
+def resume(path, model, optimizer, check=None):
+    """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt).
+    check(ckpt), if given, runs first: it raises UserError for a checkpoint that does
+    not fit this run's flags."""
     ckpt = load(path)
+    if check is not None:
+        check(ckpt)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     # the global generator (dropout); data order and sampling have their own seeds

@@ -24,7 +24,8 @@ The default is the case where one round is known to hack: the plain-head reward 
      Round 0 is the SFT model under the first reward model.
 
 Each stage runs as its own process, printed before it runs; a stage whose output is
-there already is not run again, so a stopped run continues where it was. Writes
+there already is not run again, and one stopped half-way continues from its checkpoint
+(--resume=true), so a stopped run continues where it was. Writes
 out_dir/rounds.json and prints the table.
 """
 
@@ -83,13 +84,17 @@ def stage(script, *flags, done=False):
         sys.exit(code if code > 0 else 1)
 
 
-def finished(folder, test):
-    """Whether folder holds a checkpoint that test(ckpt) calls finished."""
+def progress(folder, test):
+    """(finished, resume flags) of a stage's folder: finished when its checkpoint passes
+    test(ckpt); a checkpoint that does not is a stopped run, which continues from it."""
     path = os.path.join(folder, "ckpt.pt")
     try:
-        return os.path.exists(path) and test(checkpoint.load(path))
-    except UserError:  # damaged: the stage runs again
-        return False
+        ckpt = checkpoint.load(path) if os.path.exists(path) else None
+    except UserError:  # damaged: the stage runs again from the start
+        ckpt = None
+    if ckpt is None:
+        return False, []
+    return test(ckpt), ["--resume=true"]
 
 
 def signs_off(text):
@@ -143,19 +148,20 @@ def main(cfg):
     for r in range(1, cfg.rounds + 1):
         rm_dir, ppo_dir = os.path.join(d, f"reward_r{r}"), os.path.join(d, f"ppo_r{r}")
         sets = ",".join(["prefs"] + [f"prefs_round{k}" for k in range(1, r + 1)])
+        done, resume = progress(rm_dir, lambda ck: bool(ck.get("members")) and "model" not in ck)
         stage("reward.py", f"--data_dir={w}", f"--init_from={cfg.init_from}",
               f"--out_dir={rm_dir}", f"--prefs={sets}", f"--likelihood={cfg.likelihood}",
-              f"--max_steps={cfg.reward_steps}", f"--seed={cfg.seed}", *device,
-              done=finished(rm_dir, lambda ck: bool(ck.get("members")) and "model" not in ck))
+              f"--max_steps={cfg.reward_steps}", f"--seed={cfg.seed}", *device, *resume,
+              done=done)
         if r == 1:  # round 0: the SFT model itself, under the first reward model
             fig = measure(cfg, enc, tasks, cfg.init_from, rm_dir,
                           os.path.join(w, "prefs_round1_val.jsonl"), sft, run)
             rounds.append(dict(round=0, **fig))
+        done, resume = progress(ppo_dir, lambda ck: ck.get("step") == cfg.ppo_iterations)
         stage("ppo.py", f"--data_dir={w}", f"--init_from={policy}",
               f"--ref_from={cfg.init_from}", f"--reward_from={rm_dir}", f"--out_dir={ppo_dir}",
               f"--kl_coef={cfg.kl_coef}", f"--iterations={cfg.ppo_iterations}",
-              f"--seed={cfg.seed + r}", *device,
-              done=finished(ppo_dir, lambda ck: ck.get("step") == cfg.ppo_iterations))
+              f"--seed={cfg.seed + r}", *device, *resume, done=done)
         policy = ppo_dir
         label(r + 1, policy)  # P_r's answers ranked: the next round's set, and the measure
         fig = measure(cfg, enc, tasks, policy, rm_dir,

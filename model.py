@@ -327,6 +327,15 @@ class GPT(nn.Module):
         return seq[:, P:P + n], gen_mask[:, :n]
 
 
+def freeze(model: nn.Module, dtype: str = "fp32") -> nn.Module:
+    """Make a model that is only ever run, never trained (PPO's and GRPO's reference and
+    reward model): no gradients, eval mode (no dropout), and with dtype "bf16" its weights
+    cast to bfloat16, 2 bytes a parameter instead of 4 (the callers cast logits and scores
+    back to float32 before any log-softmax or sum). Returns the model."""
+    model.requires_grad_(False).eval()
+    return model.to(torch.bfloat16) if dtype == "bf16" else model
+
+
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """(B, V) logits -> (B,) token ids. One uniform number per row from the generator, so

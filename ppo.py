@@ -3,6 +3,10 @@ penalty holds it near the frozen SFT model.
 
 Four models: the policy (trained, starts as SFT), the reference (frozen SFT), the reward
 model (frozen, from reward.py) and the value model (trained, starts as the reward model).
+To fit a large model on one GPU, --value_head=shared puts the value head on the policy's
+own trunk instead (one trained model, one loss: the policy's plus --vf_coef times the
+value loss, as in Schulman et al. 2017, eq. 9), and --frozen_dtype=bf16 keeps the two
+frozen models' weights in bf16 (docs/real-models.md works out the memory of each).
 Each iteration runs the six steps below, numbered the same way in `rollout` and `main`:
 
   1. sample prompts; the policy answers with the KV cache at --temperature; a response
@@ -39,7 +43,7 @@ proxy reward (objective/score) is real progress or reward hacking.
     python ppo.py --resume=true
     python ppo.py --init_from=out/ppo --ref_from=out/sft --out_dir=out/ppo2   # a second round
     python ppo.py --init_from=out/sft-gpt2 --reward_from=out/rm-gpt2 --data=prompts.jsonl \
-        --out_dir=out/ppo-gpt2
+        --out_dir=out/ppo-gpt2 --value_head=shared --frozen_dtype=bf16
 
 Your own prompts: --data an RL prompt file ({"prompt": text or messages} a line,
 formats.py) for a model fine-tuned from GPT-2, in HH's chat format with GPT-2's
@@ -55,6 +59,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 
 import checkpoint
 import distributed
@@ -66,7 +71,7 @@ from data import world
 from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
-from model import ScalarGPT
+from model import IGNORE_INDEX, ScalarGPT, freeze, token_entropy, token_logprobs
 from records import load_prompts, ptx_stream, stage_model
 from reward_model import load_reward_model
 
@@ -98,6 +103,9 @@ class Config:
     lam: float = 0.95                 # GAE λ
     clip_range: float = 0.2           # policy ratio clip ε
     clip_range_value: float = 0.2     # value clip
+    value_head: str = "separate"      # separate: a value model of its own; shared: policy trunk
+    vf_coef: float = 0.1              # shared head: weight of the value loss in the one loss
+    frozen_dtype: str = "fp32"        # fp32 or bf16: the reference's and reward model's weights
     missing_end_penalty: float = -3.0 # score of a response that never emitted the end token
     whiten_rewards: bool = False      # scale per-token rewards to unit variance before GAE
     entropy_coef: float = 0.0         # entropy bonus (0: entropy is only logged)
@@ -116,7 +124,7 @@ class Config:
         at_least_1="iterations batch_size minibatch_size ppo_epochs max_new_tokens kl_horizon "
                    "log_interval ckpt_interval ptx_batch ptx_len",
         non_negative="value_lr weight_decay grad_clip kl_coef target_kl entropy_coef ptx_coef "
-                     "temperature sample_interval",
+                     "temperature sample_interval vf_coef",
         positive="learning_rate clip_range clip_range_value", fraction="gamma lam")
 
 
@@ -218,12 +226,52 @@ def response_values(value_model, tokens, attn, P):
     return value_model(tokens, attn_mask=attn).float()[:, P - 1:-1]
 
 
+class SharedValueHead(nn.Module):
+    """--value_head=shared: the policy with a value head on its own final hidden states,
+    so one trunk serves both. Called like GPT (so PPO-ptx and the DDP wrapper see one
+    module), it also returns the values read at the same positions as the logits. The
+    head starts at zero (V = 0): the policy's trunk, unlike the reward model's, has never
+    been trained to predict a score."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+        p = next(policy.parameters())
+        self.head = nn.Linear(policy.config.n_embd, 1).to(device=p.device, dtype=p.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, targets=None, *, attn_mask=None, logits_from=0):
+        h = self.policy.hidden(idx, attn_mask=attn_mask)[:, logits_from:]
+        logits, values = self.policy.lm_head(h), self.head(h).squeeze(-1).float()
+        loss = None
+        if targets is not None:  # PPO-ptx's windows: the next-token loss alone (0·values
+            # keeps the head in the graph, which DDP's gradient reduction expects)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets[:, logits_from:].reshape(-1),
+                ignore_index=IGNORE_INDEX) \
+                + 0.0 * values.sum()
+        return logits, loss, values
+
+
+def policy_and_values(model, tokens, attn, P, temperature):
+    """One forward pass of a SharedValueHead: the response tokens' log-probs, entropies
+    and values, each (B, N), aligned as response_logprobs and response_values align them."""
+    logits, _, values = model(tokens, attn_mask=attn, logits_from=P - 1)
+    target = tokens[:, P - 1:]
+    return (token_logprobs(logits, target, temperature=temperature),
+            token_entropy(logits, temperature=temperature), values[:, :-1])
+
+
 @torch.no_grad()
 def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generator, device):
     """Steps 1-4 for one batch of prompts (token lists); score_fn(prompts, responses)
-    gives each response's score. Returns a dict of tensors."""
+    gives each response's score; value_model None: policy is a SharedValueHead. Returns
+    a dict of tensors."""
+    shared = value_model is None
+    lm = policy.policy if shared else policy
     # 1. generate; the mask keeps each response up to and including its first end token
-    response, mask = policy.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+    response, mask = lm.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                      stop_token=tok.end, pad_token=tok.pad, generator=generator)
     prompt_tokens, prompt_mask = left_pad(prompts, tok.pad, device)
     P = prompt_tokens.size(1)
@@ -237,8 +285,12 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
     # 3. log-probs under policy and reference (same temperature); per-token rewards
-    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
-                                      temperature=cfg.temperature, entropy=True)
+    if shared:  # the values come out of the same forward pass (step 4)
+        logp, entropy, values = policy_and_values(policy, tokens, attn, P, cfg.temperature)
+    else:
+        logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
+                                          temperature=cfg.temperature, entropy=True)
+        values = response_values(value_model, tokens, attn, P)
     ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P, temperature=cfg.temperature)
     logp, ref_logp = logp * mask, ref_logp * mask
     rewards, kl = per_token_rewards(logp, ref_logp, scores, mask, beta)
@@ -246,7 +298,7 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
         rewards = whiten(rewards, mask, shift_mean=False)
 
     # 4. values and GAE (the caller whitens the advantages, over every process)
-    values = response_values(value_model, tokens, attn, P) * mask
+    values = values * mask
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return dict(tokens=tokens, attn=attn, mask=mask, P=P, logp=logp, values=values, returns=returns,
                 advantages=advantages, scores=scores, raw_scores=raw_score, ended=ended, kl=kl,
@@ -261,8 +313,9 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
     """--ppo_epochs passes over this rank's rollouts in shuffled minibatches; one optimizer
     step per minibatch for each model, skipped when its gradient is not finite (counted by
     `guard`, an optim.NonFiniteGuard). With ptx_data (the pretraining tokens, passed when
-    --ptx_coef > 0) the policy's step also descends γ·(pretraining loss). Returns the mean
-    of each statistic."""
+    --ptx_coef > 0) the policy's step also descends γ·(pretraining loss). value_model None:
+    policy is a SharedValueHead, and one loss, policy + vf_coef·value, trains both (its
+    optimizer's last group is the head, at value_lr). Returns the mean of each statistic."""
     guard = guard or optim.NonFiniteGuard()
     B, mb = batch["tokens"].size(0), cfg.minibatch_size // run.world_size
     stats = {}
@@ -273,12 +326,23 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
             tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
             # the policy: clipped surrogate (minus the entropy bonus), then PPO-ptx's term
             with run.autocast:
-                logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=batch["P"],
-                                                  temperature=cfg.temperature, entropy=True)
+                if value_model is None:  # shared trunk: the value loss joins the same loss
+                    logp, entropy, values = policy_and_values(policy, tokens, attn, batch["P"],
+                                                              cfg.temperature)
+                else:
+                    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn,
+                                                      start=batch["P"],
+                                                      temperature=cfg.temperature, entropy=True)
                 pg_loss, clipfrac, approx_kl, ratio = policy_loss(
                     logp, batch["logp"][idx], batch["advantages"][idx], mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
-                (pg_loss - cfg.entropy_coef * ent).backward()
+                loss = pg_loss - cfg.entropy_coef * ent
+                if value_model is None:
+                    vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
+                                                      batch["returns"][idx], mask,
+                                                      cfg.clip_range_value)
+                    loss = loss + cfg.vf_coef * vf_loss
+                loss.backward()
             if ptx_data is not None:  # (main passes it only when --ptx_coef > 0)
                 # its own forward and backward: the windows are longer than the rollouts
                 with run.autocast:
@@ -287,23 +351,26 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                     (cfg.ptx_coef * ptx).backward()
                 stats.setdefault("loss/ptx", []).append(ptx.item())
             optim.set_lr(opt_policy, lr)
+            if value_model is None:
+                opt_policy.param_groups[-1]["lr"] = value_lr
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                        cfg.grad_clip or math.inf).item()
             if guard.ok(grad_norm, it):
                 opt_policy.step()
             opt_policy.zero_grad(set_to_none=True)
-            # the value model: clipped value loss
-            with run.autocast:
-                values = response_values(value_model, tokens, attn, batch["P"])
-                vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
-                                                  batch["returns"][idx], mask, cfg.clip_range_value)
-                vf_loss.backward()
-            optim.set_lr(opt_value, value_lr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(),
-                                                       cfg.grad_clip or math.inf).item()
-            if guard.ok(grad_norm, it):
-                opt_value.step()
-            opt_value.zero_grad(set_to_none=True)
+            if value_model is not None:  # the value model: clipped value loss, its own step
+                with run.autocast:
+                    values = response_values(value_model, tokens, attn, batch["P"])
+                    vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
+                                                      batch["returns"][idx], mask,
+                                                      cfg.clip_range_value)
+                    vf_loss.backward()
+                optim.set_lr(opt_value, value_lr)
+                grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(),
+                                                           cfg.grad_clip or math.inf).item()
+                if guard.ok(grad_norm, it):
+                    opt_value.step()
+                opt_value.zero_grad(set_to_none=True)
             for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                          ("policy/clipfrac", clipfrac), ("policy/approxkl", approx_kl),
                          ("policy/ratio", ratio), ("policy/entropy", ent),
@@ -338,6 +405,10 @@ def main(cfg):
                         "factor, so it would stay 0; start from a β above 0")
     if cfg.reward not in ("model", "verifiable"):
         raise UserError(f"--reward={cfg.reward}: expected model or verifiable")
+    if cfg.value_head not in ("separate", "shared"):
+        raise UserError(f"--value_head={cfg.value_head}: expected separate or shared")
+    if cfg.frozen_dtype not in ("fp32", "bf16"):
+        raise UserError(f"--frozen_dtype={cfg.frozen_dtype}: expected fp32 or bf16")
     formats.refuse_world_only(cfg)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
@@ -347,47 +418,69 @@ def main(cfg):
     if cfg.ref_from:  # a policy of an earlier round starts; the reference stays the SFT model
         ref, _ = checkpoint.load_model(os.path.join(cfg.ref_from, "ckpt.pt"), "python sft.py",
                                        enc, device=run.device)
+    reward_model, rm_ckpt, value_model = None, {"config": None}, None
     if cfg.reward == "model":
         reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
                                                   "python reward.py", enc, device=run.device)
-        value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
-        # (the gate is the reward's own)
-        value_model.load_state_dict(reward_model.members[0].trunk_and_head())
-        reward_model.requires_grad_(False).eval()
-    else:  # no reward model: the value model starts from the SFT trunk with a zero head
-        reward_model, rm_ckpt, value_model = None, {"config": None}, ScalarGPT.from_lm(ref)
-    ref.requires_grad_(False)
-    for m in (policy, ref, value_model):
-        m.eval()  # dropout off in all the models; gradients still flow through the two trained ones
-    room = policy.config.block_size - cfg.max_new_tokens
+        if cfg.value_head == "separate":
+            value_model = ScalarGPT(reward_model.members[0].config).to(run.device)
+            # (the gate is the reward's own)
+            value_model.load_state_dict(reward_model.members[0].trunk_and_head())
+        freeze(reward_model.members, cfg.frozen_dtype)
+    elif cfg.value_head == "separate":  # no reward model: the SFT trunk with a zero head
+        value_model = ScalarGPT.from_lm(ref)
+    freeze(ref, cfg.frozen_dtype)
+    lm = policy  # the language model alone: generation, the checkpoint
+    if value_model is None:  # --value_head=shared: the head joins the policy
+        policy = SharedValueHead(policy)
+    for m in (policy, value_model):
+        if m is not None:
+            m.eval()  # dropout off in every model; gradients still flow through the trained ones
+    room = lm.config.block_size - cfg.max_new_tokens
     if cfg.data:  # your prompts: no tasks, so no gold scorer
         (texts, prompts), tasks = formats.rl_prompts(cfg.data, enc, chat, room), None
     else:
         texts, prompts, tasks = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                                              enc, room)
-    ptx_data = ptx_stream(cfg, enc, policy.config.block_size)  # None when --ptx_coef=0
+    ptx_data = ptx_stream(cfg, enc, lm.config.block_size)  # None when --ptx_coef=0
 
-    opt_policy = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
-                                             run.device_type)
-    opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95),
-                                                 run.device_type)
+    opt_policy = lm.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
+                                         run.device_type)
+    if value_model is None:  # the shared head: a group of its own at value_lr, not decayed
+        opt_policy.add_param_group({"params": list(policy.head.parameters()), "lr": cfg.value_lr,
+                                    "weight_decay": 0.0})
+        opt_value = None
+    else:
+        opt_value = value_model.configure_optimizers(cfg.weight_decay, cfg.value_lr, (0.9, 0.95),
+                                                     run.device_type)
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     if cfg.resume:
-        it, ckpt = checkpoint.resume(ckpt_path, policy, opt_policy)
-        value_model.load_state_dict(ckpt["value_model"])
-        opt_value.load_state_dict(ckpt["value_optimizer"])
+        def same_value_head(ck):
+            was = ck["config"].get("value_head", "separate")
+            if was != cfg.value_head:
+                raise UserError(f"{ckpt_path}: written with --value_head={was}; resume with it")
+        it, ckpt = checkpoint.resume(ckpt_path, lm, opt_policy, check=same_value_head)
+        if value_model is None:
+            policy.head.load_state_dict(ckpt["value_head"])
+        else:
+            value_model.load_state_dict(ckpt["value_model"])
+            opt_value.load_state_dict(ckpt["value_optimizer"])
         beta = ckpt["kl_coef"]
-    train_policy, train_value = (distributed.wrap(policy, run, cfg.compile),
-                                 distributed.wrap(value_model, run, cfg.compile))
+    train_policy = distributed.wrap(policy, run, cfg.compile)
+    train_value = None if value_model is None else distributed.wrap(value_model, run, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), "
-           f"β {beta:g}{' adaptive' if cfg.adaptive_kl else ''}, "
-           f"on {run.device} x {run.world_size}")
+           f"β {beta:g}{' adaptive' if cfg.adaptive_kl else ''}, value head "
+           f"{cfg.value_head}, frozen models in {cfg.frozen_dtype}, on {run.device} x "
+           f"{run.world_size}")
 
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    values_state = lambda: (  # noqa: E731  (the head's optimizer state is opt_policy's)
+        dict(value_head=policy.head.state_dict()) if value_model is None else
+        dict(value_model=value_model.state_dict(), value_optimizer=opt_value.state_dict()))
     rm_score = None
     if reward_model is not None:  # every rollout of the batch scored in one forward pass
         def rm_score(prompts, responses):
@@ -451,9 +544,7 @@ def main(cfg):
             show_samples(enc, [texts[i] for i in mine], batch, tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "ppo", policy, cfg, it, opt_policy, enc,
-                            value_model=value_model.state_dict(),
-                            value_optimizer=opt_value.state_dict(), kl_coef=beta,
+                            "ppo", lm, cfg, it, opt_policy, enc, **values_state(), kl_coef=beta,
                             reward_model=rm_ckpt["config"], **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()

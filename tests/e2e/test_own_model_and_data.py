@@ -120,6 +120,23 @@ def test_gpt2_sft_reward_model_and_ppo_on_data_of_your_own(tmp_path, capsys):
     ckpt = checkpoint.load(tmp_path / "ppo" / "ckpt.pt")
     assert ckpt["chat"] == "hh" and ckpt["hf_tokenizer"] == hf.tokenizer_texts(str(FIXTURE))
 
+    # the one-GPU options: the value head on the policy's trunk, the frozen models in bf16;
+    # a resume continues with the head, and one with the other kind of value model is refused
+    shared = [f"--init_from={tmp_path / 'sft'}", f"--reward_from={tmp_path / 'rm'}",
+              f"--data={prompts}", f"--out_dir={tmp_path / 'ppo_shared'}", "--batch_size=4",
+              "--minibatch_size=2", "--ppo_epochs=1", "--max_new_tokens=4",
+              "--value_head=shared", "--frozen_dtype=bf16"]
+    main_of(ppo, [*shared, "--iterations=2"])
+    out = capsys.readouterr().out
+    assert "value head shared, frozen models in bf16" in out
+    ckpt = checkpoint.load(tmp_path / "ppo_shared" / "ckpt.pt")
+    assert "value_model" not in ckpt and ckpt["value_head"]["weight"].abs().sum() > 0
+    assert set(ckpt["model"]) == set(checkpoint.load(tmp_path / "ppo" / "ckpt.pt")["model"])
+    main_of(ppo, [*shared, "--iterations=3", "--resume=true"])
+    assert [r["step"] for r in read_log(tmp_path / "ppo_shared" / "log.jsonl")] == [0, 1, 2]
+    assert_user_error_in_process(capsys, ppo, *shared[:-2], "--iterations=4", "--resume=true",
+                                 needles=["written with --value_head=shared"])
+
     # GRPO on them too, the reward model scoring each group of answers
     main_of(grpo, [f"--init_from={tmp_path / 'sft'}", f"--reward_from={tmp_path / 'rm'}",
                    "--reward=model", f"--data={prompts}", f"--out_dir={tmp_path / 'grpo'}",

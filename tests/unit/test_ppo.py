@@ -281,3 +281,86 @@ def test_ptx_term_alone_moves_the_policy_toward_the_pretraining_text():
     assert after == pytest.approx(before, abs=1e-6) and "loss/ptx" not in stats
     before, after, stats = losses[False]
     assert after < before - 0.1 and 0 < stats["loss/ptx"] < before
+
+
+def test_shared_value_head_reads_the_same_positions_as_separate_models():
+    """--value_head=shared: one forward pass gives the policy's log-probs and entropies
+    exactly as response_logprobs does, and values read where each response token is
+    predicted; padded rows equal the rows alone."""
+    policy, ref, _, rm = tiny_models(2)
+    shared = ppo.SharedValueHead(policy)
+    torch.nn.init.normal_(shared.head.weight, std=1.0)
+    cfg = SimpleNamespace(max_new_tokens=8, temperature=0.7, missing_end_penalty=-5.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    b = ppo.rollout(shared, ref, None, rm_score(rm), prompts, 0.1, cfg,
+                    SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(3), "cpu")
+    with torch.no_grad():
+        logp, ent = response_logprobs(policy, b["tokens"], attn_mask=b["attn"], start=b["P"],
+                                      temperature=0.7, entropy=True)
+        assert torch.allclose(b["logp"], logp * b["mask"], atol=1e-6)
+        assert torch.allclose(b["entropy"], ent, atol=1e-6)
+        for i, p in enumerate(prompts):
+            n = int(b["mask"][i].sum())
+            alone = torch.tensor([p + b["responses"][i]])
+            h = policy.hidden(alone)
+            want = shared.head(h)[0, len(p) - 1:-1, 0]
+            assert torch.allclose(b["values"][i, :n], want, atol=1e-5)
+            assert (b["values"][i, n:] == 0).all()
+
+
+def test_shared_value_head_one_loss_one_step_by_hand():
+    """One update with the shared head under plain SGD: every weight moves by −lr times
+    the gradient of policy loss + vf_coef · value loss, computed here by hand on a copy;
+    the head at value_lr, the trunk at the policy's rate. PPO-ptx's call returns the
+    next-token loss alone."""
+    import copy
+    policy, ref, _, rm = tiny_models(1)
+    shared = ppo.SharedValueHead(policy)
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
+                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=1,
+                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          entropy_coef=0.0, grad_clip=0.0, vf_coef=0.5)
+    b = ppo.rollout(shared, ref, None, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
+                    SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
+    b["advantages"] = ppo.whiten(b["advantages"], b["mask"])
+    assert (b["values"] == 0).all()  # the head starts at zero
+    hand = copy.deepcopy(shared)
+    logp, _, values = ppo.policy_and_values(hand, b["tokens"], b["attn"], b["P"], 1.0)
+    m = b["mask"]
+    pg = ppo.policy_loss(logp, b["logp"], b["advantages"], m, 0.2)[0]
+    vf = ppo.value_loss(values, b["values"], b["returns"], m, 0.2)[0]
+    (pg + 0.5 * vf).backward()
+    opt = torch.optim.SGD([{"params": list(policy.parameters())},
+                           {"params": list(shared.head.parameters())}], lr=0.0)
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    stats = ppo.ppo_update(shared, None, opt, None, b, cfg, 1e-2, 1e-1,
+                           torch.Generator().manual_seed(0), run)
+    assert stats["loss/value"] == pytest.approx(0.5 * ((b["returns"] ** 2 * m).sum()
+                                                       / m.sum()).item(), rel=1e-5)
+    for (name, p), q in zip(shared.named_parameters(), hand.parameters()):
+        lr = 1e-1 if name.startswith("head.") else 1e-2
+        assert torch.allclose(p.detach(), q.detach() - lr * q.grad, atol=1e-6), name
+    assert shared.head.weight.abs().sum() > 0  # the head learned from the value loss
+    x = torch.tensor([[5, 6, 7, 8]])
+    y = torch.tensor([[6, 7, 8, 9]])
+    assert shared(x, y)[1].item() == pytest.approx(policy(x, y)[1].item(), rel=1e-6)
+
+
+def test_frozen_models_in_bf16_stay_close_to_fp32():
+    """--frozen_dtype=bf16: the reference's and reward model's weights in bfloat16, no
+    gradients; their log-probs and scores stay within bf16's precision of fp32's."""
+    from model import freeze
+    policy, ref, _, rm = tiny_models(3)
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [4, 4, 11, 12, 3, 0]])
+    with torch.no_grad():
+        want = response_logprobs(ref, tokens, start=2)
+        want_score = rm(collate([[5, 6, 7, 8]], [2], 0, "cpu"))
+        freeze(ref, "bf16"), freeze(rm.members, "bf16")
+        got = response_logprobs(ref, tokens, start=2)
+        got_score = rm(collate([[5, 6, 7, 8]], [2], 0, "cpu"))
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad
+               for m in (ref, rm.members) for p in m.parameters())
+    assert got.dtype == torch.float32 and got_score.dtype == torch.float32
+    assert torch.allclose(got, want, atol=0.05) and not torch.equal(got, want)
+    assert torch.allclose(got_score, want_score, atol=0.05)
