@@ -88,6 +88,7 @@ from data import world
 from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
+from model import freeze
 from records import load_prompts, ptx_stream, stage_model
 from reward_model import load_reward_model
 
@@ -119,6 +120,7 @@ class Config:
     beta: float = 0.04                # β: weight of the KL to the reference (0 = none)
     kl_in: str = "loss"               # loss: β·k3 per token in the loss; reward: β·KL off the score
     dynamic_sampling: bool = True     # drop groups of equal scores and draw more prompts (DAPO)
+    frozen_dtype: str = "fp32"        # fp32 or bf16: the reference's and reward model's weights
     max_rounds: int = 8               # dynamic sampling: draws per iteration before topping up
     ptx_coef: float = 0.0             # γ: weight of the pretraining loss (as PPO-ptx; 0 = off)
     ptx_batch: int = 4                # pretraining windows per update, each process
@@ -260,7 +262,8 @@ def check(cfg, run):
     for flag, value, allowed in (("advantage", cfg.advantage, ADVANTAGES),
                                  ("loss_agg", cfg.loss_agg, LOSS_AGGS),
                                  ("reward", cfg.reward, ("verifiable", "model", "sum")),
-                                 ("kl_in", cfg.kl_in, ("loss", "reward"))):
+                                 ("kl_in", cfg.kl_in, ("loss", "reward")),
+                                 ("frozen_dtype", cfg.frozen_dtype, ("fp32", "bf16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value}: expected one of {', '.join(allowed)}")
 
@@ -275,12 +278,12 @@ def main(cfg):
                                           cfg.data_dir, run.device)
     tok = formats.rl_tokens(enc, chat)
     policy = copy.deepcopy(ref)
-    ref.requires_grad_(False)
+    freeze(ref, cfg.frozen_dtype)
     reward_model, rm_config = None, None
     if cfg.reward != "verifiable":
         reward_model, rm_ckpt = load_reward_model(os.path.join(cfg.reward_from, "ckpt.pt"),
                                                   "python reward.py", enc, device=run.device)
-        reward_model.requires_grad_(False).eval()
+        freeze(reward_model.members, cfg.frozen_dtype)
         rm_config = rm_ckpt["config"]
     room = policy.config.block_size - cfg.max_new_tokens
     if cfg.data:  # your prompts: no tasks, so no check and no gold scorer

@@ -137,11 +137,11 @@ def test_gpt2_sft_reward_model_and_ppo_on_data_of_your_own(tmp_path, capsys):
     assert_user_error_in_process(capsys, ppo, *shared[:-2], "--iterations=4", "--resume=true",
                                  needles=["written with --value_head=shared"])
 
-    # GRPO on them too, the reward model scoring each group of answers
+    # GRPO on them too, the reward model (in bf16, as the reference) scoring each group
     main_of(grpo, [f"--init_from={tmp_path / 'sft'}", f"--reward_from={tmp_path / 'rm'}",
                    "--reward=model", f"--data={prompts}", f"--out_dir={tmp_path / 'grpo'}",
                    "--iterations=2", "--batch_size=8", "--group_size=4", "--max_new_tokens=4",
-                   "--dynamic_sampling=false"])
+                   "--dynamic_sampling=false", "--frozen_dtype=bf16"])
     log = read_log(tmp_path / "grpo" / "log.jsonl")
     assert [r["step"] for r in log] == [0, 1] and "gold/score" not in log[0]
     assert checkpoint.load(tmp_path / "grpo" / "ckpt.pt")["chat"] == "hh"
