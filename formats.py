@@ -13,7 +13,8 @@ answer); an SFT example is (the conversation so far, the answer).
                  a list holding one assistant message)
   SFT            {"prompt", "response"} as strings, or {"messages": [...]} ending with the
                  assistant's answer
-  RL prompts     {"prompt": str or messages}
+  RL prompts     {"prompt": str or messages}, or an HH-RLHF or preference file, whose
+                 pairs' prompts are read (each once)
 
 Every malformed record is refused in one line naming the file and the line; a truncated
 .gz file says so. Each loader returns (records, counts of what was read and skipped).
@@ -21,6 +22,7 @@ hh_prompt and hh_answer write a conversation back in HH's text format, the chat 
 a GPT-2 model trained on it.
 """
 
+import json
 from types import SimpleNamespace
 
 from cli import UserError
@@ -156,7 +158,20 @@ def load_sft(path):
 
 
 def load_rl_prompts(path):
-    """RL prompts, {"prompt": str or messages}: prompt messages and counts."""
+    """RL prompts, {"prompt": str or messages}: prompt messages and counts. An HH-RLHF or
+    preference file (told by a first record with "chosen") gives its pairs' prompts, each
+    once, so PPO and GRPO can run on the prompts of the pairs the reward model learned."""
+    first = next((rec for _, rec in json_lines(path)), None)
+    if isinstance(first, dict) and "chosen" in first:
+        pairs, counts, _ = load_comparisons(path)
+        seen, out = set(), []
+        for messages, _, _ in pairs:
+            key = json.dumps(messages, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(messages)
+        counts["repeated_prompts"] = len(pairs) - len(out)
+        return out, counts
     out, counts = [], {"read": 0}
     for lineno, rec in json_lines(path):
         where = f"{path}:{lineno}"

@@ -76,6 +76,23 @@ def test_sft_and_prompts(tmp_path):
     assert prompts == [[{"role": "user", "content": "Go"}]]
 
 
+def test_rl_prompts_from_a_comparison_file(tmp_path):
+    """PPO and GRPO read the prompts of an HH-RLHF or preference file, each prompt once."""
+    extra = {"chosen": f"{H}Hi{A}Hello!{H}How do I bake bread?{A}Knead it.",
+             "rejected": f"{H}Hi{A}Hello!{H}How do I bake bread?{A}No."}
+    prompts, counts = formats.load_rl_prompts(write(tmp_path / "hh.jsonl", HH + [extra]))
+    assert prompts == [[{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "How do I bake bread?"}]]
+    assert counts["read"] == 4 and counts["repeated_prompts"] == 1
+    assert formats.describe(counts) == ("read 4, skipped 1 identical, 1 prompts differ, "
+                                        "1 repeated prompts")
+    pref = write(tmp_path / "p.jsonl", [{"prompt": "Go", "chosen": "a", "rejected": "b"},
+                                        {"prompt": "Stop", "chosen": "a", "rejected": "b"}])
+    assert formats.load_rl_prompts(pref)[0] == [[{"role": "user", "content": "Go"}],
+                                                [{"role": "user", "content": "Stop"}]]
+
+
 BAD = [  # (loader, file content as bytes, the message)
     ("load_hh", b'{"chosen": "x"\n', "hh.jsonl:1: malformed JSON"),
     ("load_hh", b'[1, 2]\n', "hh.jsonl:1: expected a JSON object, got list"),
