@@ -127,6 +127,18 @@ def reward_scores(score_fn, pairs, pad, device, batch_size=64):
                       for i in range(0, len(pairs), batch_size)])
 
 
+LOGIT_BUDGET = 2 ** 28  # logits one no-grad pass may hold: 1 GiB in float32
+
+
+def rows_per_pass(longest, vocab_size, cap, budget=LOGIT_BUDGET):
+    """How many rows of up to `longest` tokens one scoring pass takes: at most cap, and
+    few enough that their logits (rows × longest × vocabulary) stay within budget. The
+    world's small vocabulary never reaches it; GPT-2's 50,257 entries do at a few dozen
+    long rows (128 rows of 300 tokens are 7.7 GB of float32 logits, and the log-softmax
+    as much again)."""
+    return max(1, min(cap, budget // max(1, longest * vocab_size)))
+
+
 @torch.no_grad()
 def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     """Σ_t log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) over each response's tokens at

@@ -56,7 +56,7 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import collate, sample_responses, sequence_kl, sequence_logprobs
+from batch import collate, rows_per_pass, sample_responses, sequence_kl, sequence_logprobs
 from cli import UserError, parse_config, ranges, user_errors
 from distributed import print0
 from logger import Logger
@@ -191,7 +191,10 @@ def own_sets(path, enc, chat, block_size, val_fraction):
 
 @torch.no_grad()
 def reference_logps(ref, seqs, pad, device, batch=128):
-    """The frozen reference's summed log-probs of every response, computed once."""
+    """The frozen reference's summed log-probs of every response, computed once, in
+    passes of at most `batch` rows whose logits fit batch.rows_per_pass's budget."""
+    batch = rows_per_pass(max((len(s) for s, _ in seqs), default=1), ref.config.vocab_size,
+                          batch)
     return torch.cat([sequence_logprobs(ref, collate([s for s, _ in seqs[i:i + batch]],
                                                      [n for _, n in seqs[i:i + batch]],
                                                      pad, device))[0]
@@ -274,8 +277,9 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device, stop=None):
     token)."""
     samples = sample_responses(policy, enc, prompts, cfg.max_new_tokens, 1.0, cfg.seed, device,
                                batch_size=len(prompts), stop=stop)
+    longest = max(len(p) + len(r) for p, r in samples)
     kls = sequence_kl(policy, ref, samples, enc.encode_single_token("<|endoftext|>"), device,
-                      batch_size=len(samples))
+                      batch_size=rows_per_pass(longest, policy.config.vocab_size, len(samples)))
     return sum(kls) / len(kls)
 
 

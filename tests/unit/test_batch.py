@@ -130,3 +130,11 @@ def test_sample_responses(world):
     assert greedy == B.sample_responses(model, enc, prompts, 6, 0.0, 6, "cpu")  # seed: no matter
     with pytest.raises(UserError, match=r"--max_new_tokens=30 exceeds the context of 32 tokens"):
         B.sample_responses(model, enc, prompts, 30, 1.0, 5, "cpu")
+
+
+def test_rows_per_pass_keeps_logits_within_the_budget():
+    """The world's passes keep their size; GPT-2's long rows are split by the budget."""
+    assert B.rows_per_pass(128, 1028, 128) == 128  # the world: 0.13M logits a row
+    assert B.rows_per_pass(302, 50257, 128) == B.LOGIT_BUDGET // (302 * 50257) == 17
+    assert B.rows_per_pass(1024, 50257, 128, budget=1000) == 1  # never 0
+    assert B.rows_per_pass(10, 10, 3) == 3
