@@ -50,3 +50,18 @@ def test_label_names_its_set_and_refuses_a_name_that_is_not_one(capsys, pipeline
     assert_user_error_in_process(capsys, label, f"--data_dir={pipeline.data}",
                                  f"--policy={stages}/sft", "--name=../escape",
                                  needles=["--name='../escape'"])
+
+
+def test_a_stage_stopped_half_way_continues_from_its_checkpoint(tmp_path):
+    """iterate.progress: no checkpoint, or a damaged one, runs the stage from the start;
+    a finished one is skipped; one that is not finished is resumed (--resume=true)."""
+    import checkpoint
+    import iterate
+    done_at_3 = lambda ck: ck["step"] == 3  # noqa: E731
+    assert iterate.progress(tmp_path, done_at_3) == (False, [])
+    (tmp_path / "ckpt.pt").write_bytes(b"damaged")
+    assert iterate.progress(tmp_path, done_at_3) == (False, [])
+    checkpoint.save(tmp_path / "ckpt.pt", {"step": 2})
+    assert iterate.progress(tmp_path, done_at_3) == (False, ["--resume=true"])
+    checkpoint.save(tmp_path / "ckpt.pt", {"step": 3})
+    assert iterate.progress(tmp_path, done_at_3)[0] is True
