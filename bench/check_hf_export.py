@@ -5,11 +5,14 @@ and the project's requirements, from the repository root:
     python export.py --from=out/ppo --to=export/ppo
     /path/to/venv-with-transformers/bin/python bench/check_hf_export.py \\
         --export=export/ppo --from=out/ppo --data_dir=data/world
+    .../python bench/check_hf_export.py --export=export/ppo-gpt2 --from=out/ppo-gpt2 \\
+        --data=prompts.jsonl        # a model trained from GPT-2, on your prompts
 
 It loads the directory with transformers' GPT2LMHeadModel and AutoTokenizer and, on the
-world's held-out prompts, compares with the project's own model and tokenizer: the token
-ids of each prompt, the logits of the prompts (largest difference), and the greedy
-answers. Prints one JSON line; exits 1 if anything differs beyond float rounding.
+world's held-out prompts (or those of --data, in HH's chat format for a model trained
+from GPT-2), compares with the project's own model and tokenizer: the token ids of each
+prompt, the logits of the prompts (largest difference), and the greedy answers. Prints
+one JSON line; exits 1 if anything differs beyond float rounding.
 """
 
 import json
@@ -23,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
+import formats  # noqa: E402
 from cli import parse_config, user_errors  # noqa: E402
 from data.tokenizer import encode_prompt  # noqa: E402
-from records import read_jsonl, world_tokenizer  # noqa: E402
+from records import read_jsonl, stage_model  # noqa: E402
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Config:
     export: str = "export"        # the directory export.py wrote
     src: str = "out/sft"          # the stage folder it was exported from; the flag is --from
     data_dir: str = "data/world"  # its world (tokenizer, eval.jsonl)
+    data: str = ""                # prompts of your own instead (an RL prompt or HH file)
     prompts: int = 64             # held-out prompts to compare on
     new_tokens: int = 16          # greedy tokens per prompt
 
@@ -45,21 +49,28 @@ def main(cfg):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    enc = world_tokenizer(cfg.data_dir)
-    ours, _ = checkpoint.load_model(os.path.join(cfg.src, "ckpt.pt"), "a stage", enc)
+    ours, enc, chat, _ = stage_model(cfg.src, "a stage", cfg.data_dir, "cpu")
     theirs = GPT2LMHeadModel.from_pretrained(cfg.export).eval()
     tok = AutoTokenizer.from_pretrained(cfg.export)
-    records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"prompt": str})
-    texts = [r["prompt"] for r in records[:cfg.prompts]]
-    end = enc.encode_single_token("<|end|>")
+    if cfg.data:
+        convs = formats.load_rl_prompts(cfg.data)[0][:cfg.prompts]
+        texts = [formats.hh_prompt(m) if chat == "hh" else m[-1]["content"] for m in convs]
+    else:
+        records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"prompt": str})
+        texts = [r["prompt"] for r in records[:cfg.prompts]]
+    end = formats.end_token(enc, chat)
 
     ids_equal, max_diff, greedy_equal = 0, 0.0, 0
     for text in texts:
-        # the tokenizer: plain text, then the chat format with its special tokens
+        # the tokenizer: plain text, then the chat format (the world's special tokens; HH's
+        # format is plain text)
         ids_equal += tok(text)["input_ids"] == enc.encode_ordinary(text)
-        prompt = encode_prompt(enc, text)
-        chat = tok("<|user|>" + text + "<|end|><|assistant|>")["input_ids"]
-        ids_equal += chat == prompt
+        if chat == "hh":
+            prompt = enc.encode_ordinary(text)
+            ids_equal += tok(text + " ")["input_ids"] == enc.encode_ordinary(text + " ")
+        else:
+            prompt = encode_prompt(enc, text)
+            ids_equal += tok("<|user|>" + text + "<|end|><|assistant|>")["input_ids"] == prompt
         x = torch.tensor([prompt])
         with torch.no_grad():
             a, b = ours(x)[0], theirs(x).logits
