@@ -123,3 +123,72 @@ def revise(name, task, text):
 def violations(constitution, task, text):
     """How many of the constitution's principles the answer breaks."""
     return sum(breaks(name, task, text) for name, _ in constitution)
+
+
+# --- what teaches the model the operations (training entities only) ----------------------
+
+def critique_request(principle_text, question, draft):
+    """The user turn that asks for a critique and a revision by one principle."""
+    return f"Critique: {principle_text} Question: {question} Answer: {draft}"
+
+
+def critique_reply(name, task, draft):
+    """The reply the world's ground truth gives: the critique, then the revision."""
+    return f"{critique(name, task, draft)} Revision: {revise(name, task, draft)}"
+
+
+def parse_revision(reply):
+    """The revision of a critique reply (the text after its last "Revision:"), or None."""
+    head, sep, tail = reply.rpartition("Revision:")
+    return tail.strip() if sep and tail.strip() else None
+
+
+def judge_request(question, a, b):
+    """The user turn that asks which of two answers the constitution prefers."""
+    return f"Which answer is better by the constitution? Question: {question} A: {a} B: {b}"
+
+
+def draft(rng, task, habit_rate=0.6):
+    """An answer as an SFT model writes one: mostly the ideal answer, often with the
+    contractors' sign-off, sometimes with a pleasantry, a hedge or a restated question,
+    sometimes wrong."""
+    style = rng.choices(["ideal", "preamble", "hedged", "verbose", "wrong", "preamble_wrong"],
+                        weights=[6, 2, 1, 1, 1, 1])[0]
+    text, _ = world.respond(rng, task, style)
+    if task.kind in world.SIGN_OFFS and rng.random() < habit_rate:
+        text = f"{text} {world.SIGN_OFFS[task.kind]}"
+    return text
+
+
+def demonstrations(rng, tasks, constitution, n_critiques, n_judgements):
+    """SFT records ({"prompt", "response"}) that teach the critique-and-revision operation
+    and the judgement, on the given tasks (training ones). A critique is of a random
+    principle of the constitution, on a draft that breaks it half the time; a judgement
+    compares two drafts that differ in how many principles they break, with the better
+    one at A or B at random."""
+    names = dict(constitution)
+    out = []
+    while len(out) < n_critiques:
+        task = rng.choice(tasks)
+        name = rng.choice(list(names))
+        text = draft(rng, task)
+        for _ in range(20):  # about half the drafts break the principle asked about
+            if breaks(name, task, text) == (len(out) % 2 == 0):
+                break
+            text = draft(rng, task)
+        out.append(dict(prompt=critique_request(names[name], task.prompt, text),
+                        response=critique_reply(name, task, text), kind="critique"))
+    judged = 0
+    while judged < n_judgements:
+        task = rng.choice(tasks)
+        x, y = draft(rng, task), draft(rng, task)
+        vx, vy = violations(constitution, task, x), violations(constitution, task, y)
+        if vx == vy:
+            continue
+        better, worse = (x, y) if vx < vy else (y, x)
+        first = rng.random() < 0.5
+        a, b = (better, worse) if first else (worse, better)
+        out.append(dict(prompt=judge_request(task.prompt, a, b), response="A" if first else "B",
+                        kind="judgement"))
+        judged += 1
+    return out

@@ -75,3 +75,30 @@ def test_the_constitution_file(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="cannot read"):
         C.load_constitution(tmp_path / "missing.txt")
+
+
+def test_demonstrations_teach_both_operations():
+    """Critiques come half with the flaw and half without, each reply's revision the
+    ground truth's; judgements put the answer breaking fewer principles at A or B."""
+    constitution = C.load_constitution(C.DEFAULT)
+    rng = random.Random(3)
+    tasks = [world.sample_task(rng, k, "train") for k in sorted(world.FORMAT_RE) for _ in range(5)]
+    demos = C.demonstrations(random.Random(4), tasks, constitution, 200, 100)
+    crit = [d for d in demos if d["kind"] == "critique"]
+    judge = [d for d in demos if d["kind"] == "judgement"]
+    assert len(crit) == 200 and len(judge) == 100
+    flawed = sum(not d["response"].startswith(C.FOLLOWS) for d in crit)
+    assert 80 <= flawed <= 120
+    for d in crit:
+        assert d["prompt"].startswith("Critique: ") and C.parse_revision(d["response"])
+    assert {d["response"] for d in judge} == {"A", "B"}
+    assert C.parse_revision("It hedges. Revision: 4 is smaller.") == "4 is smaller."
+    assert C.parse_revision("It hedges.") is None and C.parse_revision("Revision: ") is None
+    # each judgement's letter points at the answer that breaks fewer principles
+    by_question = {t.prompt: t for t in tasks}
+    for d in judge:
+        head, b = d["prompt"].rsplit(" B: ", 1)
+        head, a = head.rsplit(" A: ", 1)
+        task = by_question[head.split(" Question: ", 1)[1]]
+        va, vb = (C.violations(constitution, task, x) for x in (a, b))
+        assert (va < vb) == (d["response"] == "A") and va != vb
