@@ -15,7 +15,7 @@ LAYERS = [
     {"reward_model", "formats"},                                         # L4
     {"pretrain", "sft", "reward", "ppo", "grpo", "dpo", "eval", "sample", # L5: the stages
      "pipeline", "data.label", "data.labeler", "data.prepare", "export"},
-    {"overopt", "playground", "iterate"},                                # L6
+    {"overopt", "playground", "iterate", "cai"},                         # L6
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 BENCH = len(LAYERS) - 1  # bench/ scripts import from layers below this one
