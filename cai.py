@@ -81,7 +81,8 @@ class Config:
 def critique_chain(critic, enc, tasks, drafts, constitution, cfg, device):
     """Each draft critiqued and revised by every principle in turn, greedily: the final
     revisions, and how many replies could not be read (no "Revision:") or did not fit the
-    context (those steps keep the text as it was)."""
+    context (those steps keep the text as it was). A critique that finds the principle
+    followed leaves the text alone, whatever revision follows it."""
     texts, unread = list(drafts), 0
     block = critic.config.block_size
     for _, principle in constitution:
@@ -92,7 +93,10 @@ def critique_chain(critic, enc, tasks, drafts, constitution, cfg, device):
         replies = sample_responses(critic, enc, [requests[i] for i in fits], cfg.max_new_tokens,
                                    0.0, cfg.seed, device)
         for i, (_, reply) in zip(fits, replies):
-            revised = C.parse_revision(decode_response(enc, reply)[0])
+            text = decode_response(enc, reply)[0]
+            if text.startswith(C.FOLLOWS):  # no flaw found: nothing to revise
+                continue
+            revised = C.parse_revision(text)
             if revised is None:
                 unread += 1
             else:
@@ -194,16 +198,27 @@ def main(cfg):
               for r in rng.sample(answers, min(cfg.n_sft, len(answers)))]
     rng.shuffle(demos)
     demos_path = os.path.join(cfg.out_dir, "demos.jsonl")
-    checkpoint.atomic_write(demos_path, lambda f: f.write(
-        "".join(json.dumps(d) + "\n" for d in demos).encode()))
+    text = "".join(json.dumps(d) + "\n" for d in demos).encode()
+    same = os.path.exists(demos_path) and open(demos_path, "rb").read() == text
+    if not same:
+        checkpoint.atomic_write(demos_path, lambda f: f.write(text))
 
-    # 2. the critic: the SFT model fine-tuned on them
+    # 2. the critic: the SFT model fine-tuned on them (kept when these demonstrations and
+    # flags trained it already)
     critic_dir = os.path.join(cfg.out_dir, "critic")
-    sft.main(sft.Config(data_dir=cfg.data_dir, init_from=cfg.init_from, out_dir=critic_dir,
-                        data=demos_path, max_steps=cfg.critic_steps, learning_rate=3e-4,
-                        eval_interval=max(1, cfg.critic_steps // 3),
-                        log_interval=max(1, cfg.critic_steps // 6), seed=cfg.seed,
-                        device=cfg.device))
+    critic_cfg = sft.Config(data_dir=cfg.data_dir, init_from=cfg.init_from, out_dir=critic_dir,
+                            data=demos_path, max_steps=cfg.critic_steps, learning_rate=3e-4,
+                            eval_interval=max(1, cfg.critic_steps // 3),
+                            log_interval=max(1, cfg.critic_steps // 6), seed=cfg.seed,
+                            device=cfg.device)
+    path = os.path.join(critic_dir, "ckpt.pt")
+    done = same and os.path.exists(path) and (lambda ck: ck.get("config") == asdict(critic_cfg)
+                                              and ck.get("step") == cfg.critic_steps)(
+        checkpoint.load(path))
+    if done:
+        print(f"the critic of these demonstrations is there already: {path}")
+    else:
+        sft.main(critic_cfg)
     policy, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
                                       enc, device=run.device)
     critic, _ = checkpoint.load_model(os.path.join(critic_dir, "ckpt.pt"), "python cai.py", enc,

@@ -9,7 +9,7 @@ import torch
 import cai
 from data import constitution as C
 from data import world
-from data.tokenizer import load_tokenizer
+from data.tokenizer import encode_response, load_tokenizer
 from model import GPT, GPTConfig
 
 TASK = world.Task("smaller", (4, 9), "Which is smaller, 4 or 9?")
@@ -64,3 +64,33 @@ def test_a_critic_that_cannot_critique_leaves_the_drafts(world):
     texts, unread = cai.critique_chain(critic, enc, [TASK, TASK], drafts, constitution, cfg,
                                        "cpu")
     assert texts == drafts and unread == len(drafts) * len(constitution)
+
+
+def test_the_chain_revises_only_what_a_critique_finds(world, monkeypatch):
+    """By each principle in turn: a reply finding the principle followed leaves the text
+    (even with a revision after it), a revision replaces it, a reply with neither is
+    counted as unread."""
+    enc = load_tokenizer(world / "tokenizer.tiktoken")
+    constitution = [("pleasantry", "No pleasantry."), ("sign_off", "No sign-off.")]
+    replies = {  # (principle text, draft) -> the critic's reply
+        ("No pleasantry.", "Sure! 4 is smaller. Bye."):
+            "It opens with one. Revision: 4 is smaller. Bye.",
+        ("No sign-off.", "4 is smaller. Bye."): "garbled",
+        ("No pleasantry.", "4 is smaller."): f"{C.FOLLOWS} Revision: 5 is smaller.",
+        ("No sign-off.", "4 is smaller."): f"{C.FOLLOWS}",
+    }
+
+    def fake(model, enc_, requests, max_new_tokens, temperature, seed, device, batch_size=64):
+        out = []
+        for r in requests:
+            principle = r.split("Critique: ")[1].split(" Question: ")[0]
+            out.append(([], encode_response(enc, replies[principle, r.split(" Answer: ")[1]])))
+        return out
+
+    monkeypatch.setattr(cai, "sample_responses", fake)
+    critic = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2,
+                           n_embd=16))
+    texts, unread = cai.critique_chain(critic, enc, [TASK, TASK],
+                                       ["Sure! 4 is smaller. Bye.", "4 is smaller."],
+                                       constitution, cai.Config(max_new_tokens=8), "cpu")
+    assert texts == ["4 is smaller. Bye.", "4 is smaller."] and unread == 1
