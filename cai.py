@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -50,6 +51,7 @@ from batch import collate, sample_responses, sequence_logprobs
 from cli import UserError, parse_config, ranges, user_errors
 from data import constitution as C
 from data import world
+from data.label import load_raters
 from data.tokenizer import decode_response, encode_prompt, encode_response
 from records import read_jsonl, world_tokenizer
 
@@ -110,15 +112,15 @@ def judge(critic, enc, tasks, pairs, device, batch_size=64):
     plus the same with the order swapped; > 0 means a. None where a request does not fit."""
     pad = enc.encode_single_token("<|endoftext|>")
     reply = {x: encode_response(enc, x) for x in ("A", "B")}
-    rows, index = [], []
+    rows, keep = [], set()
     for i, (t, (a, b)) in enumerate(zip(tasks, pairs)):
-        for first, second, sign in ((a, b, 1.0), (b, a, -1.0)):
-            p = encode_prompt(enc, C.judge_request(t.prompt, first, second))
-            if len(p) + 2 > critic.config.block_size:
-                break
-            rows += [(p + reply["A"], len(p), i, sign), (p + reply["B"], len(p), i, -sign)]
-        else:
-            index.append(i)
+        orders = [(encode_prompt(enc, C.judge_request(t.prompt, x, y)), sign)
+                  for x, y, sign in ((a, b, 1.0), (b, a, -1.0))]
+        if any(len(p) + 2 > critic.config.block_size for p, _ in orders):
+            continue  # a request beyond the context: no verdict
+        keep.add(i)
+        rows += [row for p, sign in orders
+                 for row in ((p + reply["A"], len(p), i, sign), (p + reply["B"], len(p), i, -sign))]
     margin = [0.0] * len(pairs)
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
@@ -126,7 +128,6 @@ def judge(critic, enc, tasks, pairs, device, batch_size=64):
                                                pad, device))[0].tolist()
         for (_, _, i, sign), x in zip(chunk, lp):
             margin[i] += sign * x
-    keep = set(index)
     return [margin[i] if i in keep else None for i in range(len(pairs))]
 
 
@@ -176,13 +177,10 @@ def write_set(data_dir, name, rankings):
 
 def main(cfg):
     constitution = C.load_constitution(cfg.constitution)
-    for flag, name in (("name", cfg.name),):
-        if not name.replace("_", "").isalnum():
-            raise UserError(f"--{flag}={name!r}: a set's name is letters, digits and _ only")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
+        raise UserError(f"--name={cfg.name!r}: a set's name is letters, digits and _ only")
     run = distributed.setup(cfg.seed, cfg.device)
-    meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"),
-                                   "python data/prepare.py")
-    raters = world.RaterConfig(**json.loads(open(meta_path).read())["raters"])
+    raters = load_raters(cfg.data_dir)
     enc = world_tokenizer(cfg.data_dir)
     checkpoint.require(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py")
     rng = random.Random(cfg.seed)

@@ -71,6 +71,17 @@ def label(records, answers, K, raters, rng):
     return out
 
 
+def load_raters(data_dir):
+    """The raters' biases prepare.py wrote to data_dir/meta.json."""
+    meta_path = checkpoint.require(os.path.join(data_dir, "meta.json"), "python data/prepare.py")
+    try:
+        return world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: not the meta.json data/prepare.py writes "
+                        f"({type(e).__name__}: {str(e)[:80]}): run `python data/prepare.py` "
+                        f"again") from None
+
+
 def main(cfg):
     if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
         raise UserError(f"--name={cfg.name!r}: a set's name is letters, digits and _ only")
@@ -78,14 +89,7 @@ def main(cfg):
         raise UserError(f"need --K >= 2 and --n_prompts >= 1, "
                         f"got --K={cfg.K} --n_prompts={cfg.n_prompts}")
     run = distributed.setup(cfg.seed, cfg.device)
-    meta_path = checkpoint.require(os.path.join(cfg.data_dir, "meta.json"),
-                                   "python data/prepare.py")
-    try:
-        raters = world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path}: not the meta.json data/prepare.py writes "
-                        f"({type(e).__name__}: {str(e)[:80]}): run `python data/prepare.py` "
-                        f"again") from None
+    raters = load_raters(cfg.data_dir)
     enc = world_tokenizer(cfg.data_dir)
     policy, _ = checkpoint.load_model(os.path.join(cfg.policy, "ckpt.pt"), "python sft.py", enc,
                                       device=run.device)
