@@ -2,7 +2,8 @@
 written (the previous one survives, byte for byte), a full disk while the world is
 generated (nothing is left), a read-only run folder, and two runs into one folder (the
 second is refused; a lock left by a killed run does not block the next one). Each ends
-with one line on stderr and exit status 2.
+with one line on stderr and exit status 2. The runs that only set the scene (the first
+checkpoint, the run after the kill) run in this process.
 
 The full and read-only disks are small tmpfs mounts, which need root (or the right to
 mount); where a mount is refused the test is skipped and says why."""
@@ -17,7 +18,10 @@ import time
 
 import pytest
 import torch
-from conftest import QUICK, ROOT, TINY, assert_user_error, environ, run
+from conftest import QUICK, ROOT, TINY, assert_user_error, environ, main_of, run
+
+import pretrain
+import sft
 
 SFT = ["--batch_size=8", "--eval_interval=100", "--log_interval=1", "--warmup_steps=1"]
 
@@ -47,7 +51,7 @@ def test_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(pipeline
               "--ckpt_interval=2"]
     with tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "sft"
-        run("sft.py", *common, f"--out_dir={out}", "--max_steps=2")
+        main_of(sft, [*common, f"--out_dir={out}", "--max_steps=2"])  # the first checkpoint
         before = sha256(out / "ckpt.pt")
         # leave room for the log, not for a second checkpoint beside the first
         free = shutil.disk_usage(disk).free
@@ -75,7 +79,8 @@ def test_read_only_run_folder(pipeline, tmp_path):
                           "Read-only file system")
 
 
-def test_a_busy_run_folder_is_refused_and_a_killed_run_does_not_block_the_next(pipeline, tmp_path):
+def test_a_busy_run_folder_is_refused_and_a_killed_run_does_not_block_the_next(pipeline, tmp_path,
+                                                                              capsys):
     out = tmp_path / "pretrain"
     common = [f"--data_dir={pipeline.data}", *TINY, "--batch_size=8", "--eval_interval=100000",
               "--eval_batches=1", "--log_interval=100000", "--ckpt_interval=5", f"--out_dir={out}"]
@@ -93,6 +98,7 @@ def test_a_busy_run_folder_is_refused_and_a_killed_run_does_not_block_the_next(p
         first.send_signal(signal.SIGKILL)
         first.wait()
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    p = run("pretrain.py", *common, f"--max_steps={step + 3}", "--resume=true")
-    assert f"resuming {out}/ckpt.pt at step {step}" in p.stdout
+    capsys.readouterr()
+    main_of(pretrain, [*common, f"--max_steps={step + 3}", "--resume=true"])  # the next run
+    assert f"resuming {out}/ckpt.pt at step {step}" in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 3

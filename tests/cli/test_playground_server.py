@@ -1,6 +1,6 @@
 """The playground as a user starts and stops it: --help, a missing stage named with the
-command that makes it, and Ctrl-C while a job runs, which ends the server cleanly with
-every label on the disk."""
+command that makes it (in this process), and Ctrl-C while a job runs, which ends the
+server cleanly with every label on the disk."""
 
 import json
 import signal
@@ -8,7 +8,9 @@ import subprocess
 import sys
 import urllib.request
 
-from conftest import ROOT, assert_user_error, environ, run
+from conftest import ROOT, assert_user_error_in_process, environ, run
+
+import playground
 
 
 def post(url, body):
@@ -17,11 +19,11 @@ def post(url, body):
         return json.loads(r.read())
 
 
-def test_help_and_a_missing_stage(world):
+def test_help_and_a_missing_stage(world, capsys):
     p = run("playground.py", "--help")
     assert p.returncode == 0 and "--port" in p.stdout and "--beta" in p.stdout
-    p = run("playground.py", f"--data_dir={world}", "--out=/nonexistent-out", ok=False)
-    assert_user_error(p, "python pretrain.py")
+    assert_user_error_in_process(capsys, playground, f"--data_dir={world}",
+                                 "--out=/nonexistent-out", needles=["python pretrain.py"])
 
 
 def test_ctrl_c_during_a_job_stops_cleanly_and_keeps_the_labels(world, stages, tmp_path):

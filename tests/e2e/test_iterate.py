@@ -1,22 +1,51 @@
-"""Iterative RLHF on the tiny pipeline: a round's stages run as processes, write their
-own sets and checkpoints, a second round starts PPO from the first round's policy with
-the KL still to SFT, and a second run skips what is done."""
+"""Iterative RLHF on the tiny pipeline: a round's stages write their own sets and
+checkpoints, a second round starts PPO from the first round's policy with the KL still
+to SFT, and a second run, a process of its own, skips what is done.
+
+The first run is iterate.main() in this process with its stage processes run in this
+process too (the command each would start, its main() on the same flags): the stages'
+own processes are the cli layer's; here the rounds are what is checked."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error_in_process, read_log, run
+from conftest import ROOT, assert_user_error_in_process, main_of, read_log, run, stage_module
 
+import cli
+import iterate
 from data import label
 
 SMALL = ["--n_prompts=8", "--K=3", "--reward_steps=3", "--ppo_iterations=2", "--eval_prompts=12"]
 
 
-def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path):
+def stages_in_this_process(monkeypatch):
+    """iterate's subprocess.call runs `python script flags` as script's main(flags) here;
+    returns the scripts run, in order."""
+    scripts = []
+
+    def call(cmd):
+        assert cmd[0] == sys.executable
+        script = Path(cmd[1]).relative_to(ROOT).as_posix()
+        scripts.append(script)
+        main_of(stage_module(script), cmd[2:])
+        return 0
+
+    monkeypatch.setattr(iterate.subprocess, "call", call)
+    return scripts
+
+
+def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path, monkeypatch, capsys):
     out = tmp_path / "it"
-    p = run("iterate.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
-            f"--out_dir={out}", "--rounds=2", *SMALL)
+    args = [f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
+            f"--out_dir={out}", "--rounds=2", *SMALL]
+    scripts = stages_in_this_process(monkeypatch)
+    iterate.main(cli.parse_config(iterate.Config, args))
+    stdout = capsys.readouterr().out
+    assert scripts == ["data/label.py", "reward.py", "ppo.py", "data/label.py", "reward.py",
+                       "ppo.py", "data/label.py"]
     rounds = json.loads((out / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[0]["kl"] == 0  # round 0 is the SFT model against itself
@@ -38,9 +67,9 @@ def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path):
     ck = torch.load(out / "ppo_r2" / "ckpt.pt", weights_only=True)
     assert ck["config"]["init_from"] == str(out / "ppo_r1")
     assert ck["config"]["ref_from"] == f"{pipeline.out}/sft"
-    assert "| round | gold |" in p.stdout
-    again = run("iterate.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
-                f"--out_dir={out}", "--rounds=2", *SMALL)
+    assert "| round | gold |" in stdout
+    monkeypatch.undo()
+    again = run("iterate.py", *args)
     assert again.stdout.count("done already") == 7  # 3 labellings, 2 reward models, 2 PPO runs
     assert json.loads((out / "rounds.json").read_text())["rounds"] == rounds
 
@@ -65,3 +94,23 @@ def test_a_stage_stopped_half_way_continues_from_its_checkpoint(tmp_path):
     assert iterate.progress(tmp_path, done_at_3) == (False, ["--resume=true"])
     checkpoint.save(tmp_path / "ckpt.pt", {"step": 3})
     assert iterate.progress(tmp_path, done_at_3)[0] is True
+
+
+@pytest.mark.parametrize("code, status", [(2, 2), (-9, 1)])
+def test_a_failing_stage_stops_the_rounds_with_its_status(pipeline, tmp_path, monkeypatch, capsys,
+                                                          code, status):
+    """The reward model's process fails (a user error, or a kill): iterate stops there
+    with its exit status (a signal's as 1) and says which command failed."""
+    calls = []
+
+    def call(cmd):
+        calls.append(Path(cmd[1]).name)
+        return code if cmd[1].endswith("reward.py") else 0
+
+    monkeypatch.setattr(iterate.subprocess, "call", call)
+    with pytest.raises(SystemExit) as e:
+        iterate.main(cli.parse_config(iterate.Config, [
+            f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/sft",
+            f"--out_dir={tmp_path}/it", *SMALL]))
+    assert e.value.code == status and calls == ["label.py", "reward.py"]
+    assert capsys.readouterr().err == f"error: `python reward.py` failed (exit {code})\n"
