@@ -8,6 +8,7 @@ FLOPs utilisation: achieved FLOP/s (PaLM estimate, model.flops_per_token) / peak
     python bench/train.py                                   # the CPU default model
     python bench/train.py --preset=gpt2 --device=cuda       # 124M, bf16 autocast
     python bench/train.py --preset=gpt2 --device=cuda --compile=true
+    python bench/train.py --batch_size=16                   # another batch, same model
 """
 
 import statistics
@@ -15,13 +16,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import torch  # noqa: E402
 
 import distributed  # noqa: E402
-from cli import UserError, parse_config, user_errors  # noqa: E402
+from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PRESETS = {  # name: (model config, sequences per step)
@@ -37,9 +39,12 @@ class Config:
     preset: str = "cpu"        # cpu, gpt2 or gpt2-medium
     device: str = "auto"       # auto, cpu, cuda, cuda:N or mps
     compile: bool = False      # torch.compile the model
+    batch_size: int = 0        # sequences per step (0: the preset's)
     steps: int = 10            # timed steps
     warmup: int = 3            # untimed steps first
     seed: int = 0              # random init and data
+
+    RANGES: ClassVar = ranges(non_negative="batch_size")
 
 
 def main(cfg):
@@ -47,6 +52,7 @@ def main(cfg):
         raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
     run = distributed.setup(cfg.seed, cfg.device)
     mconf, batch = PRESETS[cfg.preset]
+    batch = cfg.batch_size or batch
     raw = GPT(mconf).to(run.device)
     model = distributed.wrap(raw, run, cfg.compile)
     optimizer = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), run.device_type)
