@@ -6,6 +6,8 @@ from AI Feedback": critique-and-revision, then an AI preference model).
     python cai.py                      # out/sft → out/cai, and the AI-labelled sets
     python dpo.py --prefs=prefs_cai_judge --out_dir=out/dpo_cai       # DPO on the AI labels
     python dpo.py --prefs=prefs_cai_raters --out_dir=out/dpo_raters   # the same pairs, raters
+    python reward.py --prefs=prefs_cai_judge --out_dir=out/reward_cai  # a reward model on them,
+    python ppo.py --reward_from=out/reward_cai --out_dir=out/ppo_cai   # and PPO against it
     python cai.py --constitution=my.txt --name=prefs_mine
 
 The constitution (data/constitution.txt) names flaws of an answer users do not value: an
@@ -67,7 +69,7 @@ class Config:
     n_judgements: int = 3000        # judgement demonstrations
     n_sft: int = 3000               # the world's SFT demonstrations mixed in
     critic_steps: int = 300         # fine-tuning steps of the critic (batches of 64)
-    n_prompts: int = 1200           # RL prompts labelled (each gives a revision and a judge pair)
+    n_prompts: int = 3600           # RL prompts labelled (a judge pair each; revisions if flawed)
     temperature: float = 1.0        # the drafts' sampling temperature
     max_new_tokens: int = 48        # a draft's and a critique reply's length limit
     seed: int = 1337
