@@ -46,7 +46,7 @@ tokenizer travels on in the checkpoint.
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -63,6 +63,9 @@ from logger import Logger
 from records import load_preference_sets, read_jsonl, stage_model
 
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
+# each loss's peak learning rate when --learning_rate is not given: SimPO has no reference
+# to hold it near SFT, and at the others' rate it collapses (RESULTS.md § DPO family)
+LEARNING_RATES = dict(dpo=1e-5, cdpo=1e-5, ipo=1e-5, simpo=2e-6, orpo=1e-5, kto=1e-5)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Config:
     batch_size: int = 32             # pairs (kto: responses) per optimizer step, over all ranks
     grad_accum: int = 1              # micro-steps per optimizer step on each rank
     max_steps: int = 300             # optimizer steps
-    learning_rate: float = 1e-5      # peak learning rate (higher drifts far from SFT: docs/dpo.md)
+    learning_rate: float = 0.0       # peak learning rate (0: the loss's own, LEARNING_RATES)
     warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.0        # AdamW decay, matrices only (0: the reference is the anchor)
     beta1: float = 0.9               # AdamW beta1
@@ -104,8 +107,8 @@ class Config:
         at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
                    "log_interval ckpt_interval",
         non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight "
-                     "kto_undesirable_weight warmup_steps weight_decay grad_clip",
-        positive="learning_rate", fraction="label_smoothing val_fraction",
+                     "kto_undesirable_weight warmup_steps weight_decay grad_clip learning_rate",
+        fraction="label_smoothing val_fraction",
         below_1="beta1 beta2")
 
 
@@ -305,6 +308,7 @@ def main(cfg):
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")
     refuse_settings_that_train_nothing(cfg)
+    cfg = replace(cfg, learning_rate=cfg.learning_rate or LEARNING_RATES[cfg.loss])  # as logged
     out_dir = cfg.out_dir or os.path.join("out", cfg.loss)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",

@@ -121,7 +121,7 @@ FAMILY = {
 }
 # the sampled KL(π‖π_ref) of the evaluation after the last step
 FAMILY_KL = {"dpo": 2.384185791015625e-07, "cdpo": 5.960464477539062e-07,
-             "ipo": -1.9073486328125e-05, "simpo": 0.0004304647445678711,
+             "ipo": -1.9073486328125e-05, "simpo": 8.58306884765625e-05,
              "orpo": -0.0005543231964111328, "kto": 0.0004165172576904297}
 
 
@@ -139,6 +139,9 @@ def test_dpo_family_end_to_end(pipeline, tmp_path, loss):
     assert [r["loss"] for r in log] == [close(x) for x in FAMILY[loss]]
     assert "val/loss" in log[-1]
     assert log[-1]["objective/kl"] == close(FAMILY_KL[loss], "objective/kl")
+    # no --learning_rate given: the loss's own, logged and kept in the checkpoint
+    assert ckpt["config"]["learning_rate"] == dpo.LEARNING_RATES[loss] == (
+        2e-6 if loss == "simpo" else 1e-5)
 
 
 def bayes_and_accuracy(rm, path, enc, pad):
