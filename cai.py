@@ -40,8 +40,8 @@ import json
 import math
 import os
 import random
-import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -50,10 +50,10 @@ import checkpoint
 import distributed
 import sft
 from batch import collate, sample_responses, sequence_logprobs
-from cli import UserError, parse_config, ranges, user_errors
+from cli import parse_config, ranges, user_errors
 from data import constitution as C
 from data import world
-from data.label import load_raters
+from data.label import check_set_name, load_raters
 from data.tokenizer import decode_response, encode_prompt, encode_response
 from records import read_jsonl, world_tokenizer
 
@@ -179,8 +179,7 @@ def write_set(data_dir, name, rankings):
 
 def main(cfg):
     constitution = C.load_constitution(cfg.constitution)
-    if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
-        raise UserError(f"--name={cfg.name!r}: a set's name is letters, digits and _ only")
+    check_set_name(cfg.name)
     run = distributed.setup(cfg.seed, cfg.device)
     raters = load_raters(cfg.data_dir)
     enc = world_tokenizer(cfg.data_dir)
@@ -199,7 +198,7 @@ def main(cfg):
     rng.shuffle(demos)
     demos_path = os.path.join(cfg.out_dir, "demos.jsonl")
     text = "".join(json.dumps(d) + "\n" for d in demos).encode()
-    same = os.path.exists(demos_path) and open(demos_path, "rb").read() == text
+    same = os.path.exists(demos_path) and Path(demos_path).read_bytes() == text
     if not same:
         checkpoint.atomic_write(demos_path, lambda f: f.write(text))
 
@@ -212,9 +211,10 @@ def main(cfg):
                             log_interval=max(1, cfg.critic_steps // 6), seed=cfg.seed,
                             device=cfg.device)
     path = os.path.join(critic_dir, "ckpt.pt")
-    done = same and os.path.exists(path) and (lambda ck: ck.get("config") == asdict(critic_cfg)
-                                              and ck.get("step") == cfg.critic_steps)(
-        checkpoint.load(path))
+    done = False
+    if same and os.path.exists(path):
+        ck = checkpoint.load(path)
+        done = ck.get("config") == asdict(critic_cfg) and ck.get("step") == cfg.critic_steps
     if done:
         print(f"the critic of these demonstrations is there already: {path}")
     else:

@@ -71,6 +71,12 @@ def label(records, answers, K, raters, rng):
     return out
 
 
+def check_set_name(name):
+    """--name: a set's name becomes part of a file name in data_dir."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise UserError(f"--name={name!r}: a set's name is letters, digits and _ only")
+
+
 def load_raters(data_dir):
     """The raters' biases prepare.py wrote to data_dir/meta.json."""
     meta_path = checkpoint.require(os.path.join(data_dir, "meta.json"), "python data/prepare.py")
@@ -83,8 +89,7 @@ def load_raters(data_dir):
 
 
 def main(cfg):
-    if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
-        raise UserError(f"--name={cfg.name!r}: a set's name is letters, digits and _ only")
+    check_set_name(cfg.name)
     if cfg.K < 2 or cfg.n_prompts < 1:
         raise UserError(f"need --K >= 2 and --n_prompts >= 1, "
                         f"got --K={cfg.K} --n_prompts={cfg.n_prompts}")

@@ -50,7 +50,8 @@ def interrupted_run(script, common, out, total, kills=2, seed=0):
         # moment
         while proc.poll() is None and time.time() < deadline:
             try:
-                stamp = ckpt.stat().st_mtime_ns, ckpt.stat().st_ino
+                st = ckpt.stat()
+                stamp = st.st_mtime_ns, st.st_ino
                 if stamp != seen and progress(torch.load(ckpt, weights_only=True)) > last:
                     break
                 seen = stamp
