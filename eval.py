@@ -17,7 +17,7 @@ scores highest. Its KL to SFT is known in closed form, log n − (n−1)/n (Stie
 Also: the same prompts (one per family) through every model side by side, the training
 curves of each stage's log.jsonl (a PNG when matplotlib is installed, tables always), and
 the over-optimisation experiment when overopt.py has written out/overopt/. Writes
-out/report.md and out/<stage>/eval.json.
+out/report.md, out/<stage>/eval.json and out/best_of.json.
 
     python eval.py                                   # every stage found under out/
     python eval.py --stages=sft,ppo --best_of=       # two stages, no best-of-n
@@ -423,6 +423,10 @@ def main(cfg):
         checkpoint.atomic_write(os.path.join(cfg.out, stage, "eval.json"),
                                 lambda f: f.write(json.dumps(results[NAMES.get(stage, stage)],
                                                              indent=1).encode()))
+    best = {name: r for name, r in results.items() if name.startswith("best-of-")}
+    if best:  # best-of-n has no stage folder of its own
+        checkpoint.atomic_write(os.path.join(cfg.out, "best_of.json"),
+                                lambda f: f.write(json.dumps(best, indent=1).encode()))
 
     decoding = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
     shown = side_by_side(records, samples, cfg.n_show)

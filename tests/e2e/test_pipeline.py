@@ -73,6 +73,11 @@ def test_pipeline_end_to_end(pipeline):
     assert o["format"] == 0.0 and o["gold"] == 0.0
     assert o["proxy"] == pytest.approx(4.55842653910319, rel=1e-4)
     assert set(res["families"]) == set(data_world.FAMILIES)
+    best = json.loads((pipeline.out / "best_of.json").read_text())
+    assert list(best) == ["best-of-1 (sft)", "best-of-4 (sft)", "best-of-16 (sft)"]
+    assert best["best-of-1 (sft)"]["overall"]["kl"] == 0  # log 1 - 0, exact
+    assert best["best-of-4 (sft)"]["overall"]["kl"] == pytest.approx(math.log(4) - 0.75)
+    assert set(best["best-of-16 (sft)"]["families"]) == set(data_world.FAMILIES)
     kl = {s: json.loads((pipeline.out / s / "eval.json").read_text())["overall"]["kl"]
           for s in ("pretrain", "ppo", "dpo")}
     assert kl == {"pretrain": close(-0.013855192396375868, "objective/kl"),
