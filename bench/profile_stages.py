@@ -7,7 +7,8 @@
   no-grad fwd  forwards with gradients off, outside generation and evaluation: the frozen
                reference, the reward model, log-probs of rollouts, the value model's pass
   backward     Tensor.backward
-  optimizer    gradient clipping, Optimizer.step and zero_grad
+  optimizer    gradient clipping, Optimizer.step and zero_grad, and making the optimizer
+               (a process's first one imports torch._dynamo: about 2 s on a CPU)
   data         reading data files and assembling batches
   evaluation   validation losses and accuracies, KL estimates (their forwards included)
   checkpoints  saving and loading checkpoints
@@ -131,8 +132,9 @@ def instrument(prof, stage):
     prof.patch(torch.nn.utils, "clip_grad_norm_", "optimizer")
     prof.patch(torch.optim.Optimizer, "zero_grad", "optimizer")
     for cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
-        if "step" in vars(cls):
-            prof.patch(cls, "step", "optimizer")
+        for name in ("__init__", "step"):
+            if name in vars(cls):
+                prof.patch(cls, name, "optimizer")
     targets = {}  # function object -> part
     for m in modules:
         for name, value in vars(m).items():
@@ -206,15 +208,18 @@ def run_pipeline(flags, json_path):
     records, here = [], os.path.abspath(__file__)
     for script, stage_flags in pipeline.commands(cfg):
         print(f"\n$ python bench/profile_stages.py {script} {' '.join(stage_flags)}", flush=True)
-        out = subprocess.run([sys.executable, here, "--json=-", script, *stage_flags],
-                             stdout=subprocess.PIPE, text=True)
-        lines = out.stdout.splitlines()
-        print("\n".join(lines[:-1]), flush=True)
-        if out.returncode != 0:
+        proc = subprocess.Popen([sys.executable, here, "--json=-", script, *stage_flags],
+                                stdout=subprocess.PIPE, text=True)
+        last = None  # the stage's output as it comes, but for its last line: the record
+        for line in proc.stdout:
+            if last is not None:
+                print(last, end="", flush=True)
+            last = line
+        if proc.wait() != 0:
             with user_errors():
-                raise UserError(f"`python {script}` failed (exit {out.returncode}) "
+                raise UserError(f"`python {script}` failed (exit {proc.returncode}) "
                                 f"under the profiler")
-        records.append(json.loads(lines[-1]))
+        records.append(json.loads(last))
     write_json(json_path, records)
     print("\n" + table(records))
 

@@ -37,10 +37,10 @@ def test_each_part_of_an_sft_run_is_timed_and_the_parts_add_up(world, stages, tm
     parts, calls = rec["parts"], rec["calls"]
     assert list(parts) == list(prof.PARTS)
     # 6 steps of one micro-batch: 6 forwards, backwards and optimizer calls (clip, step,
-    # zero_grad); validation before the first step and at steps 3 and 6, its forwards
-    # inside it
+    # zero_grad) after making the optimizer; validation before the first step and at
+    # steps 3 and 6, its forwards inside it
     assert calls["forward"] == calls["backward"] == 6
-    assert calls["optimizer"] == 3 * 6
+    assert calls["optimizer"] == 1 + 3 * 6
     assert calls["evaluation"] == 3
     assert calls["checkpoints"] >= 2  # the pretrained model loaded, the SFT model saved
     assert "generation" not in calls
