@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
+
 from model import (IGNORE_INDEX, GPT, GPTConfig, KVCache, ScalarGPT, attention_mask,
                    sample_next_token, token_entropy, token_logprobs)
 
@@ -217,6 +219,23 @@ def test_stop_token_rows_stop_independently_and_early_exit():
         assert (tokens[1, j1 + 1:] == 63).all()
         assert mask[0].tolist() == [True] * (j0 + 1)
         assert mask[1].tolist() == [True] * (j1 + 1) + [False] * (j0 - j1)
+
+
+def test_checking_for_the_stop_token_every_few_steps_changes_nothing(monkeypatch):
+    # as on a GPU, where each check makes the host wait: the steps after every row stopped
+    # emit padding only and are cut, so tokens and masks equal the check at every step
+    model = make_model()
+    ref, _ = model.generate(PROMPTS, 16, temperature=0)
+    stop = ref[0, 2].item()
+    runs = []
+    for every in (1, 8):
+        monkeypatch.setitem(model_module.STOP_CHECK_EVERY, "cpu", every)
+        gen = torch.Generator().manual_seed(3)
+        runs.append(model.generate(PROMPTS, 16, stop_token=stop, pad_token=0, generator=gen))
+    (a, a_mask), (b, b_mask) = runs
+    # every row stopped by step 14: checking every 8 steps ran two steps more, then cut them
+    assert a.size(1) == 14 and a_mask[:, -1].any()
+    assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
 
 
 def test_stop_token_row_that_never_stops_runs_full_length():
