@@ -105,13 +105,10 @@ class Profile:
 
 
 def project_modules():
-    """The modules imported from this repository's files (not bench/ or tests/)."""
-    out = []
-    for m in list(sys.modules.values()):
-        f = getattr(m, "__file__", None) or ""
-        if f.startswith(str(ROOT)) and not f.startswith((str(ROOT / "bench"), str(ROOT / "tests"))):
-            out.append(m)
-    return out
+    """The modules imported from the project's own files: the stages and shared modules at
+    the top of the repository and data/ (not a virtual environment that lives in it)."""
+    return [m for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and Path(m.__file__).parent in (ROOT, ROOT / "data")]
 
 
 def instrument(prof, stage):
