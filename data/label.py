@@ -102,8 +102,10 @@ def main(cfg):
                          {"task": dict, "prompt": str, "family": str})
     n = min(len(records), cfg.n_prompts + cfg.n_prompts // 10)
     records = records[-n:]  # the last prompts of the RL set, labelled once
-    samples = sample_responses(policy, enc, [r["prompt"] for r in records for _ in range(cfg.K)],
-                               cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
+    with run.autocast:  # bf16 on CUDA: answers to rank, no figure read from their logits
+        samples = sample_responses(policy, enc, [r["prompt"] for r in records
+                                                 for _ in range(cfg.K)],
+                                   cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
     answers = [decode_response(enc, response) for _, response in samples]
     rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
     n_val = max(1, len(rankings) // 11)
