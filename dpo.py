@@ -14,6 +14,10 @@ SFT reference does. Pick the loss with --loss:
            reference (Meng et al. 2024, eq. 6)
     orpo   NLL(y_w) + λ·(−log σ(log odds(y_w) − log odds(y_l))), odds = P/(1−P) with P the
            per-token-average likelihood; no reference (Hong et al. 2024, eqs. 6-7)
+    --nll_coef=α (dpo, cdpo, ipo): + α·NLL(y_w)/|y_w|, the chosen response's negative
+           log-likelihood per token beside the preference loss, so the chosen answers stay
+           likely while the margin grows (RPO: Pang et al. 2024, eq. 1; normalised by the
+           response's tokens here)
     kto    unpaired: responses in the top half of a ranking are desirable, the bottom half
            undesirable; 1 − σ(β·(r − z0)) or 1 − σ(β·(z0 − r)), r = log π/π_ref,
            z0 a detached, non-negative batch estimate of KL(π‖π_ref)
@@ -80,6 +84,7 @@ class Config:
     simpo_beta: float = 2.0          # simpo: reward scale (Meng et al. use 2 to 2.5)
     simpo_gamma: float = 1.0         # simpo: target reward margin
     orpo_lambda: float = 0.1         # orpo: weight of the odds-ratio term beside the NLL
+    nll_coef: float = 0.0            # dpo, cdpo, ipo: α of the chosen answers' NLL (RPO); 0 = off
     kto_desirable_weight: float = 1.0    # kto: weight of desirable examples
     kto_undesirable_weight: float = 1.0  # kto: weight of undesirable examples
     batch_size: int = 32             # pairs (kto: responses) per optimizer step, over all ranks
@@ -106,7 +111,7 @@ class Config:
     RANGES: ClassVar = ranges(
         at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
                    "log_interval ckpt_interval",
-        non_negative="beta simpo_beta simpo_gamma orpo_lambda kto_desirable_weight "
+        non_negative="beta simpo_beta simpo_gamma orpo_lambda nll_coef kto_desirable_weight "
                      "kto_undesirable_weight warmup_steps weight_decay grad_clip learning_rate",
         fraction="label_smoothing val_fraction",
         below_1="beta1 beta2")
@@ -140,6 +145,11 @@ def orpo_loss(pc, pr, nc, nr, lam):
         mean = logp_sum / n  # log P, P the per-token-average likelihood
         return mean - torch.log1p(-torch.exp(mean).clamp(max=1 - 1e-6))  # log(P / (1 − P))
     return -pc / nc + lam * -F.logsigmoid(log_odds(pc, nc) - log_odds(pr, nr))
+
+
+def nll_per_token(pc, nc):
+    """The chosen response's negative log-likelihood per token: RPO's term beside DPO."""
+    return -pc / nc
 
 
 def kto_loss(p, r, desirable, beta, z0, w_desirable, w_undesirable):
@@ -232,12 +242,17 @@ def batch_loss(model, batch, cfg):
         loss = simpo_loss(pc, pr, nc, nr, cfg.simpo_beta, cfg.simpo_gamma)
     else:
         loss = orpo_loss(pc, pr, nc, nr, cfg.orpo_lambda)
+    extra = {}
+    if cfg.nll_coef:  # RPO: the chosen answers kept likely
+        nll = nll_per_token(pc, nc)
+        loss, extra = loss + cfg.nll_coef * nll, {"loss/nll": nll.mean().item()}
     chosen, rejected = cfg.beta * (pc - rc).detach(), cfg.beta * (pr - rr).detach()
     return loss.mean(), {"rewards/chosen": chosen.mean().item(),
                          "rewards/rejected": rejected.mean().item(),
                          "rewards/margin": (chosen - rejected).mean().item(),
                          "rewards/accuracy": (chosen > rejected).float().mean().item(),
-                         "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+                         "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(),
+                         **extra}
 
 
 def make_batch(data, chosen_items, cfg, pad, device):
@@ -287,7 +302,8 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device, stop=None):
 
 
 def refuse_settings_that_train_nothing(cfg):
-    """Settings under which the chosen loss is constant (its gradient zero) or undefined."""
+    """Settings under which the chosen loss is constant (its gradient zero) or undefined,
+    and a term asked of a loss it does not go with."""
     if cfg.loss in ("dpo", "cdpo", "ipo", "kto") and cfg.beta <= 0:
         why = "divides by β" if cfg.loss == "ipo" else "is then constant and trains nothing"
         raise UserError(f"--beta={cfg.beta}: the {cfg.loss} loss {why}; use β > 0")
@@ -297,6 +313,9 @@ def refuse_settings_that_train_nothing(cfg):
     if cfg.loss == "cdpo" and cfg.label_smoothing >= 0.5:
         raise UserError(f"--label_smoothing={cfg.label_smoothing}: at 0.5 or more cdpo trusts the "
                         f"flipped labels as much as the labels or more; use a value below 0.5")
+    if cfg.nll_coef and cfg.loss not in ("dpo", "cdpo", "ipo"):
+        raise UserError(f"--nll_coef={cfg.nll_coef} with --loss={cfg.loss}: the NLL term goes "
+                        f"beside dpo, cdpo or ipo (orpo has its own)")
     if cfg.loss == "kto" and cfg.kto_desirable_weight == cfg.kto_undesirable_weight == 0:
         raise UserError("--kto_desirable_weight=0 and --kto_undesirable_weight=0: the kto loss is "
                         "then zero and trains nothing")

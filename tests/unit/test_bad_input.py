@@ -120,6 +120,9 @@ BAD_INPUTS = {
     # settings that would train nothing, or divide by zero
     "zero learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=0"],
                            ["--learning_rate=0", "must be above 0", "train nothing"]),
+    "nll term with orpo": (dpo, lambda w, s, t: [f"--data_dir={w}", "--loss=orpo",
+                                                 "--nll_coef=1"],
+                           ["--nll_coef=1.0 with --loss=orpo", "orpo has its own"]),
     "dpo beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--beta=0"],
                    ["--beta=0.0", "dpo loss is then constant"]),
     "ipo beta 0": (dpo, lambda w, s, t: [f"--data_dir={w}", "--loss=ipo", "--beta=0"],

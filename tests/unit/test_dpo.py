@@ -97,6 +97,28 @@ def test_cached_reference_equals_recomputed():
         dpo.dpo_loss(logp[:3], logp[3:], fresh[:3], fresh[3:], 0.3).mean().item(), abs=1e-6)
 
 
+def test_rpo_adds_the_chosen_answers_nll_per_token():
+    # chosen: -2 over 4 tokens -> 0.5 nats a token
+    assert dpo.nll_per_token(t(-2.0), t(4.0)).item() == pytest.approx(0.5)
+    torch.manual_seed(0)
+    cfg_m = GPTConfig(block_size=32, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
+    policy, ref = GPT(cfg_m), GPT(cfg_m)
+    seqs = [([1, 2, 3, 4, 5], 2), ([1, 2, 6], 2), ([7, 8, 9, 10], 3), ([7, 8, 11, 12, 13, 14], 3)]
+    cached = dpo.reference_logps(ref, seqs, pad=0, device="cpu")
+    data = (seqs, [(0, 1), (2, 3)], cached, [False] * 4)
+    losses = {}
+    for alpha in (0.0, 0.5):
+        cfg = dpo.Config(loss="ipo", beta=0.3, nll_coef=alpha)
+        batch = dpo.make_batch(data, [0, 1], cfg, pad=0, device="cpu")
+        losses[alpha], diag = dpo.batch_loss(policy, batch, cfg)
+    with torch.no_grad():
+        logp, n = sequence_logprobs(policy, batch[0])
+    nll = (-logp[:2] / n[:2]).mean().item()  # responses 0 and 2: 3 and 1 tokens
+    assert n[:2].tolist() == [3, 1]
+    assert diag["loss/nll"] == pytest.approx(nll, abs=1e-6)
+    assert (losses[0.5] - losses[0.0]).item() == pytest.approx(0.5 * nll, abs=1e-6)
+
+
 def test_kto_batch_holds_responses_and_labels():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=32, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
