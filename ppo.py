@@ -85,7 +85,7 @@ class Config:
     reward_from: str = "out/reward"   # reward model; its first member also starts the value model
     reward: str = "model"             # model: the reward model; verifiable: 1 if right, else 0
     out_dir: str = "out/ppo"          # checkpoint and log go here
-    iterations: int = 120             # rollout + update rounds
+    iterations: int = 40              # rollout + update rounds (the score levels off by ~20)
     batch_size: int = 64              # rollouts per iteration, all processes together
     minibatch_size: int = 16          # rollouts per gradient step, all processes together
     ppo_epochs: int = 4               # passes over each batch of rollouts
