@@ -51,7 +51,7 @@ class Config:
     seeds: str = "1337"  # comma-separated seeds: each one PPO run per β and one best-of-n
     betas: str = "0,0.02,0.05,0.1,0.3"  # fixed KL coefficients for PPO
     best_of: str = "1,2,4,8,16,32,64"   # n for best-of-n from SFT
-    iterations: int = 120               # PPO iterations per run (three times ppo.py's default)
+    iterations: int = 120               # PPO iterations per run (longer than ppo.py's default)
     ppo_flags: str = ""                 # more flags for every ppo.py run, space-separated
     data_dir: str = "data/world"        # folder written by data/prepare.py
     sft_from: str = "out/sft"           # the starting policy and KL reference
