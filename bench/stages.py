@@ -20,6 +20,9 @@ batches: the figures to take whenever a GPU is at hand (a few minutes of one).
   grpo     one GRPO iteration: 4 prompts x 4 answers, the reward the share of
            even token ids, the reference at beta 0.04, one update (grpo.sample_groups,
            grpo.assemble, grpo.group_advantages, grpo.grpo_loss, as grpo.py's loop)
+  adamw    one optimizer step on the policy's gradients: the stages' AdamW
+           (GPT.configure_optimizers, fused) and, beside it, torch's AdamW as it comes
+           (not fused: a loop over the tensors on a CPU, foreach on a GPU)
 
 Each figure: --warmup untimed steps, then --steps timed ones; the median step time and
 its rate (tokens/s, pairs/s or episodes/s), with min and max, and the peak memory (on a
@@ -58,7 +61,7 @@ from cli import UserError, parse_config, user_errors  # noqa: E402
 from model import GPT, GPTConfig, ScalarGPT  # noqa: E402
 from reward_model import RewardMember, RewardModel  # noqa: E402
 
-FIGURES = ("sft", "gen", "dpo", "reward", "ppo", "grpo")
+FIGURES = ("sft", "gen", "dpo", "reward", "ppo", "grpo", "adamw")
 PRESETS = {
     "compare": GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=128),
     "gpt2": GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768),
@@ -262,6 +265,15 @@ def main(cfg):
                 train_step(loss)
         emit("grpo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s", dev,
              group=G, updates=gcfg.updates)
+
+    if "adamw" in only:
+        for p in policy.parameters():  # random gradients: a step's time does not depend on them
+            p.grad = torch.randn(p.shape, generator=g).to(dev)
+        plain = torch.optim.AdamW([{"params": grp["params"], "weight_decay": grp["weight_decay"]}
+                                   for grp in opt.param_groups], lr=1e-6, betas=(0.9, 0.95))
+        for name, o in (("adamw_step", opt), ("adamw_step_unfused", plain)):
+            emit(name, timed(o.step, cfg, dev), n_params, "params_per_s", dev,
+                 fused=bool(o.defaults["fused"]))
     distributed.teardown(run)
 
 

@@ -27,7 +27,8 @@ def test_every_figure_at_a_tiny_size(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_name = {r["bench"]: r for r in rows}
     assert list(by_name) == ["setup", "sft_step", "generate_b2", "generate_b4", "dpo_live",
-                             "dpo_cached", "reward_step", "ppo_iteration", "grpo_iteration"]
+                             "dpo_cached", "reward_step", "ppo_iteration", "grpo_iteration",
+                             "adamw_step", "adamw_step_unfused"]
     rates = {"sft_step": "tokens_per_s", "generate_b2": "tokens_per_s", "dpo_live": "pairs_per_s",
              "reward_step": "pairs_per_s", "ppo_iteration": "episodes_per_s",
              "grpo_iteration": "episodes_per_s"}
@@ -37,6 +38,8 @@ def test_every_figure_at_a_tiny_size(capsys):
         assert r[unit] == pytest.approx(
             {"sft_step": 4 * 8, "generate_b2": 2 * 4}.get(name, 4) / r["median_s"], rel=1e-2)
         assert r["peak_rss_mib"] > 0
+    # the stages' optimizer is the fused one; the comparison is torch's as it comes
+    assert by_name["adamw_step"]["fused"] and not by_name["adamw_step_unfused"]["fused"]
     # the live reference costs a forward more than the cached one: 8 against 6 × N per token
     assert by_name["dpo_live"]["gflop_per_step"] == pytest.approx(
         by_name["dpo_cached"]["gflop_per_step"] * 8 / 6, rel=1e-3)
