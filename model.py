@@ -81,6 +81,13 @@ class KVCache:
     def advance(self, n: int):  # called once all layers have stored the n new positions
         self.length += n
 
+    def keep(self, rows: Tensor):
+        """Keep only these batch rows (indices into the current rows), in this order:
+        generation drops the answers that have ended, so later steps skip them."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+        self.key_mask = self.key_mask[rows]
+
 
 def attention_mask(key_valid: Tensor, T: int) -> Tensor:
     """(B, S) key validity -> (B, 1, T, S) bool, True where a query may attend to a key.
@@ -281,6 +288,8 @@ class GPT(nn.Module):
         column; the attention mask makes each row's result equal to running it alone.
         temperature 0 is greedy; top_k (0 = off) and top_p (1.0 = off) filter before sampling.
         A generator must live on the model's device. Runs in eval mode, then restores the mode.
+        Rows that have emitted stop_token leave the batch (DROP_ENDED_AT), so the steps after
+        them run on the rows still going; every answer is the same as with them kept in.
         Returns tokens (B, N), N <= max_new_tokens the steps run, and mask (B, N) bool: True for
         generated tokens up to and including stop_token; later positions hold pad_token.
         use_cache=False recomputes the whole sequence every step (the reference path).
@@ -305,6 +314,9 @@ class GPT(nn.Module):
             seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
             seq_mask[i, :P - len(p)] = False
         gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        # the rows still being answered (all of them: a slice, which copies nothing; later
+        # their indices into the batch), and which of them have emitted stop_token
+        rows: slice | Tensor = slice(None)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         cache = KVCache(self.config.n_layer, B, total, device) if use_cache else None
 
@@ -314,19 +326,34 @@ class GPT(nn.Module):
             for n in range(1, max_new_tokens + 1):
                 end = P + n - 1  # tokens known so far
                 start = 0 if (cache is None or n == 1) else end - 1  # cache: only the newest
-                h = self.hidden(seq[:, start:end], attn_mask=seq_mask[:, start:end], cache=cache)
-                logits = self.lm_head(h[:, -1])  # (B, V): only the last position is needed
-                tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-                tok = tok.masked_fill(finished, pad_token)  # stopped rows only emit padding
-                seq[:, end] = tok
-                gen_mask[:, n - 1] = ~finished
-                if stop_token is not None:
-                    finished |= tok == stop_token
-                    # every row is done: stop early. Reading the flag makes the host wait
-                    # for the device, so a GPU asks only every few steps (the extra steps
-                    # emit padding only, cut below); a CPU has nothing to wait for
-                    if n % STOP_CHECK_EVERY.get(device.type, 1) == 0 and bool(finished.all()):
+                h = self.hidden(seq[rows, start:end], attn_mask=seq_mask[rows, start:end],
+                                cache=cache)
+                logits = self.lm_head(h[:, -1])  # (rows, V): only the last position is needed
+                # one uniform number for every row of the batch, ended or not, so a row's
+                # answer does not depend on when the others end or are dropped
+                u = None if temperature == 0 else torch.rand(
+                    B, 1, generator=generator, device=device, dtype=torch.float64)[rows]
+                tok = sample_next_token(logits, temperature, top_k, top_p, generator, u)
+                tok = tok.masked_fill(finished, pad_token)  # ended rows only emit padding
+                seq[rows, end] = tok
+                gen_mask[rows, n - 1] = ~finished
+                if stop_token is None:
+                    continue
+                finished |= tok == stop_token
+                # Reading the flags makes the host wait for the device, so a GPU looks only
+                # every few steps (the steps between emit padding only, cut below); a CPU
+                # has nothing to wait for. Every row has ended: stop. Enough have
+                # (DROP_ENDED_AT): drop them, so that later steps compute only the rows
+                # still going.
+                if n % STOP_CHECK_EVERY.get(device.type, 1) == 0:
+                    going = (~finished).nonzero().squeeze(1)
+                    if going.numel() == 0:
                         break
+                    if going.numel() <= DROP_ENDED_AT * finished.numel():
+                        rows = going if isinstance(rows, slice) else rows[going]
+                        finished = finished[going]
+                        if cache is not None:
+                            cache.keep(going)
         finally:
             self.train(was_training)
         n = int(gen_mask[:, :n].any(dim=0).sum())  # the steps that gave some row a token
@@ -336,6 +363,9 @@ class GPT(nn.Module):
 # generation steps between checks that every row has emitted its stop token, by device
 # type: each check waits for the device to finish the step before the host goes on
 STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}
+# generation drops the rows that have ended once the rows still going are this share of
+# the batch or less (each drop copies the cache; 0 never drops)
+DROP_ENDED_AT = 0.75
 
 
 def freeze(model: nn.Module, dtype: str = "fp32") -> nn.Module:
@@ -348,9 +378,11 @@ def freeze(model: nn.Module, dtype: str = "fp32") -> nn.Module:
 
 
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+                      top_p: float = 1.0, generator: torch.Generator | None = None,
+                      u: Tensor | None = None) -> Tensor:
     """(B, V) logits -> (B,) token ids. One uniform number per row from the generator, so
-    callers with equally seeded generators consume random numbers identically."""
+    callers with equally seeded generators consume random numbers identically; or u, the
+    (B, 1) float64 uniform numbers to use instead."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -369,9 +401,11 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
     # c[i-1] <= u < c[i], probability p[i]. Ten times cheaper on a CPU than
     # torch.multinomial, which draws one exponential number per vocabulary entry.
     cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device,
-                   dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.size(-1) - 1)
+    if u is None:
+        u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device,
+                       dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(
+        max=logits.size(-1) - 1)
 
 
 def scaled(logits: Tensor, temperature: float) -> Tensor:

@@ -238,6 +238,34 @@ def test_checking_for_the_stop_token_every_few_steps_changes_nothing(monkeypatch
     assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
 
 
+def test_dropping_ended_rows_changes_no_answer(monkeypatch):
+    # rows that have emitted the stop token leave the batch (and the cache), so later steps
+    # run on fewer rows; each row still draws its own random numbers, so every answer is
+    # the one it would be with the ended rows kept in, sampled or greedy, cache or not
+    model = make_model()
+    prompts = [p[:k] for p in PROMPTS for k in range(1, min(len(p), 4) + 1)]  # 12 rows
+    # the stop token: the one most rows give early on, so that rows end at different steps
+    early = [set(row[:6]) for row in model.generate(prompts, 12, temperature=0)[0].tolist()]
+    stop = max(range(CFG["vocab_size"]), key=lambda t: sum(t in e for e in early))
+    batch_sizes = []
+    model.transformer.wte.register_forward_hook(lambda m, i, o: batch_sizes.append(o.size(0)))
+    for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(top_k=5, top_p=0.9)):
+        for use_cache in (True, False):
+            runs = []
+            for drop_at in (0.75, 0.0):  # 0: ended rows are never dropped
+                monkeypatch.setattr(model_module, "DROP_ENDED_AT", drop_at)
+                batch_sizes.clear()
+                gen = torch.Generator().manual_seed(5)
+                runs.append(model.generate(prompts, 12, stop_token=stop, pad_token=0,
+                                           generator=gen, use_cache=use_cache, **kwargs))
+                sizes = sorted(set(batch_sizes), reverse=True)
+                assert sizes[0] == len(prompts)
+                assert (len(sizes) > 1) == (drop_at > 0), sizes  # some steps ran fewer rows
+            (a, a_mask), (b, b_mask) = runs
+            assert a_mask.any(dim=1).all() and not a_mask.all()  # rows of different lengths
+            assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
+
+
 def test_stop_token_row_that_never_stops_runs_full_length():
     model = make_model()
     ref, _ = model.generate(PROMPTS, 10, temperature=0)
