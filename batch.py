@@ -25,7 +25,7 @@ from torch import Tensor
 from cli import UserError
 from data import world
 from data.tokenizer import decode_response, encode_prompt
-from model import token_entropy, token_logprobs
+from model import token_logprobs
 
 
 @dataclass
@@ -82,8 +82,8 @@ def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temp
     log-softmax. With entropy=True, also the entropies of those distributions."""
     logits = model(tokens, attn_mask=attn_mask, logits_from=start - 1)[0]
     m = None if mask is None else mask[:, start - 1:]
-    logp = token_logprobs(logits, tokens[:, start - 1:], m, temperature=temperature)
-    return (logp, token_entropy(logits, m, temperature=temperature)) if entropy else logp
+    return token_logprobs(logits, tokens[:, start - 1:], m, temperature=temperature,
+                          entropy=entropy)
 
 
 def sequence_logprobs(model, batch):

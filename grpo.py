@@ -360,10 +360,11 @@ def main(cfg):
         stats = {}
         for u in range(cfg.updates):
             with run.autocast:
-                logp, ent = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
-                                              temperature=cfg.temperature, entropy=True)
-                if u == 0:
-                    entropy = ent.detach()
+                # the entropies are only logged: the first update's are enough
+                logp = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
+                                         temperature=cfg.temperature, entropy=u == 0)
+                if u == 0:  # a pair: the log-probs and the entropies
+                    logp, entropy = logp[0], logp[1].detach()
                     old_logp = logp.detach() if old_logp is None else old_logp
                 loss, update = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
                 loss.backward()

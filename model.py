@@ -416,23 +416,28 @@ def scaled(logits: Tensor, temperature: float) -> Tensor:
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
-                   temperature: float = 1.0) -> Tensor:
+                   temperature: float = 1.0, entropy: bool = False):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) as (B, T-1) float32.
 
     logits (B, T, V) come from running the model on tokens (B, T); position t predicts
     token t+1, hence the shift. mask (B, T) bool: entries whose *predicted* token is
-    masked (mask[:, 1:] False) are set to 0.
+    masked (mask[:, 1:] False) are set to 0. entropy=True: also token_entropy's (B, T-1),
+    from the same log-softmax (one pass over the vocabulary instead of two).
     """
     logp = F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1)  # (B, T-1, V)
     out = logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     if mask is not None:
         out = out.masked_fill(~mask[:, 1:], 0.0)
-    return out
+    return (out, entropy_of(logp, mask)) if entropy else out
 
 
 def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Entropy of each next-token distribution, (B, T-1) float32, aligned like token_logprobs."""
-    logp = F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1)  # (B, T-1, V)
+    return entropy_of(F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1), mask)
+
+
+def entropy_of(logp: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, T-1, V) log-probabilities -> (B, T-1) entropies, 0 where mask[:, 1:] is False."""
     out = -(logp.exp() * logp).sum(dim=-1)
     if mask is not None:
         out = out.masked_fill(~mask[:, 1:], 0.0)

@@ -71,7 +71,7 @@ from data import world
 from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
-from model import IGNORE_INDEX, ScalarGPT, freeze, token_entropy, token_logprobs
+from model import IGNORE_INDEX, ScalarGPT, freeze, token_logprobs
 from records import load_prompts, ptx_stream, stage_model
 from reward_model import load_reward_model
 
@@ -258,9 +258,9 @@ def policy_and_values(model, tokens, attn, P, temperature):
     """One forward pass of a SharedValueHead: the response tokens' log-probs, entropies
     and values, each (B, N), aligned as response_logprobs and response_values align them."""
     logits, _, values = model(tokens, attn_mask=attn, logits_from=P - 1)
-    target = tokens[:, P - 1:]
-    return (token_logprobs(logits, target, temperature=temperature),
-            token_entropy(logits, temperature=temperature), values[:, :-1])
+    logp, entropy = token_logprobs(logits, tokens[:, P - 1:], temperature=temperature,
+                                   entropy=True)
+    return logp, entropy, values[:, :-1]
 
 
 @torch.no_grad()
@@ -336,7 +336,9 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                 pg_loss, clipfrac, approx_kl, ratio = policy_loss(
                     logp, batch["logp"][idx], batch["advantages"][idx], mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
-                loss = pg_loss - cfg.entropy_coef * ent
+                # at entropy_coef 0 the entropy is only logged: kept out of the loss, so the
+                # backward does not run through it for a gradient of zero
+                loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef else pg_loss
                 if value_model is None:
                     vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
                                                       batch["returns"][idx], mask,

@@ -199,6 +199,12 @@ def test_token_entropy():
     torch.testing.assert_close(token_entropy(peaked), torch.zeros(1, 1), atol=1e-6, rtol=0)
     masked = token_entropy(uniform, mask=torch.tensor([[True, True, False, True, False]] * 2))
     assert masked[0].tolist() == pytest.approx([math.log(7), 0.0, math.log(7), 0.0])
+    # token_logprobs gives the same entropies from its own log-softmax, beside the same log-probs
+    logits, tokens = torch.randn(3, 6, 11), torch.randint(0, 11, (3, 6))
+    mask = torch.rand(3, 6) > 0.3
+    logp, both_ent = token_logprobs(logits, tokens, mask, temperature=0.7, entropy=True)
+    assert torch.equal(logp, token_logprobs(logits, tokens, mask, temperature=0.7))
+    assert torch.equal(both_ent, token_entropy(logits, mask, temperature=0.7))
 
 
 def test_stop_token_rows_stop_independently_and_early_exit():
