@@ -361,10 +361,11 @@ def main(cfg):
         for u in range(cfg.updates):
             with run.autocast:
                 # the entropies are only logged: the first update's are enough
-                logp = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
-                                         temperature=cfg.temperature, entropy=u == 0)
-                if u == 0:  # a pair: the log-probs and the entropies
-                    logp, entropy = logp[0], logp[1].detach()
+                out = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
+                                        temperature=cfg.temperature, entropy=u == 0)
+                logp = out[0] if u == 0 else out
+                if u == 0:
+                    entropy = out[1].detach()
                     old_logp = logp.detach() if old_logp is None else old_logp
                 loss, update = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
                 loss.backward()
