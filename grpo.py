@@ -42,7 +42,9 @@ The choices, each a flag, with the paper it comes from:
   --ptx_coef             the pretraining term of PPO-ptx (Ouyang et al. 2022), as ppo.py
 
 Where it departs from the papers: one gradient step per update on the whole batch (no
-minibatches); under torchrun each process draws, scores and normalises its own groups,
+minibatches; the forward and backward run in micro-batches of --micro_batch answers of
+similar length, whose gradients add up to the whole batch's, so that little of the work
+is padding); under torchrun each process draws, scores and normalises its own groups,
 and a token mean (--loss_agg=token_mean) is taken per process, then averaged by DDP; a
 response that never ends keeps its score (no missing-end penalty); after --max_rounds
 rounds of drawing, dynamic sampling tops the batch up with dropped groups (logged).
@@ -122,6 +124,7 @@ class Config:
     dynamic_sampling: bool = True     # drop groups of equal scores and draw more prompts (DAPO)
     frozen_dtype: str = "fp32"        # fp32 or bf16: the reference's and reward model's weights
     max_rounds: int = 8               # dynamic sampling: draws per iteration before topping up
+    micro_batch: int = 128            # answers per forward and backward, of similar length (0: all)
     ptx_coef: float = 0.0             # γ: weight of the pretraining loss (as PPO-ptx; 0 = off)
     ptx_batch: int = 4                # pretraining windows per update, each process
     ptx_len: int = 128                # tokens per pretraining window (data_dir/train.bin)
@@ -137,7 +140,7 @@ class Config:
         at_least_1="iterations batch_size group_size updates max_new_tokens max_rounds ptx_batch "
                    "ptx_len log_interval ckpt_interval",
         non_negative="weight_decay grad_clip clip_high beta ptx_coef temperature "
-                     "sample_interval",
+                     "sample_interval micro_batch",
         positive="learning_rate", below_1="clip_low")
 
 
@@ -170,32 +173,37 @@ def k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def aggregate(x, mask, how, max_new_tokens):
+def aggregate(x, mask, how, max_new_tokens, whole=None):
     """A per-token quantity (B, N) to one number over the response tokens (mask):
-    seq_mean (GRPO), constant (Dr. GRPO: Σ / (B · max_new_tokens)), token_mean (DAPO)."""
+    seq_mean (GRPO), constant (Dr. GRPO: Σ / (B · max_new_tokens)), token_mean (DAPO).
+    whole: (answers, response tokens) of the whole batch when x is one micro-batch of it;
+    the counts divide by those, so the micro-batches' results add up to the whole
+    batch's (None: x is the whole batch)."""
+    answers, tokens = whole or (mask.size(0), mask.sum().clamp(min=1))
     if how == "seq_mean":
-        return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / answers
     if how == "constant":
-        return (x * mask).sum() / (mask.size(0) * max_new_tokens)
+        return (x * mask).sum() / (answers * max_new_tokens)
     if how == "token_mean":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / tokens
     raise UserError(f"--loss_agg={how}: expected one of {', '.join(LOSS_AGGS)}")
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg, whole=None):
     """The clipped objective, negated for descent, per token
     −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) + β·k3 (the k3 term only with
     cfg.kl_in == "loss"), ρ = π/π_old, aggregated by cfg.loss_agg. logp etc. (B, N),
-    advantages (B,). Returns (loss, detached diagnostics)."""
+    advantages (B,); whole as aggregate's, so both the loss and the diagnostics of the
+    micro-batches add up to the whole batch's. Returns (loss, detached diagnostics)."""
     adv = advantages[:, None]
     ratio = torch.exp((logp - old_logp) * mask)
     clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
     surrogate = torch.min(ratio * adv, clipped * adv)
     kl = k3(logp * mask, ref_logp * mask)  # 0 outside the responses
     beta = cfg.beta if cfg.kl_in == "loss" else 0.0
-    loss = aggregate(-surrogate + beta * kl, mask, cfg.loss_agg, cfg.max_new_tokens)
+    loss = aggregate(-surrogate + beta * kl, mask, cfg.loss_agg, cfg.max_new_tokens, whole)
     with torch.no_grad():
-        mean = lambda x: aggregate(x.float(), mask, "token_mean", 0)  # noqa: E731
+        mean = lambda x: aggregate(x.float(), mask, "token_mean", 0, whole)  # noqa: E731
         stats = {"loss/policy": loss, "loss/k3": mean(kl), "policy/ratio": mean(ratio),
                  "policy/clipfrac_low": mean((ratio < 1 - cfg.clip_low) & (adv < 0)),
                  "policy/clipfrac_high": mean((ratio > 1 + cfg.clip_high) & (adv > 0))}
@@ -247,6 +255,31 @@ def assemble(prompt_rows, responses, pad, device):
     resp, resp_mask = (x.flip(1) for x in left_pad([r[::-1] for r in responses], pad, device))
     return (torch.cat([prompt_tokens, resp], 1), torch.cat([prompt_mask, resp_mask], 1),
             resp_mask.float(), prompt_tokens.size(1))
+
+
+@dataclass
+class Micro:
+    """One micro-batch of answers, laid out by assemble, with its per-token figures."""
+    rows: torch.Tensor             # (n,) the answers' positions in the batch
+    tokens: torch.Tensor           # (n, P + N) prompt and response tokens
+    attn: torch.Tensor             # (n, P + N) attention mask
+    mask: torch.Tensor             # (n, N) 1.0 on response tokens
+    P: int                         # the column where every response starts
+    ref_logp: torch.Tensor | None = None  # (n, N) under the reference
+    old_logp: torch.Tensor | None = None  # (n, N) under π_old, the policy that sampled
+    entropy: torch.Tensor | None = None   # (n, N) the policy's, at its first update
+
+
+def micro_batches(prompt_rows, responses, size, pad, device):
+    """The batch as micro-batches of `size` answers (0: all in one), the answers sorted by
+    prompt plus response length first, so that each micro-batch is padded to its own
+    longest answer only (half the default batch's token grid is padding otherwise). The
+    update's gradient is the sum of theirs, the same as the whole batch's."""
+    order = sorted(range(len(responses)), key=lambda i: len(prompt_rows[i]) + len(responses[i]))
+    size = size or len(order)
+    return [Micro(torch.tensor(c, device=device),
+                  *assemble([prompt_rows[i] for i in c], [responses[i] for i in c], pad, device))
+            for c in (order[k:k + size] for k in range(0, len(order), size))]
 
 
 def check(cfg, run):
@@ -339,36 +372,50 @@ def main(cfg):
         idx = [i for (i, _), _ in groups for _ in range(G)]
         responses = [r for (_, rs), _ in groups for r in rs]
         scores = torch.cat([s for _, s in groups])
-        # 4. log-probs under π_old and the reference; the KL in the reward, if asked
-        tokens, attn, mask, P = assemble([prompts[i] for i in idx], responses, tok.pad,
-                                         run.device)
+        # 4. the answers in micro-batches of similar length; log-probs under the reference
+        # and, for the KL in the reward, under π_old
+        micro = micro_batches([prompts[i] for i in idx], responses, cfg.micro_batch, tok.pad,
+                              run.device)
+        whole = (len(responses), sum(mb.mask.sum() for mb in micro).clamp(min=1))
         with torch.no_grad(), run.autocast:
-            ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P,
-                                         temperature=cfg.temperature)
-            old_logp = None  # π_old: the policy as it sampled, so before its first step
-            if cfg.kl_in == "reward":  # the KL is needed now, before the advantages
-                old_logp = response_logprobs(policy, tokens, attn_mask=attn, start=P,
-                                             temperature=cfg.temperature)
-                scores_kl = scores - cfg.beta * ((old_logp - ref_logp) * mask).sum(1)
-            # 5. group-relative advantages
+            for mb in micro:
+                mb.ref_logp = response_logprobs(ref, mb.tokens, attn_mask=mb.attn, start=mb.P,
+                                                temperature=cfg.temperature)
+                if cfg.kl_in == "reward":  # the KL is needed now, before the advantages
+                    mb.old_logp = response_logprobs(policy, mb.tokens, attn_mask=mb.attn,
+                                                    start=mb.P, temperature=cfg.temperature)
+            if cfg.kl_in == "reward":
+                kl = torch.zeros_like(scores)
+                for mb in micro:
+                    kl[mb.rows] = ((mb.old_logp - mb.ref_logp) * mb.mask).sum(1)
+                scores_kl = scores - cfg.beta * kl
+            # 5. group-relative advantages, in the batch's order (its groups)
             advantages = group_advantages(scores_kl if cfg.kl_in == "reward" else scores, G,
                                           cfg.advantage)
         t_rollout = time.time() - t0
 
-        # 6. μ policy steps on the batch; the first one's forward also gives π_old (the
-        # policy has not moved yet), which saves a forward pass over the rollouts
+        # 6. μ policy steps on the batch, each the sum of its micro-batches' gradients; the
+        # first step's forward also gives π_old (the policy has not moved yet), which
+        # saves a forward pass over the rollouts
         stats = {}
         for u in range(cfg.updates):
-            with run.autocast:
-                # the entropies are only logged: the first update's are enough
-                out = response_logprobs(train_policy, tokens, attn_mask=attn, start=P,
-                                        temperature=cfg.temperature, entropy=u == 0)
-                logp = out[0] if u == 0 else out
-                if u == 0:
-                    entropy = out[1].detach()
-                    old_logp = logp.detach() if old_logp is None else old_logp
-                loss, update = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
-                loss.backward()
+            update = {}
+            for k, mb in enumerate(micro):
+                with distributed.grad_sync(train_policy, run, last=k == len(micro) - 1), \
+                        run.autocast:
+                    # the entropies are only logged: the first update's are enough
+                    out = response_logprobs(train_policy, mb.tokens, attn_mask=mb.attn,
+                                            start=mb.P, temperature=cfg.temperature,
+                                            entropy=u == 0)
+                    logp = out[0] if u == 0 else out
+                    if u == 0:
+                        mb.entropy = out[1].detach()
+                        mb.old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+                    loss, part = grpo_loss(logp, mb.old_logp, mb.ref_logp,
+                                           advantages[mb.rows], mb.mask, cfg, whole)
+                    loss.backward()
+                for key, v in part.items():
+                    update[key] = update.get(key, 0.0) + v
             if ptx_data is not None:  # PPO-ptx's term: its own forward on longer windows
                 with run.autocast:
                     ptx = train_policy(*ptx_windows(ptx_data, cfg.ptx_batch, cfg.ptx_len, g,
@@ -381,8 +428,8 @@ def main(cfg):
             if guard.ok(grad_norm, it):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for k, v in update.items():
-                stats.setdefault(k, []).append(v)
+            for key, v in update.items():
+                stats.setdefault(key, []).append(v)
         t_update = time.time() - t0 - t_rollout
 
         # the world's gold scorer on the same rollouts: logged, never optimised
@@ -391,13 +438,15 @@ def main(cfg):
         def mean(x):  # over this process's answers, then over the processes
             return distributed.all_reduce_mean(float(torch.as_tensor(x).float().mean()), run)
         ended = [tok.end in r for r in responses]
-        kl = ((old_logp - ref_logp) * mask).sum(1)
+        kl = torch.cat([((mb.old_logp - mb.ref_logp) * mb.mask).sum(1) for mb in micro])
+        entropy = torch.cat([(mb.entropy * mb.mask).sum(1) / mb.mask.sum(1) for mb in micro])
+        length = torch.cat([mb.mask.sum(1) for mb in micro])
         metrics = {
             "objective/score": mean(scores), "objective/kl": mean(kl),
-            "objective/entropy": mean((entropy * mask).sum(1) / mask.sum(1)),
+            "objective/entropy": mean(entropy),
             **{k: mean(v) for k, v in stats.items()},
             **{k: mean(v) for k, v in sampling.items()},
-            "rollout/length": mean(mask.sum(1)), "rollout/ended": mean(ended),
+            "rollout/length": mean(length), "rollout/ended": mean(ended),
             **({} if grades is None else {
                 "gold/score": mean([x["gold"] for x in grades]),
                 "gold/correct": mean([float(x["correct"]) for x in grades]),
@@ -407,7 +456,7 @@ def main(cfg):
         it += 1
         shown = ("objective/score", "objective/kl", "gold/correct", "groups/zero_signal",
                  "policy/clipfrac_high", "rollout/length")
-        log.step(it - 1, int(mask.sum().item()) * run.world_size, show=shown, **metrics)
+        log.step(it - 1, int(length.sum().item()) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
             for i, r, s in list(zip(idx, responses, scores.tolist()))[:3]:
                 text, end = decode_response(enc, r, tok.end)

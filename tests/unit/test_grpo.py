@@ -11,7 +11,9 @@ from conftest import assert_user_error_in_process, main_of, read_log
 
 import checkpoint
 import grpo
+from batch import response_logprobs
 from cli import UserError
+from model import GPT, GPTConfig
 from records import world_tokenizer
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
@@ -55,6 +57,61 @@ def test_loss_aggregations_by_hand():
     assert grpo.aggregate(x, mask, "seq_mean", 4).item() == pytest.approx((2 + 4) / 2)
     assert grpo.aggregate(x, mask, "constant", 4).item() == pytest.approx(10 / (2 * 4))
     assert grpo.aggregate(x, mask, "token_mean", 4).item() == pytest.approx(10 / 4)
+
+
+def test_micro_batches_of_the_aggregations_add_up_to_the_whole_batch():
+    """Each row alone, divided by the whole batch's counts (2 answers, 4 tokens)."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    for how, want in (("seq_mean", (2 / 2, 4 / 2)), ("constant", (6 / 8, 4 / 8)),
+                      ("token_mean", (6 / 4, 4 / 4))):
+        parts = [grpo.aggregate(x[i:i + 1], mask[i:i + 1], how, 4, whole=(2, 4)).item()
+                 for i in (0, 1)]
+        assert parts == pytest.approx(want)
+        assert sum(parts) == pytest.approx(grpo.aggregate(x, mask, how, 4).item())
+
+
+def test_micro_batches_sort_by_length_and_cover_every_answer_once():
+    prompts, responses = [[1] * 5, [2], [3] * 3, [4] * 2, [5]], [[6], [7] * 3, [8], [9] * 6, [6]]
+    micro = grpo.micro_batches(prompts, responses, 2, 0, "cpu")
+    # lengths 6, 4, 4, 8, 2: sorted 4 (2, 2) ... stable for equal lengths
+    assert [mb.rows.tolist() for mb in micro] == [[4, 1], [2, 0], [3]]
+    assert [mb.tokens.shape for mb in micro] == [(2, 1 + 3), (2, 5 + 1), (1, 2 + 6)]
+    assert micro[0].tokens.tolist() == [[5, 6, 0, 0], [2, 7, 7, 7]]
+    assert len(grpo.micro_batches(prompts, responses, 0, 0, "cpu")) == 1
+
+
+@pytest.mark.parametrize("loss_agg", grpo.LOSS_AGGS)
+def test_micro_batches_give_the_whole_batch_gradient(loss_agg):
+    """Answers of ragged lengths: the gradient summed over micro-batches of 3 equals the
+    gradient of the whole batch at once, padding and all, for each aggregation."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 9, (8, 2), generator=gen).tolist()
+    prompts = [torch.randint(1, 16, (p,), generator=gen).tolist() for p, _ in lengths]
+    responses = [torch.randint(1, 16, (r,), generator=gen).tolist() for _, r in lengths]
+    advantages = torch.randn(8, generator=gen)
+    cfg = loss_cfg(loss_agg=loss_agg, beta=0.1, max_new_tokens=8)
+    grads, losses = [], []
+    for size in (0, 3):
+        micro = grpo.micro_batches(prompts, responses, size, 0, "cpu")
+        assert len(micro) == (1 if size == 0 else 3)
+        whole = (8, sum(mb.mask.sum() for mb in micro))
+        model.zero_grad()
+        total = 0.0
+        for mb in micro:
+            logp = response_logprobs(model, mb.tokens, attn_mask=mb.attn, start=mb.P)
+            ref = (logp.detach() + 0.1) * mb.mask  # a reference that differs
+            loss, _ = grpo.grpo_loss(logp, logp.detach() - 0.05, ref, advantages[mb.rows],
+                                     mb.mask, cfg, whole)
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert grads[0].abs().max() > 1e-4
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_clip_low_and_clip_high_objective_by_hand():
