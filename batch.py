@@ -3,6 +3,8 @@
 - collate: right-padded prompt+response rows with their prompt lengths, lengths and
   response mask. Right padding needs no attention mask: causal attention hides the
   later pads from every real token.
+- length_groups: a micro-batch's items as runs of similar length, so each is padded to
+  its own longest row only.
 - left_pad: prompts right-aligned, for the one layout generation needs (every row's
   next token in the last column); PPO keeps its rollouts in that layout.
 - response_logprobs / sequence_logprobs: log π of the response tokens, per token or
@@ -60,6 +62,21 @@ def collate(seqs, prompt_lengths, pad, device):
 def collate_pairs(pairs, pad, device):
     """collate for (prompt tokens, response tokens) pairs."""
     return collate([p + r for p, r in pairs], [len(p) for p, _ in pairs], pad, device)
+
+
+def length_groups(items, length, groups):
+    """One micro-batch's items as `groups` runs of similar length, even in size: sorted
+    by length(item) (stable), then cut (fewer runs when there are fewer items). Run one
+    by one, each padded to its own longest row, they cost less than the items padded
+    together: a batch of the world's answers is about half padding (RESULTS.md,
+    Benchmarks). Their gradients, weighted by their share, add up to the whole's.
+    groups 1: the items as they are."""
+    if groups <= 1:
+        return [items]
+    items = sorted(items, key=length)
+    n = len(items)
+    return [run for run in (items[k * n // groups:(k + 1) * n // groups] for k in range(groups))
+            if run]
 
 
 def left_pad(rows, pad, device):

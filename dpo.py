@@ -60,7 +60,8 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import collate, rows_per_pass, sample_responses, sequence_kl, sequence_logprobs
+from batch import (collate, length_groups, rows_per_pass, sample_responses, sequence_kl,
+                   sequence_logprobs)
 from cli import UserError, parse_config, ranges, user_errors
 from distributed import print0
 from logger import Logger
@@ -89,6 +90,7 @@ class Config:
     kto_undesirable_weight: float = 1.0  # kto: weight of undesirable examples
     batch_size: int = 32             # pairs (kto: responses) per optimizer step, over all ranks
     grad_accum: int = 1              # micro-steps per optimizer step on each rank
+    length_groups: int = 4           # each micro-step as this many of similar length (not kto)
     max_steps: int = 300             # optimizer steps
     learning_rate: float = 0.0       # peak learning rate (0: the loss's own, LEARNING_RATES)
     warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
@@ -109,8 +111,8 @@ class Config:
     val_fraction: float = 0.05       # with --data: the share held out
 
     RANGES: ClassVar = ranges(
-        at_least_1="batch_size grad_accum max_steps kl_prompts max_new_tokens eval_interval "
-                   "log_interval ckpt_interval",
+        at_least_1="batch_size grad_accum length_groups max_steps kl_prompts max_new_tokens "
+                   "eval_interval log_interval ckpt_interval",
         non_negative="beta simpo_beta simpo_gamma orpo_lambda nll_coef kto_desirable_weight "
                      "kto_undesirable_weight warmup_steps weight_decay grad_clip learning_rate",
         fraction="label_smoothing val_fraction",
@@ -270,10 +272,19 @@ def make_batch(data, chosen_items, cfg, pad, device):
 
 
 def make_batches(data, step, cfg, run, pad):
-    """This rank's micro-batches of the step's global batch."""
-    idx = distributed.global_batch(len(data[1]), step, cfg.batch_size, cfg.seed)
-    return [make_batch(data, chunk, cfg, pad, run.device)
-            for chunk in distributed.rank_chunks(idx, run, cfg.grad_accum)]
+    """This rank's micro-batches of the step's global batch, and their weights (each
+    one's share of the rank's pairs). A pair's two answers stay in one micro-batch. KTO
+    keeps its micro-batches as drawn: its reference point z0 is estimated from each one,
+    and a run of answers of one length would bias it."""
+    seqs, items = data[:2]
+    idx = distributed.global_batch(len(items), step, cfg.batch_size, cfg.seed)
+    chunks = distributed.rank_chunks(idx, run, cfg.grad_accum)
+    if cfg.loss != "kto":
+        chunks = [group for c in chunks for group in length_groups(
+            c, lambda i: max(len(seqs[items[i][0]][0]), len(seqs[items[i][1]][0])),
+            cfg.length_groups)]
+    n = sum(map(len, chunks))
+    return [make_batch(data, c, cfg, pad, run.device) for c in chunks], [len(c) / n for c in chunks]
 
 
 @torch.no_grad()
@@ -375,15 +386,16 @@ def main(cfg):
     while step < cfg.max_steps:
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
         optim.set_lr(optimizer, lr)
-        # forward and backward over this rank's micro-batches; the loss is their mean
-        batches = make_batches(data, step, cfg, run, pad)
+        # forward and backward over this rank's micro-batches; the loss is their weighted mean
+        batches, weights = make_batches(data, step, cfg, run, pad)
         loss, metrics = 0.0, {}
-        for i, batch in enumerate(batches):
+        for i, (batch, w) in enumerate(zip(batches, weights)):
             with distributed.grad_sync(model, run, last=i == len(batches) - 1), run.autocast:
                 micro_loss, diagnostics = batch_loss(model, batch, cfg)
-            (micro_loss * (1.0 / len(batches))).backward()
-            loss += micro_loss.item() * (1.0 / len(batches))
-            metrics.update(diagnostics)  # the last micro-batch's diagnostics are logged
+            (micro_loss * w).backward()
+            loss += micro_loss.item() * w
+            for k, v in diagnostics.items():  # the diagnostics, weighted as the loss
+                metrics[k] = metrics.get(k, 0.0) + v * w
         loss = distributed.all_reduce_mean(loss, run)
         # clip; step unless the loss or the gradient is not finite; zero
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()

@@ -51,6 +51,7 @@ import distributed
 import formats
 import optim
 from batch import collate as collate_rows
+from batch import length_groups
 from batch import reward_scores, sample_responses
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
@@ -74,6 +75,7 @@ class Config:
     reduce: str = "mean"             # how members combine: mean, or min (pessimistic)
     batch_size: int = 32             # rankings (of K responses) per optimizer step, over all ranks
     grad_accum: int = 1              # micro-steps per optimizer step on each rank
+    length_groups: int = 4           # each micro-step as this many steps of similar length
     max_steps: int = 200             # optimizer steps per member
     learning_rate: float = 3e-4      # peak learning rate
     warmup_steps: int = 20           # linear warmup, then cosine decay to 10%
@@ -93,8 +95,8 @@ class Config:
     resume: bool = False             # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
-        at_least_1="members batch_size grad_accum max_steps norm_prompts max_new_tokens "
-                   "eval_interval log_interval ckpt_interval",
+        at_least_1="members batch_size grad_accum length_groups max_steps norm_prompts "
+                   "max_new_tokens eval_interval log_interval ckpt_interval",
         non_negative="warmup_steps weight_decay grad_clip norm_temperature",
         positive="learning_rate", below_1="beta1 beta2", fraction="val_fraction")
 
@@ -141,7 +143,9 @@ def micro_batches(rankings, step, seed, cfg, run, pad):
     weights (each one's share of the global batch's pairs, times the ranks)."""
     idx = distributed.global_batch(len(rankings), step, cfg.batch_size, seed)
     n_pairs = sum(len(rankings[i]["pairs"]) for i in idx)
-    chunks = [[rankings[i] for i in c] for c in distributed.rank_chunks(idx, run, cfg.grad_accum)]
+    chunks = [group for c in distributed.rank_chunks(idx, run, cfg.grad_accum)
+              for group in length_groups([rankings[i] for i in c],
+                                         lambda r: max(map(len, r["seqs"])), cfg.length_groups)]
     weights = [sum(len(r["pairs"]) for r in c) / n_pairs * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
 

@@ -35,6 +35,7 @@ import distributed
 import formats
 import optim
 from batch import collate as collate_rows
+from batch import length_groups
 from cli import UserError, parse_config, ranges, user_errors
 from data.tokenizer import encode_prompt, encode_response
 from distributed import print0
@@ -50,6 +51,7 @@ class Config:
     out_dir: str = "out/sft"             # checkpoint and log go here
     batch_size: int = 64                 # examples per optimizer step (all ranks and micro-steps)
     grad_accum: int = 1                  # micro-steps per optimizer step on each rank
+    length_groups: int = 4               # each micro-step as this many steps of similar length
     max_steps: int = 200                 # optimizer steps (3.2 epochs of the default 4000 demos)
     learning_rate: float = 3e-4          # peak learning rate; higher erases what pretraining taught
     warmup_steps: int = 10               # linear warmup, then cosine decay to 10%
@@ -67,8 +69,8 @@ class Config:
     data: str = ""                       # your own demonstrations (default: the world's)
     val_fraction: float = 0.05           # with --data: the share held out for validation
 
-    RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum max_steps eval_interval "
-                                         "log_interval ckpt_interval",
+    RANGES: ClassVar = ranges(at_least_1="batch_size grad_accum length_groups max_steps "
+                                         "eval_interval log_interval ckpt_interval",
                               non_negative="warmup_steps weight_decay grad_clip",
                               positive="learning_rate", below_1="beta1 beta2",
                               fraction="val_fraction")
@@ -116,7 +118,9 @@ def micro_batches(examples, step, cfg, run, pad):
     the examples are split."""
     idx = distributed.global_batch(len(examples), step, cfg.batch_size, cfg.seed)
     n_targets = sum(len(examples[i][0]) - examples[i][1] for i in idx)
-    chunks = [[examples[i] for i in c] for c in distributed.rank_chunks(idx, run, cfg.grad_accum)]
+    chunks = [group for c in distributed.rank_chunks(idx, run, cfg.grad_accum)
+              for group in length_groups([examples[i] for i in c], lambda e: len(e[0]),
+                                         cfg.length_groups)]
     weights = [sum(len(t) - p for t, p in c) / n_targets * run.world_size for c in chunks]
     return [collate(c, pad, run.device) for c in chunks], weights
 

@@ -138,3 +138,11 @@ def test_rows_per_pass_keeps_logits_within_the_budget():
     assert B.rows_per_pass(302, 50257, 128) == B.LOGIT_BUDGET // (302 * 50257) == 17
     assert B.rows_per_pass(1024, 50257, 128, budget=1000) == 1  # never 0
     assert B.rows_per_pass(10, 10, 3) == 3
+
+
+def test_length_groups_by_hand():
+    items = ["aaaa", "b", "ccc", "dd", "e", "ffffff", "gg"]
+    # sorted by length, stable: b e dd gg ccc aaaa ffffff; cut at 7k/3 = 0, 2, 4, 7
+    assert B.length_groups(items, len, 3) == [["b", "e"], ["dd", "gg"], ["ccc", "aaaa", "ffffff"]]
+    assert B.length_groups(items, len, 1) == [items]  # as drawn, unsorted
+    assert B.length_groups(items[:2], len, 4) == [["b"], ["aaaa"]]  # no empty group

@@ -11,6 +11,7 @@ import torch
 from conftest import QUICK, in_process
 
 import model
+import sft
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,10 +37,10 @@ def test_each_part_of_an_sft_run_is_timed_and_the_parts_add_up(world, stages, tm
             torch.nn.utils.clip_grad_norm_) == originals
     parts, calls = rec["parts"], rec["calls"]
     assert list(parts) == list(prof.PARTS)
-    # 6 steps of one micro-batch: 6 forwards, backwards and optimizer calls (clip, step,
-    # zero_grad) after making the optimizer; validation before the first step and at
-    # steps 3 and 6, its forwards inside it
-    assert calls["forward"] == calls["backward"] == 6
+    # 6 steps of one micro-batch, run as 4 length groups: 24 forwards and backwards; 6
+    # optimizer calls (clip, step, zero_grad) after making the optimizer; validation
+    # before the first step and at steps 3 and 6, its forwards inside it
+    assert calls["forward"] == calls["backward"] == 6 * sft.Config.length_groups == 24
     assert calls["optimizer"] == 1 + 3 * 6
     assert calls["evaluation"] == 3
     assert calls["checkpoints"] >= 2  # the pretrained model loaded, the SFT model saved
