@@ -51,10 +51,10 @@ rounds of drawing, dynamic sampling tops the batch up with dropped groups (logge
 
 The defaults (512 answers per iteration as 64 prompts × 8, dynamic sampling, answers at
 temperature 0.7, 50 iterations, 2 updates, learning rate 3e-5, β 0.04, ε 0.2) take about
-four CPU minutes. The batch is what matters most: at 128 answers the update is mostly
-noise, and Adam moves the policy as far on noise as on signal (RESULTS.md, GRPO). The log carries
-the world's gold scorer on the same rollouts (gold/score, gold/correct, gold/preamble);
-the policy never sees it.
+three and a half minutes on two CPU cores. The batch is what matters most: at 128 answers
+the update is mostly noise, and Adam moves the policy as far on noise as on signal
+(RESULTS.md, GRPO). The log carries the world's gold scorer on the same rollouts
+(gold/score, gold/correct, gold/preamble); the policy never sees it.
 
     python grpo.py                          # reads out/sft, writes out/grpo
     python grpo.py --advantage=dr_grpo --loss_agg=constant --beta=0      # Dr. GRPO
