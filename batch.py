@@ -138,10 +138,17 @@ def sample_responses(model, enc, prompts, max_new_tokens, temperature, seed, dev
 
 @torch.no_grad()
 def reward_scores(score_fn, pairs, pad, device, batch_size=64):
-    """score_fn(Batch) -> (B,) scores, over (prompt tokens, response tokens) pairs in
-    batches of batch_size: a 1-D float tensor on the device. Inference only."""
-    return torch.cat([score_fn(collate_pairs(pairs[i:i + batch_size], pad, device)).float()
-                      for i in range(0, len(pairs), batch_size)])
+    """score_fn(Batch) -> (B,) scores, one per row, over (prompt tokens, response tokens)
+    pairs: a 1-D float tensor on the device, in the pairs' order. Inference only. More
+    pairs than batch_size run in passes of pairs of similar length (sorted, so that each
+    pass is padded to its own longest); the scores are the same up to rounding."""
+    if len(pairs) <= batch_size:
+        return score_fn(collate_pairs(pairs, pad, device)).float()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    scores = torch.cat([score_fn(collate_pairs([pairs[i] for i in order[k:k + batch_size]],
+                                               pad, device)).float()
+                        for k in range(0, len(order), batch_size)])
+    return scores[torch.argsort(torch.tensor(order, device=scores.device))]
 
 
 LOGIT_BUDGET = 2 ** 28  # logits one no-grad pass may hold: 1 GiB in float32

@@ -60,8 +60,8 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import (collate, length_groups, rows_per_pass, sample_responses, sequence_kl,
-                   sequence_logprobs)
+from batch import (collate, length_groups, reward_scores, rows_per_pass, sample_responses,
+                   sequence_kl, sequence_logprobs)
 from cli import UserError, parse_config, ranges, user_errors
 from distributed import print0
 from logger import Logger
@@ -210,10 +210,8 @@ def reference_logps(ref, seqs, pad, device, batch=128):
     passes of at most `batch` rows whose logits fit batch.rows_per_pass's budget."""
     batch = rows_per_pass(max((len(s) for s, _ in seqs), default=1), ref.config.vocab_size,
                           batch)
-    return torch.cat([sequence_logprobs(ref, collate([s for s, _ in seqs[i:i + batch]],
-                                                     [n for _, n in seqs[i:i + batch]],
-                                                     pad, device))[0]
-                      for i in range(0, len(seqs), batch)])
+    return reward_scores(lambda rows: sequence_logprobs(ref, rows)[0],
+                         [(s[:n], s[n:]) for s, n in seqs], pad, device, batch)
 
 
 # --- one batch: the loss and what to log ---------------------------------------------------

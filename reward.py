@@ -51,8 +51,7 @@ import distributed
 import formats
 import optim
 from batch import collate as collate_rows
-from batch import length_groups
-from batch import reward_scores, sample_responses
+from batch import length_groups, reward_scores, sample_responses
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from distributed import print0
@@ -192,8 +191,8 @@ def evaluate(score_fn, rankings, pad, device):
     Bayes-optimal accuracy on the same pairs, the accuracy expected over the raters'
     draws (overall and per family), accuracy by what the pair differs in, and what the
     reward follows besides the gold score."""
-    r = torch.cat([score_fn(collate(rankings[i:i + 64], pad, device)[0]).cpu()
-                   for i in range(0, len(rankings), 64)])
+    r = reward_scores(score_fn, [(s[:rk["prompt_len"]], s[rk["prompt_len"]:])
+                                 for rk in rankings for s in rk["seqs"]], pad, device, 256).cpu()
     start = [0]
     for rk in rankings:
         start.append(start[-1] + len(rk["seqs"]))

@@ -146,3 +146,19 @@ def test_length_groups_by_hand():
     assert B.length_groups(items, len, 3) == [["b", "e"], ["dd", "gg"], ["ccc", "aaaa", "ffffff"]]
     assert B.length_groups(items, len, 1) == [items]  # as drawn, unsorted
     assert B.length_groups(items[:2], len, 4) == [["b"], ["aaaa"]]  # no empty group
+
+
+def test_reward_scores_in_passes_of_similar_length_come_back_in_order():
+    """More pairs than a pass holds: sorted by length for the passes, the scores come back
+    in the pairs' order, equal to scoring each pair alone."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(2)
+    pairs = [(torch.randint(1, 20, (p,), generator=gen).tolist(),
+              torch.randint(1, 20, (r,), generator=gen).tolist())
+             for p, r in torch.randint(1, 12, (9, 2), generator=gen).tolist()]
+    score = lambda rows: B.sequence_logprobs(model, rows)[0]  # noqa: E731
+    with torch.no_grad():
+        alone = torch.cat([B.reward_scores(score, [pair], 0, "cpu") for pair in pairs])
+        for size in (2, 4, 9, 64):
+            torch.testing.assert_close(B.reward_scores(score, pairs, 0, "cpu", size), alone,
+                                       rtol=1e-5, atol=1e-5)
