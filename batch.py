@@ -3,8 +3,8 @@
 - collate: right-padded prompt+response rows with their prompt lengths, lengths and
   response mask. Right padding needs no attention mask: causal attention hides the
   later pads from every real token.
-- length_groups: a micro-batch's items as runs of similar length, so each is padded to
-  its own longest row only.
+- length_groups / length_chunks: items as runs of similar length (so many runs, or runs
+  of so many), so each is padded to its own longest row only.
 - left_pad: prompts right-aligned, for the one layout generation needs (every row's
   next token in the last column); PPO keeps its rollouts in that layout.
 - response_logprobs / sequence_logprobs: log π of the response tokens, per token or
@@ -79,6 +79,13 @@ def length_groups(items, length, groups):
             if run]
 
 
+def length_chunks(lengths, size):
+    """Positions of `lengths` sorted by length (stable), in chunks of `size` (the last
+    may be shorter): passes each padded to its own longest row only."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
 def left_pad(rows, pad, device):
     """Token lists -> (tokens, mask) (B, P), right-aligned so every row ends in column P−1;
     mask is True on real tokens."""
@@ -144,11 +151,11 @@ def reward_scores(score_fn, pairs, pad, device, batch_size=64):
     pass is padded to its own longest); the scores are the same up to rounding."""
     if len(pairs) <= batch_size:
         return score_fn(collate_pairs(pairs, pad, device)).float()
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    scores = torch.cat([score_fn(collate_pairs([pairs[i] for i in order[k:k + batch_size]],
-                                               pad, device)).float()
-                        for k in range(0, len(order), batch_size)])
-    return scores[torch.argsort(torch.tensor(order, device=scores.device))]
+    chunks = length_chunks([len(p) + len(r) for p, r in pairs], batch_size)
+    scores = torch.cat([score_fn(collate_pairs([pairs[i] for i in c], pad, device)).float()
+                        for c in chunks])
+    order = torch.tensor([i for c in chunks for i in c], device=scores.device)
+    return scores[torch.argsort(order)]
 
 
 LOGIT_BUDGET = 2 ** 28  # logits one no-grad pass may hold: 1 GiB in float32

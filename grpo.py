@@ -84,7 +84,8 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import left_pad, ptx_windows, response_logprobs, reward_scores, verifiable_score
+from batch import (left_pad, length_chunks, ptx_windows, response_logprobs, reward_scores,
+                   verifiable_score)
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response
@@ -275,11 +276,10 @@ def micro_batches(prompt_rows, responses, size, pad, device):
     prompt plus response length first, so that each micro-batch is padded to its own
     longest answer only (half the default batch's token grid is padding otherwise). The
     update's gradient is the sum of theirs, the same as the whole batch's."""
-    order = sorted(range(len(responses)), key=lambda i: len(prompt_rows[i]) + len(responses[i]))
-    size = size or len(order)
+    lengths = [len(p) + len(r) for p, r in zip(prompt_rows, responses)]
     return [Micro(torch.tensor(c, device=device),
                   *assemble([prompt_rows[i] for i in c], [responses[i] for i in c], pad, device))
-            for c in (order[k:k + size] for k in range(0, len(order), size))]
+            for c in length_chunks(lengths, size or len(lengths))]
 
 
 def check(cfg, run):
