@@ -4,6 +4,13 @@ The result is a base model. It knows the facts and spellings stated in the corpu
 has seen worked examples, but it continues text: given a question it writes more
 questions or forum chatter, and it has never seen the chat markers.
 
+The optimizer is Muon for the blocks' weight matrices and AdamW for the embeddings and
+LayerNorm gains (optim.Muon, one learning rate for both). On the default world, 500
+steps of it at a peak rate of 6e-3 reach a lower validation loss than 1,000 steps of
+AdamW at 3e-3, the default before it, and a better SFT model (RESULTS.md, "Muon:
+pretraining in half the steps"). --optimizer=adamw --max_steps=1000 --learning_rate=3e-3
+--warmup_steps=100 is the run before.
+
     python data/prepare.py && python pretrain.py                 # CPU
     python pretrain.py --device=cuda --compile=true              # one GPU
     torchrun --standalone --nproc_per_node=2 pretrain.py         # DDP (CPU: gloo, GPU: nccl)
@@ -45,10 +52,11 @@ class Config:
     # optimisation
     batch_size: int = 64           # sequences per optimizer step, over all ranks and micro-steps
     grad_accum: int = 1            # micro-steps per optimizer step on each rank
-    max_steps: int = 1000          # optimizer steps
-    learning_rate: float = 3e-3    # peak learning rate
-    warmup_steps: int = 100        # linear warmup, then cosine decay to 10%
-    weight_decay: float = 0.1      # AdamW decay, matrices only
+    max_steps: int = 500           # optimizer steps
+    learning_rate: float = 6e-3    # peak learning rate
+    warmup_steps: int = 50         # linear warmup, then cosine decay to 10%
+    optimizer: str = "muon"        # muon: Muon for the blocks' matrices, AdamW the rest; adamw
+    weight_decay: float = 0.1      # decay, matrices only
     beta1: float = 0.9             # AdamW beta1
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # clip the gradient norm (0 = off)
@@ -117,11 +125,24 @@ def main(cfg):
     mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
     raw_model = GPT(mconf).to(run.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), run.device_type)
+    if cfg.optimizer not in ("muon", "adamw"):
+        raise UserError(f"--optimizer={cfg.optimizer}: expected muon or adamw")
+    betas = (cfg.beta1, cfg.beta2)
+    optimizer = (optim.muon_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, betas)
+                 if cfg.optimizer == "muon" else
+                 raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas,
+                                                run.device_type))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
-    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+
+    def same_optimizer(ckpt):  # the optimizers' states do not fit each other
+        theirs = ckpt.get("config", {}).get("optimizer", "adamw")  # adamw: before the flag
+        if theirs != cfg.optimizer:
+            raise UserError(f"{ckpt_path} was trained with --optimizer={theirs}; resume it "
+                            f"with --optimizer={theirs}, not {cfg.optimizer}")
+
+    step = checkpoint.resume(ckpt_path, raw_model, optimizer,
+                             check=same_optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "
            f"{cfg.batch_size} x {cfg.block_size} tokens; "

@@ -13,7 +13,7 @@ from data import prepare
 
 def test_help_shows_the_docstring_the_script_and_every_flag():
     for module, script, flag, comment in (
-            (pretrain, "pretrain.py", "--learning_rate=0.003", "peak learning rate"),
+            (pretrain, "pretrain.py", "--learning_rate=0.006", "peak learning rate"),
             (prepare, "data/prepare.py", "--n_docs=40000", "pretraining documents")):
         p = run(script, "--help")
         assert p.returncode == 0 and p.stderr == ""

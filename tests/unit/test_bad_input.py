@@ -6,6 +6,7 @@ tests/cli/test_errors.py sends a few of these cases through a real process."""
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,6 +102,8 @@ BAD_INPUTS = {
         ["reward-model checkpoint", "not a language model"]),
     "negative learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=-1e-4"],
                                ["--learning_rate=-1e-4", "must be above 0"]),
+    "unknown optimizer": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--optimizer=sgd"],
+                          ["--optimizer=sgd", "expected muon or adamw"]),
     "zero interval": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--log_interval=0"],
                       ["--log_interval=0", "must be at least 1"]),
     "nan coefficient": (ppo, lambda w, s, t: [f"--data_dir={w}", "--kl_coef=nan"],
@@ -234,6 +237,17 @@ def test_missing_inputs_name_the_command(capsys, tmp_path, world):
                                  f"--init_from={tmp_path}/none", needles=["python sft.py"])
     assert not (tmp_path / "o").exists()
 
+
+
+def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp_path):
+    out = tmp_path / "pretrain"
+    shutil.copytree(stages / "pretrain", out)  # saved with pretrain.py's default, muon
+    saved = (out / "ckpt.pt").read_bytes()
+    assert_user_error_in_process(capsys, pretrain, f"--data_dir={world}", f"--out_dir={out}",
+                                 "--resume=true", "--optimizer=adamw",
+                                 needles=["ckpt.pt was trained with --optimizer=muon",
+                                          "not adamw"])
+    assert (out / "ckpt.pt").read_bytes() == saved
 
 def test_malformed_jsonl_names_file_and_line(capsys, world, stages, tmp_path):
     bad = copy_world(world, tmp_path / "bad")
