@@ -1,6 +1,7 @@
 """Benchmark: training throughput (tokens/s) and MFU of the GPT at a preset size.
 
-Times full optimizer steps (forward, backward, AdamW) on random tokens, after
+Times full optimizer steps (forward, backward, and pretrain.py's optimizer: Muon for the
+blocks' matrices and AdamW the rest, or --optimizer=adamw) on random tokens, after
 warm-up steps (which also absorb torch.compile's compilation), and prints the median
 step time, tokens/s and, on a GPU whose peak is known (distributed.PEAK_FLOPS), the model
 FLOPs utilisation: achieved FLOP/s (PaLM estimate, model.flops_per_token) / peak.
@@ -9,6 +10,7 @@ FLOPs utilisation: achieved FLOP/s (PaLM estimate, model.flops_per_token) / peak
     python bench/train.py --preset=gpt2 --device=cuda       # 124M, bf16 autocast
     python bench/train.py --preset=gpt2 --device=cuda --compile=true
     python bench/train.py --batch_size=16                   # another batch, same model
+    python bench/train.py --optimizer=adamw                 # AdamW throughout
 """
 
 import statistics
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 
 import distributed  # noqa: E402
+import optim  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -39,6 +42,7 @@ class Config:
     preset: str = "cpu"        # cpu, gpt2 or gpt2-medium
     device: str = "auto"       # auto, cpu, cuda, cuda:N or mps
     compile: bool = False      # torch.compile the model
+    optimizer: str = "muon"    # muon (pretrain.py's default) or adamw
     batch_size: int = 0        # sequences per step (0: the preset's)
     steps: int = 10            # timed steps
     warmup: int = 3            # untimed steps first
@@ -50,12 +54,15 @@ class Config:
 def main(cfg):
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+    if cfg.optimizer not in ("muon", "adamw"):
+        raise UserError(f"--optimizer={cfg.optimizer}: expected muon or adamw")
     run = distributed.setup(cfg.seed, cfg.device)
     mconf, batch = PRESETS[cfg.preset]
     batch = cfg.batch_size or batch
     raw = GPT(mconf).to(run.device)
     model = distributed.wrap(raw, run, cfg.compile)
-    optimizer = raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), run.device_type)
+    optimizer = (optim.muon_optimizer(raw, 0.1, 3e-4, (0.9, 0.95)) if cfg.optimizer == "muon"
+                 else raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), run.device_type))
     x = torch.randint(mconf.vocab_size, (batch, mconf.block_size + 1), device=run.device)
 
     times = []
@@ -81,7 +88,8 @@ def main(cfg):
             else f"cpu, {torch.get_num_threads()} threads")
     print(f"preset={cfg.preset} ({raw.num_params() / 1e6:.1f}M parameters, "
           f"batch {batch} x {mconf.block_size}) "
-          f"device={name} compile={cfg.compile} torch={torch.__version__}")
+          f"device={name} compile={cfg.compile} optimizer={cfg.optimizer} "
+          f"torch={torch.__version__}")
     print(f"step median {dt * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
           f"max {max(times) * 1e3:.1f}, {len(times)} steps)")
     print(f"throughput {tokens / dt:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s achieved"
