@@ -124,8 +124,9 @@ def test_clip_low_and_clip_high_objective_by_hand():
     # min(1.5, 1.28) = 1.28 (clipped high); min(−0.5, −0.8) = −0.8 (clipped low);
     # min(0.5, 0.8) = 0.5; min(−1.5, −1.28) = −1.5 (the pessimistic side, unclipped)
     assert loss.item() == pytest.approx((-1.28 + 0.8 - 0.5 + 1.5) / 4)
-    assert stats["policy/clipfrac_high"] == 0.25 and stats["policy/clipfrac_low"] == 0.25
-    assert stats["policy/ratio"] == pytest.approx(1.0)
+    assert stats["policy/clipfrac_high"].item() == 0.25
+    assert stats["policy/clipfrac_low"].item() == 0.25
+    assert stats["policy/ratio"].item() == pytest.approx(1.0)
     loss.backward()
     grad = logp.grad[:, 0].tolist()
     # clipped tokens have no gradient; the others −A·ρ/4
@@ -142,7 +143,7 @@ def test_k3_kl_by_hand_and_in_the_loss():
         loss, stats = grpo.grpo_loss(logp, logp, ref, torch.zeros(1), mask,
                                      loss_cfg(beta=0.1, kl_in=kl_in))
         assert loss.item() == pytest.approx(want, abs=1e-7)
-        assert stats["loss/k3"] == pytest.approx((0.5 + math.log(2) - 1) / 2, abs=1e-7)
+        assert stats["loss/k3"].item() == pytest.approx((0.5 + math.log(2) - 1) / 2, abs=1e-7)
 
 
 def test_dr_grpo_length_effect_on_a_hand_made_batch():
