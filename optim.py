@@ -148,3 +148,14 @@ def muon_optimizer(model, weight_decay: float, learning_rate: float,
     return Muon([{"params": hidden, "weight_decay": weight_decay, "muon": True},
                  {"params": rest, "weight_decay": weight_decay},
                  {"params": gains, "weight_decay": 0.0}], lr=learning_rate, betas=betas)
+
+
+def pretrain_optimizer(model, name: str, weight_decay: float, learning_rate: float,
+                       betas: tuple[float, float], device_type: str):
+    """pretrain.py's optimizer by its --optimizer name (bench/train.py times the same one):
+    muon (muon_optimizer) or adamw (GPT.configure_optimizers, AdamW throughout)."""
+    if name == "muon":
+        return muon_optimizer(model, weight_decay, learning_rate, betas)
+    if name == "adamw":
+        return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
+    raise UserError(f"--optimizer={name}: expected muon or adamw")

@@ -125,13 +125,9 @@ def main(cfg):
     mconf = GPTConfig(block_size=cfg.block_size, vocab_size=enc.n_vocab, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
     raw_model = GPT(mconf).to(run.device)
-    if cfg.optimizer not in ("muon", "adamw"):
-        raise UserError(f"--optimizer={cfg.optimizer}: expected muon or adamw")
-    betas = (cfg.beta1, cfg.beta2)
-    optimizer = (optim.muon_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, betas)
-                 if cfg.optimizer == "muon" else
-                 raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas,
-                                                run.device_type))
+    optimizer = optim.pretrain_optimizer(raw_model, cfg.optimizer, cfg.weight_decay,
+                                         cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
 

@@ -54,15 +54,13 @@ class Config:
 def main(cfg):
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
-    if cfg.optimizer not in ("muon", "adamw"):
-        raise UserError(f"--optimizer={cfg.optimizer}: expected muon or adamw")
     run = distributed.setup(cfg.seed, cfg.device)
     mconf, batch = PRESETS[cfg.preset]
     batch = cfg.batch_size or batch
     raw = GPT(mconf).to(run.device)
     model = distributed.wrap(raw, run, cfg.compile)
-    optimizer = (optim.muon_optimizer(raw, 0.1, 3e-4, (0.9, 0.95)) if cfg.optimizer == "muon"
-                 else raw.configure_optimizers(0.1, 3e-4, (0.9, 0.95), run.device_type))
+    optimizer = optim.pretrain_optimizer(raw, cfg.optimizer, 0.1, 3e-4, (0.9, 0.95),
+                                         run.device_type)
     x = torch.randint(mconf.vocab_size, (batch, mconf.block_size + 1), device=run.device)
 
     times = []

@@ -238,7 +238,6 @@ def test_missing_inputs_name_the_command(capsys, tmp_path, world):
     assert not (tmp_path / "o").exists()
 
 
-
 def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp_path):
     out = tmp_path / "pretrain"
     shutil.copytree(stages / "pretrain", out)  # saved with pretrain.py's default, muon
@@ -248,6 +247,7 @@ def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp
                                  needles=["ckpt.pt was trained with --optimizer=muon",
                                           "not adamw"])
     assert (out / "ckpt.pt").read_bytes() == saved
+
 
 def test_malformed_jsonl_names_file_and_line(capsys, world, stages, tmp_path):
     bad = copy_world(world, tmp_path / "bad")
