@@ -40,6 +40,8 @@ The choices, each a flag, with the paper it comes from:
   --kl_in=reward         the KL taken off the reward instead, as PPO-RLHF does
   --dynamic_sampling     DAPO's dynamic sampling
   --ptx_coef             the pretraining term of PPO-ptx (Ouyang et al. 2022), as ppo.py
+  --lr_decay             the learning rate falls linearly to 0 over --iterations, as
+                         ppo.py's does (constant without it)
 
 Where it departs from the papers: one gradient step per update on the whole batch (no
 minibatches; the forward and backward run in micro-batches of --micro_batch answers of
@@ -115,7 +117,8 @@ class Config:
     updates: int = 2                  # μ: policy steps on each batch of rollouts
     max_new_tokens: int = 32          # response length limit
     temperature: float = 0.7          # sampling temperature, also applied to the log-probs
-    learning_rate: float = 5e-5       # policy (constant)
+    learning_rate: float = 5e-5       # policy
+    lr_decay: bool = False            # decay the learning rate linearly to 0 over --iterations
     weight_decay: float = 0.0         # AdamW decay (matrices only)
     grad_clip: float = 1.0            # clip the gradient norm (0 = off)
     advantage: str = "grpo"           # grpo (÷ group std), dr_grpo (no ÷), rloo, reinforce
@@ -402,6 +405,7 @@ def main(cfg):
         # first step's forward also gives π_old (the policy has not moved yet), which
         # saves a forward pass over the rollouts
         stats = {}
+        lr = cfg.learning_rate * (1 - it / cfg.iterations if cfg.lr_decay else 1)
         for u in range(cfg.updates):
             update = {}
             for k, mb in enumerate(micro):
@@ -426,7 +430,7 @@ def main(cfg):
                                                     run.device))[1]
                     (cfg.ptx_coef * ptx).backward()
                 update["loss/ptx"] = ptx.detach()
-            optim.set_lr(optimizer, cfg.learning_rate)
+            optim.set_lr(optimizer, lr)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                        cfg.grad_clip or math.inf).item()
             if guard.ok(grad_norm, it):
@@ -456,7 +460,8 @@ def main(cfg):
                 "gold/score": mean([x["gold"] for x in grades]),
                 "gold/correct": mean([float(x["correct"]) for x in grades]),
                 "gold/preamble": mean([float(x["preamble"]) for x in grades])}),
-            "time/rollout_s": t_rollout, "time/update_s": t_update, **guard.logged(),
+            "policy/lr": lr, "time/rollout_s": t_rollout, "time/update_s": t_update,
+            **guard.logged(),
         }
         it += 1
         shown = ("objective/score", "objective/kl", "gold/correct", "groups/zero_signal",

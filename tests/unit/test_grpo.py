@@ -232,9 +232,11 @@ def test_tiny_run_logs_and_writes_a_loadable_checkpoint(pipeline, tmp_path):
               f"--reward_from={pipeline.out}/reward", "--batch_size=8", "--group_size=4",
               "--max_new_tokens=8", "--sample_interval=0", "--iterations=3"]
     main_of(grpo, [*common, f"--out_dir={tmp_path}/a", "--reward=sum", "--updates=2",
-                   "--dynamic_sampling=true"])
+                   "--dynamic_sampling=true", "--lr_decay=true"])
     log = read_log(tmp_path / "a" / "log.jsonl")
     assert [r["step"] for r in log] == [0, 1, 2]
+    # --lr_decay: 5e-5 × (1 − it/3), the last iteration's step a third of the first's
+    assert [r["policy/lr"] for r in log] == pytest.approx([5e-5, 5e-5 * 2 / 3, 5e-5 / 3])
     for r in log:
         # the reward model's scores are never all equal: nothing dropped, one draw
         assert r["groups/zero_signal"] == 0 and r["dynamic/dropped"] == 0
@@ -252,4 +254,5 @@ def test_tiny_run_logs_and_writes_a_loadable_checkpoint(pipeline, tmp_path):
                    "--iterations=2", "--dynamic_sampling=false"])
     log = read_log(tmp_path / "b" / "log.jsonl")
     assert len(log) == 2 and log[0]["groups/zero_signal"] == 1.0 and "loss/ptx" in log[0]
+    assert [r["policy/lr"] for r in log] == [5e-5, 5e-5]  # constant without --lr_decay
     assert log[0]["objective/score"] == 0.0 and log[0]["gold/correct"] == 0.0
