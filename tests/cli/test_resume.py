@@ -126,12 +126,13 @@ def scenarios(p):
             f"--reward_from={p.out}/reward", "--iterations=40", "--ckpt_interval=3",
             "--sample_interval=0", "--adaptive_kl=true"], 40,
             ("model", "value_model", "optimizer"), 4),
-        # dynamic sampling and the pretraining term: both draw from the iteration's generator
+        # dynamic sampling and the pretraining term: both draw from the iteration's generator;
+        # the decaying learning rate follows the iteration count the checkpoint carries
         "grpo": ("grpo.py", [
             f"--data_dir={p.data}", f"--init_from={p.out}/sft", f"--reward_from={p.out}/reward",
             "--reward=sum", "--batch_size=8", "--group_size=4", "--max_new_tokens=8",
             "--updates=2", "--dynamic_sampling=true", "--ptx_coef=0.5", "--ptx_len=32",
-            "--iterations=80", "--ckpt_interval=3", "--sample_interval=0"], 80,
+            "--lr_decay=true", "--iterations=80", "--ckpt_interval=3", "--sample_interval=0"], 80,
             ("model", "optimizer"), 5),
     }
 
