@@ -406,6 +406,7 @@ def main(cfg):
         # saves a forward pass over the rollouts
         stats = {}
         lr = cfg.learning_rate * (1 - it / cfg.iterations if cfg.lr_decay else 1)
+        optim.set_lr(optimizer, lr)  # the same for every update of the batch
         for u in range(cfg.updates):
             update = {}
             for k, mb in enumerate(micro):
@@ -430,7 +431,6 @@ def main(cfg):
                                                     run.device))[1]
                     (cfg.ptx_coef * ptx).backward()
                 update["loss/ptx"] = ptx.detach()
-            optim.set_lr(optimizer, lr)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                        cfg.grad_clip or math.inf).item()
             if guard.ok(grad_norm, it):
