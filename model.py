@@ -12,6 +12,7 @@ Right padding needs no mask (causal attention hides later pads from real tokens)
 padding, used by generate, needs attn_mask (B, T) bool, True for real tokens.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,8 +57,12 @@ class KVCache:
         # (B, nh, max_len, hs) per layer, allocated on first write so the dtype follows k/v
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
-        # True where the stored position is a real token (False for left padding)
+        # True where the stored position is a real token (False for left padding and for
+        # positions not yet filled)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        # set by next_slot(): the one position a generation step writes, as a tensor, so
+        # the step's shapes are those of the whole buffers, the same at every step
+        self.slot: Tensor | None = None
 
     def add_mask(self, attn_mask: Tensor) -> Tensor:
         """Record validity of the T new positions; return the mask of all keys (B, length+T)."""
@@ -73,6 +78,10 @@ class KVCache:
             B, nh, _, hs = k.shape
             self.keys[layer] = k.new_zeros(B, nh, self.max_len, hs)
             self.values[layer] = v.new_zeros(B, nh, self.max_len, hs)
+        if self.slot is not None:  # one new token: keys and values of every position
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -80,6 +89,16 @@ class KVCache:
 
     def advance(self, n: int):  # called once all layers have stored the n new positions
         self.length += n
+
+    def next_slot(self):
+        """Before a generation step (GPT.decode): the next position holds a real token of
+        every row; update() writes it there."""
+        if self.length >= self.max_len:
+            raise ValueError(f"KVCache is full: {self.length + 1} positions > max_len "
+                             f"{self.max_len}")
+        self.key_mask[:, self.length] = True
+        self.slot = torch.tensor([self.length], device=self.key_mask.device)
+        self.length += 1
 
     def keep(self, rows: Tensor):
         """Keep only these batch rows (indices into the current rows), in this order:
@@ -260,6 +279,19 @@ class GPT(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
 
+    def decode(self, tok: Tensor, cache: KVCache) -> Tensor:
+        """One generation step: each row's newest token (B,), stored by cache.next_slot() ->
+        the logits of the token after it (B, V). Attention runs over the cache's whole
+        buffers, the unfilled positions masked, so every step has the same shapes and one
+        torch.compile serves them all (generate(compile=True)); same results as hidden()."""
+        pos = cache.key_mask.sum(dim=1) - 1  # real tokens before the newest one
+        x = self.transformer.drop(self.transformer.wte(tok) + self.transformer.wpe(pos))
+        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, S): each row's real tokens
+        x = x[:, None]  # (B, 1, C)
+        for block in self.transformer.h:
+            x = block(x, mask, cache)
+        return self.lm_head(self.transformer.ln_f(x[:, 0]))
+
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
                              betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
         """AdamW with weight decay only on matrices and embeddings (dim >= 2); biases and
@@ -281,7 +313,7 @@ class GPT(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None,
                  pad_token: int = 0, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> tuple[Tensor, Tensor]:
+                 use_cache: bool = True, compile: bool = False) -> tuple[Tensor, Tensor]:
         """Continue each prompt by up to max_new_tokens tokens.
 
         Prompts are left-padded into one batch, so every row's next token is in the last
@@ -293,6 +325,8 @@ class GPT(nn.Module):
         Returns tokens (B, N), N <= max_new_tokens the steps run, and mask (B, N) bool: True for
         generated tokens up to and including stop_token; later positions hold pad_token.
         use_cache=False recomputes the whole sequence every step (the reference path).
+        compile=True runs each step after the first through torch.compile (compiled_decode):
+        the same tokens, with less time per step once compiled (the first call compiles).
         """
         if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompts")
@@ -319,21 +353,25 @@ class GPT(nn.Module):
         rows: slice | Tensor = slice(None)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         cache = KVCache(self.config.n_layer, B, total, device) if use_cache else None
+        step = compiled_decode(device.type) if compile else decode_and_sample
 
         was_training = self.training
         self.eval()
         try:
             for n in range(1, max_new_tokens + 1):
                 end = P + n - 1  # tokens known so far
-                start = 0 if (cache is None or n == 1) else end - 1  # cache: only the newest
-                h = self.hidden(seq[rows, start:end], attn_mask=seq_mask[rows, start:end],
-                                cache=cache)
-                logits = self.lm_head(h[:, -1])  # (rows, V): only the last position is needed
                 # one uniform number for every row of the batch, ended or not, so a row's
                 # answer does not depend on when the others end or are dropped
                 u = None if temperature == 0 else torch.rand(
                     B, 1, generator=generator, device=device, dtype=torch.float64)[rows]
-                tok = sample_next_token(logits, temperature, top_k, top_p, generator, u)
+                if cache is not None and n > 1:  # the newest token only, the rest cached
+                    cache.next_slot()
+                    tok = step(self, seq[rows, end - 1], cache, u, temperature, top_k, top_p)
+                else:  # the prompts (into the cache), or everything again without one
+                    h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end],
+                                    cache=cache)
+                    logits = self.lm_head(h[:, -1])  # only the last position is needed
+                    tok = sample_next_token(logits, temperature, top_k, top_p, u=u)
                 tok = tok.masked_fill(finished, pad_token)  # ended rows only emit padding
                 seq[rows, end] = tok
                 gen_mask[rows, n - 1] = ~finished
@@ -358,6 +396,23 @@ class GPT(nn.Module):
             self.train(was_training)
         n = int(gen_mask[:, :n].any(dim=0).sum())  # the steps that gave some row a token
         return seq[:, P:P + n], gen_mask[:, :n]
+
+
+def decode_and_sample(model: GPT, tok: Tensor, cache: KVCache, u: Tensor | None,
+                      temperature: float, top_k: int, top_p: float) -> Tensor:
+    """A generation step after the first: GPT.decode, then sample_next_token with the
+    uniform numbers u. (B,) newest tokens -> (B,) next tokens."""
+    return sample_next_token(model.decode(tok, cache), temperature, top_k, top_p, u=u)
+
+
+@functools.cache
+def compiled_decode(device_type: str):
+    """decode_and_sample through torch.compile, one compilation for every model of the same
+    architecture and every batch size (dynamic shapes). On a CPU its C++ wrapper calls the
+    compiled kernels in turn without returning to Python between them: a generation step at
+    a small batch is mostly that per-call cost, not arithmetic. Needs a C++ compiler."""
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(decode_and_sample, dynamic=True, options=options)
 
 
 # generation steps between checks that every row has emitted its stop token, by device

@@ -272,6 +272,43 @@ def test_dropping_ended_rows_changes_no_answer(monkeypatch):
             assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
 
 
+def test_decode_step_logits_match_the_full_forward():
+    # GPT.decode attends over the cache's whole buffers (unfilled positions masked), so that
+    # every step has the same shapes; its logits equal the full forward's at every position
+    model = make_model()
+    idx, mask = left_pad(PROMPTS)
+    B, P = idx.shape
+    cont = torch.randint(0, CFG["vocab_size"], (B, 5), generator=torch.Generator().manual_seed(0))
+    full_mask = torch.cat([mask, torch.ones_like(cont, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        ref, _ = model(torch.cat([idx, cont], dim=1), attn_mask=full_mask)
+        cache = KVCache(CFG["n_layer"], B, P + 5, device="cpu")
+        model.hidden(idx, attn_mask=mask, cache=cache)
+        for t in range(5):
+            cache.next_slot()
+            torch.testing.assert_close(model.decode(cont[:, t], cache), ref[:, P + t],
+                                       atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="KVCache is full"):
+            cache.next_slot()
+
+
+def test_compiled_generation_gives_the_same_answers():
+    # generate(compile=True): the steps after the first through torch.compile, one
+    # compilation for every batch size, so rows that end and leave the batch recompile
+    # nothing; the sampled answers equal the eager ones (one compilation takes seconds, so
+    # greedy decoding, the same step with argmax for the draw, is left to the eager tests)
+    model = make_model()
+    prompts = [p[:k] for p in PROMPTS for k in range(1, min(len(p), 4) + 1)]  # 12 rows
+    early = [set(row[:6]) for row in model.generate(prompts, 12, temperature=0)[0].tolist()]
+    stop = max(range(CFG["vocab_size"]), key=lambda t: sum(t in e for e in early))
+    (a, a_mask), (b, b_mask) = [
+        model.generate(prompts, 12, stop_token=stop, pad_token=0, compile=compiled,
+                       generator=torch.Generator().manual_seed(5)) for compiled in (False, True)]
+    assert a_mask.any(dim=1).all() and not a_mask.all()  # rows ended at different steps
+    assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
+    assert model_module.compiled_decode("cpu") is model_module.compiled_decode("cpu")
+
+
 def test_stop_token_row_that_never_stops_runs_full_length():
     model = make_model()
     ref, _ = model.generate(PROMPTS, 10, temperature=0)
