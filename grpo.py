@@ -139,7 +139,7 @@ class Config:
     ckpt_interval: int = 20           # iterations between checkpoints
     seed: int = 1337                  # each process samples from its own seed derived from this
     device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False             # torch.compile the policy's forward pass
+    compile: bool = False             # torch.compile the policy's forward and generation step
     resume: bool = False              # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
@@ -227,7 +227,8 @@ def sample_groups(policy, prompts, group_size, cfg, tok, generator):
     as a token list that keeps its end token when it emitted one."""
     rows = [p for p in prompts for _ in range(group_size)]
     response, mask = policy.generate(rows, cfg.max_new_tokens, temperature=cfg.temperature,
-                                     stop_token=tok.end, pad_token=tok.pad, generator=generator)
+                                     stop_token=tok.end, pad_token=tok.pad, generator=generator,
+                                     compile=cfg.compile)
     return [row[m].tolist() for row, m in zip(response, mask)]
 
 

@@ -117,7 +117,7 @@ class Config:
     ckpt_interval: int = 20           # iterations between checkpoints
     seed: int = 1337                  # each process samples from its own seed derived from this
     device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False             # torch.compile the trained models' forward passes
+    compile: bool = False             # torch.compile the trained models' forwards and generation
     resume: bool = False              # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
@@ -272,7 +272,8 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     lm = policy.policy if shared else policy
     # 1. generate; the mask keeps each response up to and including its first end token
     response, mask = lm.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                                     stop_token=tok.end, pad_token=tok.pad, generator=generator)
+                                     stop_token=tok.end, pad_token=tok.pad, generator=generator,
+                                     compile=cfg.compile)
     prompt_tokens, prompt_mask = left_pad(prompts, tok.pad, device)
     P = prompt_tokens.size(1)
     tokens, attn = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, mask], 1)

@@ -34,6 +34,7 @@ as the stages do.
 
     python bench/stages.py                        # every figure, CPU
     python bench/stages.py --only=gen,grpo        # some
+    python bench/stages.py --compile=true         # generation step and forwards compiled
     python bench/stages.py --device=cuda --preset=gpt2     # 124M on a GPU
 """
 
@@ -80,6 +81,8 @@ class Config:
     gen_batches: str = "16,64,256"  # generation batch sizes
     sft_len: int = 256             # tokens per sequence of the sft figure
     threads: int = 0               # torch threads (0 = torch's default)
+    compile: bool = False          # as the stages' --compile: torch.compile the generation step
+    #                                and the trained models' forward passes (in the warm-up)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     seed: int = 0
 
@@ -148,10 +151,12 @@ def main(cfg):
                       "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                       else "cpu"),
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "compile": cfg.compile,
                       "params": n_params, "batch": B, "prompt_len": P, "response_len": N}),
           flush=True)
     only = cfg.only.split(",")
     opt = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
+    train_policy = distributed.wrap(policy, run, cfg.compile)  # the policy the training steps run
 
     def train_step(loss):
         loss.backward()
@@ -164,7 +169,7 @@ def main(cfg):
 
         def sft_step():
             with run.autocast:
-                loss = policy(x[:, :-1], x[:, 1:])[1]
+                loss = train_policy(x[:, :-1], x[:, 1:])[1]
             train_step(loss)
         emit("sft_step", timed(sft_step, cfg, dev), B * cfg.sft_len, "tokens_per_s", dev,
              flops=policy.flops_per_token(cfg.sft_len) * B * cfg.sft_len)
@@ -174,7 +179,8 @@ def main(cfg):
             prompts = random_rows(b, P, mconf.vocab_size, g)
             gen = torch.Generator(device=dev).manual_seed(cfg.seed)
             with run.autocast:
-                times = timed(lambda: policy.generate(prompts, N, generator=gen), cfg, dev)
+                times = timed(lambda: policy.generate(prompts, N, generator=gen,
+                                                      compile=cfg.compile), cfg, dev)
             emit(f"generate_b{b}", times, b * N, "tokens_per_s", dev)
 
     pad = 0
@@ -191,7 +197,7 @@ def main(cfg):
                 if live:
                     with torch.no_grad():
                         r = sequence_logprobs(ref, rows)[0]
-                loss = dpo.batch_loss(policy, (rows, r if live else cached), dcfg)[0]
+                loss = dpo.batch_loss(train_policy, (rows, r if live else cached), dcfg)[0]
             train_step(loss)
         emit("dpo_live", timed(lambda: dpo_step(True), cfg, dev), B, "pairs_per_s", dev,
              flops=6 * n_params * trained + 2 * n_params * tokens)
@@ -205,10 +211,11 @@ def main(cfg):
         rows = collate([s for s, _ in seqs], [p for _, p in seqs], pad, dev)
         ropt = member.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
         member.train()
+        train_rm = distributed.wrap(reward_model, run, cfg.compile)
 
         def rm_step():
             with run.autocast:
-                r = reward_model(rows)
+                r = train_rm(rows)
                 loss = reward.bradley_terry_loss(r[:B], r[B:])[0].mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
@@ -220,8 +227,10 @@ def main(cfg):
 
     prompts = [s[:P] for s, _ in seqs]
     if "ppo" in only:
-        pcfg = ppo.Config(batch_size=B, minibatch_size=B, ppo_epochs=4, max_new_tokens=N)
+        pcfg = ppo.Config(batch_size=B, minibatch_size=B, ppo_epochs=4, max_new_tokens=N,
+                          compile=cfg.compile)
         value_model = ScalarGPT(mconf).to(dev)
+        train_value = distributed.wrap(value_model, run, cfg.compile)
         vopt = value_model.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
         tok = SimpleNamespace(end=-1, pad=pad)  # no end token: full-length responses
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -235,13 +244,14 @@ def main(cfg):
                 batch = ppo.rollout(policy, ref, value_model, score, prompts[:B], pcfg.kl_coef,
                                     pcfg, tok, gen, dev)
             batch["advantages"] = ppo.whiten(batch["advantages"], batch["mask"])
-            ppo.ppo_update(policy, value_model, opt, vopt, batch, pcfg, 1e-6, 1e-6, gen, run)
+            ppo.ppo_update(train_policy, train_value, opt, vopt, batch, pcfg, 1e-6, 1e-6, gen, run)
         emit("ppo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s", dev,
              epochs=pcfg.ppo_epochs)
 
     if "grpo" in only:
         G = 4
-        gcfg = grpo.Config(batch_size=B, group_size=G, updates=1, max_new_tokens=N, beta=0.04)
+        gcfg = grpo.Config(batch_size=B, group_size=G, updates=1, max_new_tokens=N, beta=0.04,
+                           compile=cfg.compile)
         tok = SimpleNamespace(end=None, pad=pad)
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
@@ -258,7 +268,7 @@ def main(cfg):
             old_logp = None
             for _ in range(gcfg.updates):  # as grpo.py: π_old from the first forward
                 with run.autocast:
-                    logp, _ = response_logprobs(policy, tokens, attn_mask=attn, start=start,
+                    logp, _ = response_logprobs(train_policy, tokens, attn_mask=attn, start=start,
                                                 entropy=True)
                     old_logp = logp.detach() if old_logp is None else old_logp
                     loss = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, gcfg)[0]

@@ -154,8 +154,8 @@ def rm_score(rm, pad=0):
 def test_rollout_masks_everything_after_the_end_token():
     policy, ref, value, rm = tiny_models()
     end, pad = 3, 0
-    cfg = SimpleNamespace(max_new_tokens=10, temperature=0.7, missing_end_penalty=-5.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95)
+    cfg = SimpleNamespace(max_new_tokens=10, temperature=0.7, compile=False,
+                          missing_end_penalty=-5.0, whiten_rewards=False, gamma=1.0, lam=0.95)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 4]]
     g = torch.Generator().manual_seed(3)
     b = ppo.rollout(policy, ref, value, rm_score(rm, pad), prompts, 0.1, cfg,
@@ -196,9 +196,9 @@ def test_update_moves_the_policy_toward_positive_advantages():
     """One PPO update on a batch where one response has advantage +1 and another −1:
     the first gets likelier, the second less likely."""
     policy, ref, value, rm = tiny_models(1)
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=2,
-                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0)
     b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
                     SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
@@ -221,9 +221,9 @@ def test_update_statistics_of_one_step_by_hand():
     the ratio being 1 (the policy has not moved yet): the policy loss is the masked mean of
     −A, nothing is clipped, the entropy is the rollout's, the value loss ½·mean (V − R)²."""
     policy, ref, value, rm = tiny_models(1)
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=1,
-                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=1, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0)
     b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
                     SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
@@ -257,9 +257,9 @@ def test_ptx_windows_are_next_token_pairs_from_the_stream():
 def test_ptx_term_alone_moves_the_policy_toward_the_pretraining_text():
     """With every advantage 0 the clipped loss has no gradient: the policy stays put
     without PPO-ptx and learns the pretraining stream with it."""
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=2,
-                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=1.0, ptx_coef=1.0, ptx_batch=2, ptx_len=8)
     run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
     text = np.tile(np.array([4, 9, 2, 7, 11], dtype=np.uint16), 40)  # a pattern to learn
@@ -290,8 +290,8 @@ def test_shared_value_head_reads_the_same_positions_as_separate_models():
     policy, ref, _, rm = tiny_models(2)
     shared = ppo.SharedValueHead(policy)
     torch.nn.init.normal_(shared.head.weight, std=1.0)
-    cfg = SimpleNamespace(max_new_tokens=8, temperature=0.7, missing_end_penalty=-5.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95)
+    cfg = SimpleNamespace(max_new_tokens=8, temperature=0.7, compile=False,
+                          missing_end_penalty=-5.0, whiten_rewards=False, gamma=1.0, lam=0.95)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     b = ppo.rollout(shared, ref, None, rm_score(rm), prompts, 0.1, cfg,
                     SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(3), "cpu")
@@ -317,9 +317,9 @@ def test_shared_value_head_one_loss_one_step_by_hand():
     import copy
     policy, ref, _, rm = tiny_models(1)
     shared = ppo.SharedValueHead(policy)
-    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, missing_end_penalty=-1.0,
-                          whiten_rewards=False, gamma=1.0, lam=0.95, ppo_epochs=1,
-                          minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=1, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
                           entropy_coef=0.0, grad_clip=0.0, vf_coef=0.5)
     b = ppo.rollout(shared, ref, None, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
                     SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
