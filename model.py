@@ -144,6 +144,11 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:  # fast path: plain causal attention, no mask tensor needed
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1 and dropout_p == 0.0:  # one query (a generation step), written out:
+            # torch.compile fuses the scale, mask and softmax into one kernel around two
+            # small matrix products, where SDPA stays one opaque call (as fast in eager)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, 1, S)
+            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -283,7 +288,8 @@ class GPT(nn.Module):
         """One generation step: each row's newest token (B,), stored by cache.next_slot() ->
         the logits of the token after it (B, V). Attention runs over the cache's whole
         buffers, the unfilled positions masked, so every step has the same shapes and one
-        torch.compile serves them all (generate(compile=True)); same results as hidden()."""
+        torch.compile serves them all (generate(compile=True)). The logits are those of a
+        forward pass over the whole sequence, to float rounding."""
         pos = cache.key_mask.sum(dim=1) - 1  # real tokens before the newest one
         x = self.transformer.drop(self.transformer.wte(tok) + self.transformer.wpe(pos))
         mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, S): each row's real tokens
