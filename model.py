@@ -332,7 +332,8 @@ class GPT(nn.Module):
         generated tokens up to and including stop_token; later positions hold pad_token.
         use_cache=False recomputes the whole sequence every step (the reference path).
         compile=True runs each step after the first through torch.compile (compiled_decode):
-        the same tokens, with less time per step once compiled (the first call compiles).
+        the eager path's tokens (to float rounding), in less time per step once compiled
+        (the first call compiles).
         """
         if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompts")
