@@ -8,6 +8,7 @@ Ctrl-C ask a training loop to save and stop (StopSignal); the ranks agree on whe
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import sys
 from types import SimpleNamespace
@@ -18,10 +19,11 @@ import torch.distributed as dist
 from cli import UserError
 
 
-def setup(seed, device="auto"):
+def setup(seed, device="auto", compile=False):
     """Returns a namespace with the device, the autocast context (bf16 on CUDA, none on
     CPU), the DDP rank and world size, and `master` (rank 0: the process that prints
-    and writes)."""
+    and writes). compile: the stage's --compile, refused here, before anything is
+    written, when the machine has no compiler for it (require_compiler)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +40,8 @@ def setup(seed, device="auto"):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = "cuda" if device.startswith("cuda") else device
+    if compile:
+        require_compiler(device_type)
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -47,6 +51,23 @@ def setup(seed, device="auto"):
     return SimpleNamespace(device=device, device_type=device_type, autocast=autocast, ddp=ddp,
                            rank=rank, local_rank=local_rank, world_size=world_size,
                            master=rank == 0)
+
+
+def require_compiler(device_type):
+    """torch.compile builds what it compiles with a compiler on this machine: C++ kernels
+    on a CPU (torch's default: $CXX, else g++, clang++ on macOS), and on a GPU a small C
+    launcher for each kernel (Triton's: $CC, else gcc or clang). Without one the first
+    compiled call would fail deep inside torch; say so in one line instead."""
+    if device_type == "cpu":
+        names = [os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")]
+    elif device_type == "cuda":
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+    else:
+        return
+    if not any(shutil.which(n) for n in names):
+        raise UserError(f"--compile=true on {device_type} needs a compiler, and none of "
+                        f"{', '.join(names)} is on PATH: install one (or set "
+                        f"{'CXX' if device_type == 'cpu' else 'CC'}), or run without --compile")
 
 
 def teardown(run):

@@ -331,7 +331,7 @@ def refuse_settings_that_train_nothing(cfg):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss={cfg.loss}: expected one of {', '.join(LOSSES)}")

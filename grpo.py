@@ -310,7 +310,7 @@ def check(cfg, run):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     check(cfg, run)
     G, n_groups = cfg.group_size, cfg.batch_size // (cfg.group_size * run.world_size)
     formats.refuse_world_only(cfg)

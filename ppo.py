@@ -392,7 +392,7 @@ def show_samples(enc, texts, batch, end, n=3):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     local_batch = distributed.micro_batch_size(cfg.batch_size, 1, run)
     if (cfg.minibatch_size <= 0 or cfg.minibatch_size % run.world_size
             or local_batch % (cfg.minibatch_size // run.world_size)):

@@ -112,7 +112,7 @@ def val_loss(model, data, cfg, run):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     enc = world_tokenizer(cfg.data_dir)
     # every window is --block_size tokens and the next one

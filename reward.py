@@ -308,7 +308,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "

@@ -140,7 +140,7 @@ def val_loss(model, examples, pad, run):
 
 
 def main(cfg):
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     # a GPT-2 checkpoint (directory or name) starts in HH's chat format with its tokenizer
     raw_model, enc, chat, carried = stage_model(cfg.init_from, "python pretrain.py", cfg.data_dir,

@@ -135,7 +135,7 @@ def main(cfg):
     if unknown:
         raise UserError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; expected some "
                         f"of {', '.join(FIGURES)}")
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     dev, B, P, N = torch.device(run.device), cfg.batch, cfg.prompt_len, cfg.response_len
     g = torch.Generator().manual_seed(cfg.seed)
     mconf = copy.deepcopy(PRESETS[cfg.preset])

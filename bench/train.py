@@ -54,7 +54,7 @@ class Config:
 def main(cfg):
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
-    run = distributed.setup(cfg.seed, cfg.device)
+    run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     mconf, batch = PRESETS[cfg.preset]
     batch = cfg.batch_size or batch
     raw = GPT(mconf).to(run.device)

@@ -48,3 +48,11 @@ def test_checkpoint_of_another_stage_through_a_process(pipeline, tmp_path):
             f"--reward_from={pipeline.out}/reward", f"--out_dir={tmp_path}/o", ok=False)
     assert_user_error(p, "reward-model checkpoint", "not a language model")
     assert not (tmp_path / "o").exists()
+
+
+def test_compile_without_a_compiler_through_a_process(tmp_path):
+    out = tmp_path / "o"
+    p = run("sft.py", "--compile=true", f"--out_dir={out}", ok=False,
+            env={"CXX": "no-such-compiler"})
+    assert_user_error(p, "--compile=true", "no-such-compiler", "run without --compile")
+    assert not out.exists()  # refused before anything is written

@@ -54,3 +54,16 @@ def test_setup_on_cpu():
     with pytest.raises(UserError, match="--device=tpu: expected auto, cpu, cuda or mps"):
         distributed.setup(0, "tpu")
     assert distributed.peak_flops("cpu") is None
+
+
+def test_compile_without_a_compiler_is_refused_at_setup(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(UserError, match=r"--compile=true on cpu needs a compiler, and none of "
+                                        r"no-such-compiler is on PATH"):
+        distributed.setup(0, "cpu", compile=True)
+    assert distributed.setup(0, "cpu").device == "cpu"  # without --compile: no compiler asked
+    compiler = tmp_path / "my-c++"  # any executable that $CXX names will do
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    assert distributed.setup(0, "cpu", compile=True).device == "cpu"
