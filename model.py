@@ -97,7 +97,9 @@ class KVCache:
             raise ValueError(f"KVCache is full: {self.length + 1} positions > max_len "
                              f"{self.max_len}")
         self.key_mask[:, self.length] = True
-        self.slot = torch.tensor([self.length], device=self.key_mask.device)
+        # filled on the device: torch.tensor([...], device=...) would copy from the host
+        # and, on a GPU, wait for every queued kernel first, once a token
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.key_mask.device)
         self.length += 1
 
     def keep(self, rows: Tensor):
@@ -348,12 +350,14 @@ class GPT(nn.Module):
                              f"{temperature}, {top_k}, {top_p}")
         device = self.lm_head.weight.device
         B, total = len(prompts), P + max_new_tokens
-        # one buffer for prompt + generated tokens, left-padded prompts
-        seq = torch.full((B, total), pad_token, dtype=torch.long, device=device)
-        seq_mask = torch.ones(B, total, dtype=torch.bool, device=device)
+        # one buffer for prompt + generated tokens, left-padded prompts; built on the host
+        # and copied once (a copy to a GPU waits for the GPU: once, not once a prompt)
+        seq = torch.full((B, total), pad_token, dtype=torch.long)
+        seq_mask = torch.ones(B, total, dtype=torch.bool)
         for i, p in enumerate(prompts):
-            seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+            seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
             seq_mask[i, :P - len(p)] = False
+        seq, seq_mask = seq.to(device), seq_mask.to(device)
         gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         # the rows still being answered (all of them: a slice, which copies nothing; later
         # their indices into the batch), and which of them have emitted stop_token

@@ -11,6 +11,7 @@ batches: the figures to take whenever a GPU is at hand (a few minutes of one).
   sft      one language-model step (SFT's and pretraining's) on --batch sequences of
            --sft_len tokens: tokens/s and, on a GPU of known peak, MFU
   gen      GPT.generate at batch 16, 64 and 256, 32 new tokens, temperature 1, KV cache
+           (on CUDA also the times a call made the host wait for the GPU, host_syncs_per_call)
   dpo      one DPO step on 16 pairs (dpo.batch_loss, backward, clip, AdamW), the
            reference's log-probs run live in the step (dpo_live) or cached (dpo_cached)
   reward   one Bradley-Terry step on 16 pairs (reward.bradley_terry_loss)
@@ -44,6 +45,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -102,6 +104,22 @@ def timed(step, cfg, device):
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def host_syncs(step, device):
+    """How many times step() made the host wait for the GPU (torch's sync debug mode warns
+    at each wait); None off CUDA. A generation call should wait only where it reads the
+    device: the stop-token check every few steps, and the answers' length at the end."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def emit(name, times, per_step, unit, device, flops=None, **extra):
@@ -179,9 +197,12 @@ def main(cfg):
             prompts = random_rows(b, P, mconf.vocab_size, g)
             gen = torch.Generator(device=dev).manual_seed(cfg.seed)
             with run.autocast:
-                times = timed(lambda: policy.generate(prompts, N, generator=gen,
-                                                      compile=cfg.compile), cfg, dev)
-            emit(f"generate_b{b}", times, b * N, "tokens_per_s", dev)
+                def call():
+                    policy.generate(prompts, N, generator=gen, compile=cfg.compile)
+                times = timed(call, cfg, dev)
+                syncs = host_syncs(call, dev)
+            emit(f"generate_b{b}", times, b * N, "tokens_per_s", dev,
+                 **({} if syncs is None else {"host_syncs_per_call": syncs}))
 
     pad = 0
     seqs = [(r, P) for r in random_rows(2 * B, P + N, mconf.vocab_size, g)]

@@ -54,3 +54,26 @@ def test_settings_that_cannot_run_are_refused(flags, message):
     stages = load_stages()
     with pytest.raises(UserError, match=message):
         stages.main(parse_config(stages.Config, flags))
+
+
+def test_host_syncs_counts_the_waits_torch_reports_and_restores_the_mode(monkeypatch):
+    """The CUDA-only count of host waits, its logic checked on a CPU: torch's sync debug
+    mode (replaced here) warns once per wait; other warnings are not counted."""
+    import warnings
+    from types import SimpleNamespace
+
+    stages = load_stages()
+    modes = []
+    monkeypatch.setattr(stages.torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # the same site, 3 times
+        warnings.warn("something else")
+
+    assert stages.host_syncs(step, SimpleNamespace(type="cuda")) == 3
+    assert modes == ["warn", "default"]
+    with pytest.raises(ZeroDivisionError):
+        stages.host_syncs(lambda: 1 / 0, SimpleNamespace(type="cuda"))
+    assert modes[-1] == "default"  # restored after a failure too
+    assert stages.host_syncs(step, SimpleNamespace(type="cpu")) is None
