@@ -9,7 +9,7 @@
   next token in the last column); PPO keeps its rollouts in that layout.
 - response_logprobs / sequence_logprobs: log π of the response tokens, per token or
   summed (with the count, for means), through model.token_logprobs, the one place
-  log-softmax is taken.
+  log-softmax is taken; rows that begin with the same prompt can run it once.
 - sample_responses: answers sampled with the KV cache, batch by batch.
 - reward_scores: a reward model's (or any scorer's) score of many prompt+response pairs.
 - sequence_kl: the sampled estimate of KL(π‖π_ref) that eval reports and DPO logs.
@@ -99,12 +99,15 @@ def left_pad(rows, pad, device):
 
 
 def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temperature=1.0,
-                      entropy=False):
+                      entropy=False, share_prefix=False):
     """log π(tokens[:, t] | tokens[:, :t]) for the columns t ≥ start, (B, T − start)
     float32, logits divided by the temperature; 0 where mask[:, t] is False (mask None:
     every column). Only the positions that predict those tokens go through the
-    log-softmax. With entropy=True, also the entropies of those distributions."""
-    logits = model(tokens, attn_mask=attn_mask, logits_from=start - 1)[0]
+    log-softmax. With entropy=True, also the entropies of those distributions.
+    share_prefix=True: rows with the same first `start` columns run them once
+    (GPT.shared_prefix_hidden), for answers that share their prompt."""
+    kwargs = {"share_prefix": True} if share_prefix else {}
+    logits = model(tokens, attn_mask=attn_mask, logits_from=start - 1, **kwargs)[0]
     m = None if mask is None else mask[:, start - 1:]
     return token_logprobs(logits, tokens[:, start - 1:], m, temperature=temperature,
                           entropy=entropy)
@@ -112,9 +115,10 @@ def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temp
 
 def sequence_logprobs(model, batch):
     """Summed log-probs of each row's response tokens, and their count: (B,), (B,). The
-    columns before the shortest prompt's end hold no response token and are skipped."""
+    columns before the shortest prompt's end hold no response token and are skipped, and
+    rows that share them (a pair's chosen and rejected answer) run them once."""
     start = max(1, int(batch.prompt_lengths.min()))
-    logp = response_logprobs(model, batch.tokens, batch.mask, start=start)
+    logp = response_logprobs(model, batch.tokens, batch.mask, start=start, share_prefix=True)
     return logp.sum(-1), batch.mask[:, 1:].sum(-1).float()
 
 

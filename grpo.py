@@ -388,10 +388,11 @@ def main(cfg):
         with torch.no_grad(), run.autocast:
             for mb in micro:
                 mb.ref_logp = response_logprobs(ref, mb.tokens, attn_mask=mb.attn, start=mb.P,
-                                                temperature=cfg.temperature)
+                                                temperature=cfg.temperature, share_prefix=True)
                 if cfg.kl_in == "reward":  # the KL is needed now, before the advantages
                     mb.old_logp = response_logprobs(policy, mb.tokens, attn_mask=mb.attn,
-                                                    start=mb.P, temperature=cfg.temperature)
+                                                    start=mb.P, temperature=cfg.temperature,
+                                                    share_prefix=True)
             if cfg.kl_in == "reward":
                 kl = torch.zeros_like(scores)
                 for mb in micro:
@@ -416,7 +417,7 @@ def main(cfg):
                     # the entropies are only logged: the first update's are enough
                     out = response_logprobs(train_policy, mb.tokens, attn_mask=mb.attn,
                                             start=mb.P, temperature=cfg.temperature,
-                                            entropy=u == 0)
+                                            entropy=u == 0, share_prefix=True)
                     logp = out[0] if u == 0 else out
                     if u == 0:
                         mb.entropy = out[1].detach()

@@ -110,6 +110,34 @@ class KVCache:
         self.key_mask = self.key_mask[rows]
 
 
+class SharedPrefix:
+    """What GPT.shared_prefix_hidden gives hidden() in place of a KVCache: first the
+    distinct prefixes' keys and values, kept as they are; then, once `which` (each row's
+    prefix) is set, every row's own keys and values after its prefix's. No buffers and no
+    writes in place: a training pass, whose gradients flow back through both."""
+
+    def __init__(self):
+        self.length, self.which = 0, None
+        self.slot = None  # (KVCache's one-token mode: never, here)
+        self.mask, self.keys, self.values = None, {}, {}
+
+    def add_mask(self, attn_mask: Tensor) -> Tensor:
+        if self.which is None:
+            self.mask = attn_mask
+            return attn_mask
+        return torch.cat([self.mask[self.which], attn_mask], dim=1)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.which is None:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        return (torch.cat([self.keys[layer][self.which], k], dim=2),
+                torch.cat([self.values[layer][self.which], v], dim=2))
+
+    def advance(self, n: int):
+        self.length += n
+
+
 def attention_mask(key_valid: Tensor, T: int) -> Tensor:
     """(B, S) key validity -> (B, 1, T, S) bool, True where a query may attend to a key.
     The T queries are the last T of the S positions (S > T when a cache holds the past)."""
@@ -271,13 +299,20 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 attn_mask: Tensor | None = None, pos: Tensor | None = None,
-                cache: KVCache | None = None, logits_from: int = 0) -> tuple[Tensor, Tensor | None]:
+                cache: KVCache | None = None, logits_from: int = 0,
+                share_prefix: bool = False) -> tuple[Tensor, Tensor | None]:
         """(B, T) ids -> (logits (B, T − logits_from, V), mean cross-entropy over targets !=
         IGNORE_INDEX or None). targets[:, t] is the token that should follow position t.
         logits_from > 0 skips the vocabulary projection of the first positions (a prompt
-        whose next-token probabilities nobody reads); targets are cut to match."""
-        h = self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache)
-        logits = self.lm_head(h[:, logits_from:] if logits_from else h)
+        whose next-token probabilities nobody reads); targets are cut to match.
+        share_prefix=True (with logits_from > 0): rows whose first logits_from + 1 columns
+        are the same run those columns once (shared_prefix_hidden)."""
+        if share_prefix and 0 < logits_from < idx.size(1) - 1 and cache is None and pos is None:
+            h = self.shared_prefix_hidden(idx, attn_mask, logits_from + 1)
+        else:
+            h = self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache)
+            h = h[:, logits_from:] if logits_from else h
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             targets = targets[:, logits_from:]
@@ -285,6 +320,28 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def shared_prefix_hidden(self, idx: Tensor, attn_mask: Tensor | None, P: int) -> Tensor:
+        """hidden(idx, attn_mask)[:, P − 1:], with the first P columns run once for each
+        distinct prefix (its tokens and mask) instead of once a row: GRPO's answers to one
+        prompt, DPO's chosen and rejected answer. The distinct prefixes run first and keep
+        their keys and values (SharedPrefix); then each row runs its own columns over its
+        prefix's, and gradients reach a shared prefix summed over its rows. The same
+        figures as without sharing, to float rounding, for a fraction of the prefix's
+        arithmetic."""
+        B = idx.size(0)
+        valid = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
+        prefix = torch.where(valid[:, :P], idx[:, :P], -1)  # pads alike whatever their id
+        distinct, which = torch.unique(prefix, dim=0, return_inverse=True)
+        if distinct.size(0) == B:  # nothing shared: the plain forward
+            return self.hidden(idx, attn_mask=attn_mask)[:, P - 1:]
+        one_row = torch.empty(distinct.size(0), dtype=torch.long, device=idx.device)
+        one_row.scatter_(0, which, torch.arange(B, device=idx.device))  # a row of each prefix
+        shared = SharedPrefix()
+        h_prefix = self.hidden(idx[one_row, :P], attn_mask=valid[one_row, :P], cache=shared)
+        shared.which = which  # from here on every row takes its prefix's keys and values
+        h_rest = self.hidden(idx[:, P:], attn_mask=valid[:, P:], cache=shared)
+        return torch.cat([h_prefix[which, -1:], h_rest], dim=1)
 
     def decode(self, tok: Tensor, cache: KVCache) -> Tensor:
         """One generation step: each row's newest token (B,), stored by cache.next_slot() ->

@@ -285,12 +285,13 @@ def main(cfg):
             tokens, attn, mask, start = grpo.assemble(rows, responses, pad, dev)
             advantages = grpo.group_advantages(scores, G, gcfg.advantage)
             with torch.no_grad(), run.autocast:
-                ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=start)
+                ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=start,
+                                             share_prefix=True)
             old_logp = None
             for _ in range(gcfg.updates):  # as grpo.py: π_old from the first forward
                 with run.autocast:
                     logp, _ = response_logprobs(train_policy, tokens, attn_mask=attn, start=start,
-                                                entropy=True)
+                                                entropy=True, share_prefix=True)
                     old_logp = logp.detach() if old_logp is None else old_logp
                     loss = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, gcfg)[0]
                 train_step(loss)

@@ -61,6 +61,71 @@ def test_response_logprobs_from_start_is_a_slice():
     assert masked[1, 0] == 0 and masked[0, 0] != 0  # column 2 is padding in row 1 only
 
 
+def test_shared_prefix_equals_every_row_run_whole():
+    """Answers to one prompt run it once (GPT.shared_prefix_hidden): the log-probs,
+    entropies and gradients are those of every row run whole, with prompts of three
+    lengths left-padded and answers of several lengths right-padded; the trunk sees the
+    3 distinct prompts once, then the 7 rows' own columns."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
+    of = [0, 0, 1, 2, 2, 2, 1]
+    answers = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29], [30, 31, 32, 33], [34], [35, 36]]
+    prompt_tokens, prompt_mask = B.left_pad([prompts[i] for i in of], 0, "cpu")
+    resp, resp_mask = (x.flip(1) for x in B.left_pad([a[::-1] for a in answers], 0, "cpu"))
+    tokens, attn = torch.cat([prompt_tokens, resp], 1), torch.cat([prompt_mask, resp_mask], 1)
+    mask, P = resp_mask.float(), prompt_tokens.size(1)
+    rows_seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: rows_seen.append(o.size(0)))
+    got = {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, ent = B.response_logprobs(model, tokens, attn_mask=attn, start=P, entropy=True,
+                                        temperature=0.7, share_prefix=share)
+        ((logp * mask).sum() + 0.1 * (ent * mask).sum()).backward()
+        got[share] = (logp * mask, ent * mask, [p.grad.clone() for p in model.parameters()])
+    assert rows_seen == [7, 3, 7]  # whole rows; then the distinct prompts, the rows' rest
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[True][1], got[False][1], atol=1e-5, rtol=0)
+    for a, b in zip(got[True][2], got[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    rows_seen.clear()  # nothing shared: one plain pass
+    with torch.no_grad():
+        alone = B.response_logprobs(model, tokens[[0, 2, 3]], attn_mask=attn[[0, 2, 3]],
+                                    start=P, share_prefix=True)
+        plain = B.response_logprobs(model, tokens[[0, 2, 3]], attn_mask=attn[[0, 2, 3]],
+                                    start=P)
+    assert rows_seen == [3, 3]
+    torch.testing.assert_close(alone, plain, atol=0, rtol=0)
+
+
+def test_pairs_share_their_prompt_in_sequence_logprobs():
+    """DPO's layout (right-padded, no attention mask, prompts of two lengths): each pair's
+    chosen and rejected rows run their common first columns once; the sums and the
+    gradient are those of every row run whole."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16))
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    chosen, rejected = [[12, 13], [14], [15, 16, 17]], [[18], [19, 20, 21], [22, 23]]
+    rows = [p + r for p, r in zip(prompts + prompts, chosen + rejected)]
+    b = B.collate(rows, [len(p) for p in prompts + prompts], pad=0, device="cpu")
+    rows_seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: rows_seen.append(o.size(0)))
+    got = []
+    for share in (True, False):
+        model.zero_grad()
+        if share:
+            logp = B.sequence_logprobs(model, b)[0]
+        else:
+            logp = B.response_logprobs(model, b.tokens, b.mask, start=2).sum(-1)
+        logp.sum().backward()
+        got.append((logp, [p.grad.clone() for p in model.parameters()]))
+    assert rows_seen == [3, 6, 6]  # the 3 prompts' first 2 columns, the rows' rest; whole
+    torch.testing.assert_close(got[0][0], got[1][0], atol=1e-5, rtol=0)
+    for a, b_ in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-4)
+
+
 def test_sequence_logprobs_by_hand():
     model = tiny()
     b = B.collate([[1, 2, 3, 4], [5, 6, 7]], [2, 1], pad=0, device="cpu")
