@@ -420,7 +420,16 @@ class GPT(nn.Module):
         # their indices into the batch), and which of them have emitted stop_token
         rows: slice | Tensor = slice(None)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        cache = KVCache(self.config.n_layer, B, total, device) if use_cache else None
+        # a prompt asked for several answers (GRPO's groups) goes through the prompt pass
+        # once: the cache holds the distinct prompts (a row of each), then each row takes
+        # its prompt's keys and values
+        index, first, prompt_of = {}, [], []
+        for i, p in enumerate(prompts):
+            prompt_of.append(index.setdefault(tuple(p), len(first)))
+            if prompt_of[-1] == len(first):
+                first.append(i)
+        shared = len(first) < B
+        cache = KVCache(self.config.n_layer, len(first), total, device) if use_cache else None
         step = compiled_decode(device.type) if compile else decode_and_sample
 
         was_training = self.training
@@ -435,11 +444,20 @@ class GPT(nn.Module):
                 if cache is not None and n > 1:  # the newest token only, the rest cached
                     cache.next_slot()
                     tok = step(self, seq[rows, end - 1], cache, u, temperature, top_k, top_p)
-                else:  # the prompts (into the cache), or everything again without one
-                    h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end],
+                elif cache is not None:  # the distinct prompts into the cache
+                    distinct = first if shared else slice(None)
+                    h = self.hidden(seq[distinct, :end], attn_mask=seq_mask[distinct, :end],
                                     cache=cache)
                     logits = self.lm_head(h[:, -1])  # only the last position is needed
+                    if shared:  # every row: its prompt's keys, values and logits
+                        of = torch.tensor(prompt_of, device=device)
+                        cache.keep(of)
+                        logits = logits[of]
                     tok = sample_next_token(logits, temperature, top_k, top_p, u=u)
+                else:  # everything again, without a cache
+                    h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end])
+                    tok = sample_next_token(self.lm_head(h[:, -1]), temperature, top_k, top_p,
+                                            u=u)
                 tok = tok.masked_fill(finished, pad_token)  # ended rows only emit padding
                 seq[rows, end] = tok
                 gen_mask[rows, n - 1] = ~finished

@@ -98,6 +98,27 @@ def test_seeded_sampling_same_with_and_without_cache(kwargs):
     assert not torch.equal(out[0], model.generate(PROMPTS, 16, generator=gen, **kwargs)[0])
 
 
+def test_a_prompt_asked_several_times_runs_its_prompt_pass_once():
+    """GRPO's groups: rows that repeat a prompt share its prompt pass (the trunk sees the 3
+    distinct prompts, then one row per answer at each step); the sampled answers, with an
+    end token that rows reach at different steps, are those of the reference path that
+    recomputes every row whole."""
+    model = make_model()
+    prompts = [PROMPTS[i] for i in (0, 0, 1, 0, 3, 1)]
+    rows_seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: rows_seen.append(o.size(0)))
+    out = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        out.append(model.generate(prompts, 16, generator=gen, use_cache=use_cache,
+                                  stop_token=5, pad_token=0))
+        rows_seen.append(None)
+    assert rows_seen[0] == 3 and rows_seen[1] == 6  # the prompt pass, then the first step
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert len({tuple(r.tolist()) for r in out[0][0][[0, 1, 3]]}) == 3  # each its own draw
+    assert not out[0][1].all()  # some row ended early
+
+
 def test_left_padded_batch_matches_each_prompt_alone():
     model = make_model()
     batch, _ = model.generate(PROMPTS, 12, temperature=0)
