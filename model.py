@@ -118,7 +118,6 @@ class SharedPrefix:
 
     def __init__(self):
         self.length, self.which = 0, None
-        self.slot = None  # (KVCache's one-token mode: never, here)
         self.mask, self.keys, self.values = None, {}, {}
 
     def add_mask(self, attn_mask: Tensor) -> Tensor:
@@ -136,6 +135,19 @@ class SharedPrefix:
 
     def advance(self, n: int):
         self.length += n
+
+
+def distinct_prefixes(idx: Tensor, valid: Tensor, P: int) -> tuple[Tensor, Tensor] | None:
+    """Rows of (B, T) ids whose first P columns (tokens and mask) are the same: (a row of
+    each distinct prefix, each row's prefix as an index into those), or None when no two
+    rows share one. GPT.shared_prefix_hidden and generate's prompt pass use it."""
+    prefix = torch.where(valid[:, :P], idx[:, :P], -1)  # pads alike whatever their id
+    distinct, which = torch.unique(prefix, dim=0, return_inverse=True)
+    if distinct.size(0) == idx.size(0):
+        return None
+    one_row = torch.empty(distinct.size(0), dtype=torch.long, device=idx.device)
+    one_row.scatter_(0, which, torch.arange(idx.size(0), device=idx.device))
+    return one_row, which
 
 
 def attention_mask(key_valid: Tensor, T: int) -> Tensor:
@@ -329,14 +341,11 @@ class GPT(nn.Module):
         prefix's, and gradients reach a shared prefix summed over its rows. The same
         figures as without sharing, to float rounding, for a fraction of the prefix's
         arithmetic."""
-        B = idx.size(0)
         valid = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
-        prefix = torch.where(valid[:, :P], idx[:, :P], -1)  # pads alike whatever their id
-        distinct, which = torch.unique(prefix, dim=0, return_inverse=True)
-        if distinct.size(0) == B:  # nothing shared: the plain forward
+        found = distinct_prefixes(idx, valid, P)
+        if found is None:  # nothing shared: the plain forward
             return self.hidden(idx, attn_mask=attn_mask)[:, P - 1:]
-        one_row = torch.empty(distinct.size(0), dtype=torch.long, device=idx.device)
-        one_row.scatter_(0, which, torch.arange(B, device=idx.device))  # a row of each prefix
+        one_row, which = found
         shared = SharedPrefix()
         h_prefix = self.hidden(idx[one_row, :P], attn_mask=valid[one_row, :P], cache=shared)
         shared.which = which  # from here on every row takes its prefix's keys and values
@@ -414,22 +423,20 @@ class GPT(nn.Module):
         for i, p in enumerate(prompts):
             seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
             seq_mask[i, :P - len(p)] = False
+        # a prompt asked for several answers (GRPO's groups) goes through the prompt pass
+        # once: the cache holds the distinct prompts, then each row takes its prompt's keys
+        # and values (found on the host, where the batch is built: no wait for a GPU)
+        shared = distinct_prefixes(seq, seq_mask, P) if use_cache else None
         seq, seq_mask = seq.to(device), seq_mask.to(device)
+        if shared is not None:
+            first, prompt_of = (x.to(device) for x in shared)
         gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         # the rows still being answered (all of them: a slice, which copies nothing; later
         # their indices into the batch), and which of them have emitted stop_token
         rows: slice | Tensor = slice(None)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        # a prompt asked for several answers (GRPO's groups) goes through the prompt pass
-        # once: the cache holds the distinct prompts (a row of each), then each row takes
-        # its prompt's keys and values
-        index, first, prompt_of = {}, [], []
-        for i, p in enumerate(prompts):
-            prompt_of.append(index.setdefault(tuple(p), len(first)))
-            if prompt_of[-1] == len(first):
-                first.append(i)
-        shared = len(first) < B
-        cache = KVCache(self.config.n_layer, len(first), total, device) if use_cache else None
+        cache = (KVCache(self.config.n_layer, B if shared is None else len(first), total, device)
+                 if use_cache else None)
         step = compiled_decode(device.type) if compile else decode_and_sample
 
         was_training = self.training
@@ -445,14 +452,13 @@ class GPT(nn.Module):
                     cache.next_slot()
                     tok = step(self, seq[rows, end - 1], cache, u, temperature, top_k, top_p)
                 elif cache is not None:  # the distinct prompts into the cache
-                    distinct = first if shared else slice(None)
+                    distinct = slice(None) if shared is None else first
                     h = self.hidden(seq[distinct, :end], attn_mask=seq_mask[distinct, :end],
                                     cache=cache)
                     logits = self.lm_head(h[:, -1])  # only the last position is needed
-                    if shared:  # every row: its prompt's keys, values and logits
-                        of = torch.tensor(prompt_of, device=device)
-                        cache.keep(of)
-                        logits = logits[of]
+                    if shared is not None:  # every row: its prompt's keys, values, logits
+                        cache.keep(prompt_of)
+                        logits = logits[prompt_of]
                     tok = sample_next_token(logits, temperature, top_k, top_p, u=u)
                 else:  # everything again, without a cache
                     h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end])
