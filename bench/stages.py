@@ -13,7 +13,8 @@ batches: the figures to take whenever a GPU is at hand (a few minutes of one).
   gen      GPT.generate at batch 16, 64 and 256, 32 new tokens, temperature 1, KV cache
            (on CUDA also the times a call made the host wait for the GPU, host_syncs_per_call)
   dpo      one DPO step on 16 pairs (dpo.batch_loss, backward, clip, AdamW), the
-           reference's log-probs run live in the step (dpo_live) or cached (dpo_cached)
+           reference's log-probs run live in the step (dpo_live) or cached (dpo_cached);
+           a pair's chosen and rejected answer follow one prompt, which runs once
   reward   one Bradley-Terry step on 16 pairs (reward.bradley_terry_loss)
   ppo      one PPO iteration: ppo.rollout on 16 prompts (generation, reward model,
            policy, reference and value forwards), then ppo.ppo_update with 4 epochs of
@@ -29,7 +30,7 @@ Each figure: --warmup untimed steps, then --steps timed ones; the median step ti
 its rate (tokens/s, pairs/s or episodes/s), with min and max, and the peak memory (on a
 GPU, allocated by torch during that figure; on a CPU, the process's peak RSS so far). The
 training steps also carry their FLOPs (6 x parameters per trained token, 2 x per
-forward-only token), the achieved GFLOP/s and, on a GPU whose bf16 peak is known
+forward-only token; a prompt shared by a pair counts once), the achieved GFLOP/s and, on a GPU whose bf16 peak is known
 (distributed.PEAK_FLOPS), the MFU. On CUDA the training steps run under bf16 autocast,
 as the stages do.
 
@@ -205,13 +206,16 @@ def main(cfg):
                  **({} if syncs is None else {"host_syncs_per_call": syncs}))
 
     pad = 0
-    seqs = [(r, P) for r in random_rows(2 * B, P + N, mconf.vocab_size, g)]
+    seqs = random_rows(2 * B, P + N, mconf.vocab_size, g)
+    for chosen, rejected in zip(seqs[:B], seqs[B:]):
+        rejected[:P] = chosen[:P]  # a pair's two answers follow one prompt, as in the stages' data
+    seqs = [(r, P) for r in seqs]
 
     if "dpo" in only:
         dcfg = dpo.Config()
         rows = collate([s for s, _ in seqs], [p for _, p in seqs], pad, dev)
         cached = sequence_logprobs(ref, rows)[0].detach()
-        trained, tokens = 2 * B * (P + N), 2 * B * (P + N)
+        tokens = B * (P + 2 * N)  # the pair's prompt runs once (sequence_logprobs shares it)
 
         def dpo_step(live):
             with run.autocast:
@@ -221,9 +225,9 @@ def main(cfg):
                 loss = dpo.batch_loss(train_policy, (rows, r if live else cached), dcfg)[0]
             train_step(loss)
         emit("dpo_live", timed(lambda: dpo_step(True), cfg, dev), B, "pairs_per_s", dev,
-             flops=6 * n_params * trained + 2 * n_params * tokens)
+             flops=6 * n_params * tokens + 2 * n_params * tokens)
         emit("dpo_cached", timed(lambda: dpo_step(False), cfg, dev), B, "pairs_per_s", dev,
-             flops=6 * n_params * trained)
+             flops=6 * n_params * tokens)
 
     member = RewardMember(mconf, likelihood=True).to(dev)
     reward_model = RewardModel([member], [(1.0, 0.0)]).to(dev)
