@@ -130,8 +130,10 @@ class SharedPrefix:
         if self.which is None:
             self.keys[layer], self.values[layer] = k, v
             return k, v
-        return (torch.cat([self.keys[layer][self.which], k], dim=2),
-                torch.cat([self.values[layer][self.which], v], dim=2))
+        # index_select, not [which]: its backward sums the rows with index_add_, which on a
+        # CPU is many times faster than the accumulating index_put_ of indexing's backward
+        return (torch.cat([self.keys[layer].index_select(0, self.which), k], dim=2),
+                torch.cat([self.values[layer].index_select(0, self.which), v], dim=2))
 
     def advance(self, n: int):
         self.length += n
@@ -350,7 +352,7 @@ class GPT(nn.Module):
         h_prefix = self.hidden(idx[one_row, :P], attn_mask=valid[one_row, :P], cache=shared)
         shared.which = which  # from here on every row takes its prefix's keys and values
         h_rest = self.hidden(idx[:, P:], attn_mask=valid[:, P:], cache=shared)
-        return torch.cat([h_prefix[which, -1:], h_rest], dim=1)
+        return torch.cat([h_prefix[:, -1:].index_select(0, which), h_rest], dim=1)
 
     def decode(self, tok: Tensor, cache: KVCache) -> Tensor:
         """One generation step: each row's newest token (B,), stored by cache.next_slot() ->
