@@ -41,19 +41,27 @@ class RewardMember(ScalarGPT):
 
     def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None,
                 prompt_lengths: Tensor | None = None) -> Tensor:
-        """(B, T) ids -> (B, T) float scalar per position. With the likelihood term,
-        prompt_lengths (B,) say where each response starts (right padding is harmless:
-        a pad position only adds to values after the sequence's last token)."""
-        h = self.hidden(idx, attn_mask=attn_mask)  # (B, T, C)
-        values = self.score(h).squeeze(-1)  # (B, T)
-        if self.gate is None:
-            return values
+        """(B, T) ids -> (B, T) float scalar per position. prompt_lengths (B,) say where
+        each response starts (right padding is harmless: a pad position only adds to
+        values after the sequence's last token); the likelihood term needs them. Given
+        them, the positions before the shortest prompt's last token are not computed
+        (they hold 0; no score reads them), and rows that begin with the same prompt (a
+        ranking's answers) run it once (GPT.shared_prefix_hidden)."""
         if prompt_lengths is None:
-            raise ValueError("a reward model with the likelihood term needs prompt_lengths")
-        logp = token_logprobs(self.lm_head(h), idx,
-                              response_mask(idx.size(1), prompt_lengths))  # (B, T-1)
-        term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
-        return values.float() + F.pad(term, (1, 0))  # position t holds the sum up to token t
+            if self.gate is not None:
+                raise ValueError("a reward model with the likelihood term needs prompt_lengths")
+            return super().forward(idx, attn_mask=attn_mask)
+        T = idx.size(1)
+        start = max(0, int(prompt_lengths.min()) - 1)  # the first position a score reads
+        h = (self.shared_prefix_hidden(idx, attn_mask, start + 1) if 0 < start < T - 1
+             else self.hidden(idx, attn_mask=attn_mask)[:, start:])  # (B, T - start, C)
+        values = self.score(h).squeeze(-1)  # (B, T - start)
+        if self.gate is not None:
+            logp = token_logprobs(self.lm_head(h), idx[:, start:],
+                                  response_mask(T, prompt_lengths)[:, start:])  # (B, T-start-1)
+            term = (self.gate(h[:, :-1]).squeeze(-1).float() * logp).cumsum(1)
+            values = values.float() + F.pad(term, (1, 0))  # position t: the sum up to token t
+        return F.pad(values, (start, 0))
 
     def trunk_and_head(self) -> dict:
         """The state dict without the likelihood gate: what PPO's value model starts from."""

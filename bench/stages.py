@@ -15,7 +15,8 @@ batches: the figures to take whenever a GPU is at hand (a few minutes of one).
   dpo      one DPO step on 16 pairs (dpo.batch_loss, backward, clip, AdamW), the
            reference's log-probs run live in the step (dpo_live) or cached (dpo_cached);
            a pair's chosen and rejected answer follow one prompt, which runs once
-  reward   one Bradley-Terry step on 16 pairs (reward.bradley_terry_loss)
+  reward   one Bradley-Terry step on 16 pairs (reward.bradley_terry_loss), the pair's
+           prompt run once
   ppo      one PPO iteration: ppo.rollout on 16 prompts (generation, reward model,
            policy, reference and value forwards), then ppo.ppo_update with 4 epochs of
            one minibatch of 16
@@ -30,9 +31,9 @@ Each figure: --warmup untimed steps, then --steps timed ones; the median step ti
 its rate (tokens/s, pairs/s or episodes/s), with min and max, and the peak memory (on a
 GPU, allocated by torch during that figure; on a CPU, the process's peak RSS so far). The
 training steps also carry their FLOPs (6 x parameters per trained token, 2 x per
-forward-only token; a prompt shared by a pair counts once), the achieved GFLOP/s and, on a GPU whose bf16 peak is known
-(distributed.PEAK_FLOPS), the MFU. On CUDA the training steps run under bf16 autocast,
-as the stages do.
+forward-only token; a prompt shared by a pair counts once), the achieved GFLOP/s and,
+on a GPU whose bf16 peak is known (distributed.PEAK_FLOPS), the MFU. On CUDA the
+training steps run under bf16 autocast, as the stages do.
 
     python bench/stages.py                        # every figure, CPU
     python bench/stages.py --only=gen,grpo        # some
@@ -247,7 +248,7 @@ def main(cfg):
             ropt.step()
             ropt.zero_grad(set_to_none=True)
         emit("reward_step", timed(rm_step, cfg, dev), B, "pairs_per_s", dev,
-             flops=6 * member.num_params() * 2 * B * (P + N))
+             flops=6 * member.num_params() * B * (P + 2 * N))
         member.eval()
 
     prompts = [s[:P] for s, _ in seqs]

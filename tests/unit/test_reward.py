@@ -202,3 +202,36 @@ def test_ceiling_fit_recovers_the_raters_when_it_sees_their_features():
     assert bayes == pytest.approx(sum(max(x, 1 - x) for x in p) / len(p), abs=1e-9)
     assert full == pytest.approx(bayes, abs=0.005)
     assert accuracy(["words", "preamble"])[0] < bayes - 0.1  # without correctness
+
+
+def test_answers_to_one_prompt_share_it():
+    """A ranking's answers run their prompt once (reward_model.RewardMember with
+    prompt_lengths): the same scores, under both poolings, and the same gradients as each
+    answer scored alone."""
+    from model import distinct_prefixes
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=8)
+    rm = RewardMember.from_lm(GPT(cfg), likelihood=True).eval()
+    with torch.no_grad():
+        for p in (rm.score.weight, rm.gate.weight):
+            p.normal_()
+    a, b = [1, 2, 3], [4, 5, 6, 7]  # two prompts; three answers to a, two to b
+    seqs = [a + [8, 9], a + [9], a + [10, 8, 1, 2], b + [3], b + [5, 5, 5]]
+    plens = [3, 3, 3, 4, 4]
+    batch = collate(seqs, plens, 0, "cpu")
+    # the batch's shortest prompt is 3 tokens; both rankings' rows share theirs
+    assert distinct_prefixes(batch.tokens, torch.ones_like(batch.tokens, dtype=torch.bool),
+                             3)[0].numel() == 2
+    for pooling in ("last", "mean"):
+        rm.zero_grad()
+        together = member_scores(rm, batch, pooling)
+        together.sum().backward()
+        grads = [p.grad.clone() for p in rm.parameters()]
+        rm.zero_grad()
+        alone = torch.cat([member_scores(rm, collate([s], [n], 0, "cpu"), pooling)
+                           for s, n in zip(seqs, plens)])
+        alone.sum().backward()
+        assert torch.allclose(together, alone, atol=1e-5)
+        for g, p in zip(grads, rm.parameters()):
+            assert torch.allclose(g, p.grad, atol=1e-5)
