@@ -41,8 +41,9 @@ def test_every_figure_at_a_tiny_size(capsys):
     # the stages' optimizer is the fused one; the comparison is torch's as it comes
     assert by_name["adamw_step"]["fused"] and not by_name["adamw_step_unfused"]["fused"]
     # the live reference costs a forward more than the cached one: 8 against 6 × N per token
+    # (each figure is rounded to a MFLOP)
     assert by_name["dpo_live"]["gflop_per_step"] == pytest.approx(
-        by_name["dpo_cached"]["gflop_per_step"] * 8 / 6, rel=1e-3)
+        by_name["dpo_cached"]["gflop_per_step"] * 8 / 6, abs=2e-3)
 
 
 @pytest.mark.parametrize("flags, message", [
