@@ -504,9 +504,19 @@ def compiled_decode(device_type: str):
     """decode_and_sample through torch.compile, one compilation for every model of the same
     architecture and every batch size (dynamic shapes). On a CPU its C++ wrapper calls the
     compiled kernels in turn without returning to Python between them: a generation step at
-    a small batch is mostly that per-call cost, not arithmetic. Needs a C++ compiler."""
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
-    return torch.compile(decode_and_sample, dynamic=True, options=options)
+    a small batch is mostly that per-call cost, not arithmetic. Needs a C++ compiler.
+    On a GPU only GPT.decode is compiled and the draw runs as it is, a few kernels: there
+    inductor failed to generate the float64 running sum over GPT-2's 50304-token
+    vocabulary (torch 2.11, an H200)."""
+    if device_type == "cpu":
+        return torch.compile(decode_and_sample, dynamic=True, options={"cpp_wrapper": True})
+    return functools.partial(decode_then_sample, torch.compile(GPT.decode, dynamic=True))
+
+
+def decode_then_sample(decode, model: GPT, tok: Tensor, cache: KVCache, u: Tensor | None,
+                       temperature: float, top_k: int, top_p: float) -> Tensor:
+    """decode_and_sample with the decode step given (compiled apart from the draw)."""
+    return sample_next_token(decode(model, tok, cache), temperature, top_k, top_p, u=u)
 
 
 # generation steps between checks that every row has emitted its stop token, by device

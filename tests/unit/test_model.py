@@ -330,6 +330,20 @@ def test_compiled_generation_gives_the_same_answers():
     assert model_module.compiled_decode("cpu") is model_module.compiled_decode("cpu")
 
 
+def test_compiled_decode_with_the_draw_apart_gives_the_same_answers(monkeypatch):
+    # the GPU's form of the compiled step: GPT.decode compiled, the draw run as it is
+    # (inductor cannot build the draw's float64 scan over a GPT-2-sized vocabulary on a
+    # GPU); here on a CPU, by handing generate that form
+    model = make_model()
+    gpu_form = model_module.compiled_decode("cuda")
+    assert gpu_form.func is model_module.decode_then_sample
+    monkeypatch.setattr(model_module, "compiled_decode", lambda device_type: gpu_form)
+    (a, a_mask), (b, b_mask) = [
+        model.generate(PROMPTS, 8, compile=compiled, generator=torch.Generator().manual_seed(3))
+        for compiled in (False, True)]
+    assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
+
+
 def test_stop_token_row_that_never_stops_runs_full_length():
     model = make_model()
     ref, _ = model.generate(PROMPTS, 10, temperature=0)
