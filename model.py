@@ -493,10 +493,12 @@ class GPT(nn.Module):
 
 
 def decode_and_sample(model: GPT, tok: Tensor, cache: KVCache, u: Tensor | None,
-                      temperature: float, top_k: int, top_p: float) -> Tensor:
-    """A generation step after the first: GPT.decode, then sample_next_token with the
-    uniform numbers u. (B,) newest tokens -> (B,) next tokens."""
-    return sample_next_token(model.decode(tok, cache), temperature, top_k, top_p, u=u)
+                      temperature: float, top_k: int, top_p: float,
+                      decode=GPT.decode) -> Tensor:
+    """A generation step after the first: GPT.decode (or the given, compiled, form of it),
+    then sample_next_token with the uniform numbers u. (B,) newest tokens -> (B,) next
+    tokens."""
+    return sample_next_token(decode(model, tok, cache), temperature, top_k, top_p, u=u)
 
 
 @functools.cache
@@ -510,13 +512,7 @@ def compiled_decode(device_type: str):
     vocabulary (torch 2.11, an H200)."""
     if device_type == "cpu":
         return torch.compile(decode_and_sample, dynamic=True, options={"cpp_wrapper": True})
-    return functools.partial(decode_then_sample, torch.compile(GPT.decode, dynamic=True))
-
-
-def decode_then_sample(decode, model: GPT, tok: Tensor, cache: KVCache, u: Tensor | None,
-                       temperature: float, top_k: int, top_p: float) -> Tensor:
-    """decode_and_sample with the decode step given (compiled apart from the draw)."""
-    return sample_next_token(decode(model, tok, cache), temperature, top_k, top_p, u=u)
+    return functools.partial(decode_and_sample, decode=torch.compile(GPT.decode, dynamic=True))
 
 
 # generation steps between checks that every row has emitted its stop token, by device

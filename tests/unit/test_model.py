@@ -336,7 +336,7 @@ def test_compiled_decode_with_the_draw_apart_gives_the_same_answers(monkeypatch)
     # GPU); here on a CPU, by handing generate that form
     model = make_model()
     gpu_form = model_module.compiled_decode("cuda")
-    assert gpu_form.func is model_module.decode_then_sample
+    assert gpu_form.func is model_module.decode_and_sample
     monkeypatch.setattr(model_module, "compiled_decode", lambda device_type: gpu_form)
     (a, a_mask), (b, b_mask) = [
         model.generate(PROMPTS, 8, compile=compiled, generator=torch.Generator().manual_seed(3))
