@@ -90,17 +90,18 @@ class KVCache:
     def advance(self, n: int):  # called once all layers have stored the n new positions
         self.length += n
 
-    def next_slot(self):
-        """Before a generation step (GPT.decode): the next position holds a real token of
-        every row; update() writes it there."""
-        if self.length >= self.max_len:
-            raise ValueError(f"KVCache is full: {self.length + 1} positions > max_len "
+    def next_slots(self, n: int = 1):
+        """Before n generation steps (GPT.decode each): the next n positions will hold real
+        tokens of every row. `slot` is the first of them, as a tensor, so a step's shapes
+        are those of the whole buffers, the same at every step; each GPT.decode marks its
+        position, update() writes it there, and the step moves `slot` on by one."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"KVCache is full: {self.length + n} positions > max_len "
                              f"{self.max_len}")
-        self.key_mask[:, self.length] = True
         # filled on the device: torch.tensor([...], device=...) would copy from the host
-        # and, on a GPU, wait for every queued kernel first, once a token
+        # and, on a GPU, wait for every queued kernel first, once a call
         self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.key_mask.device)
-        self.length += 1
+        self.length += n
 
     def keep(self, rows: Tensor):
         """Keep only these batch rows (indices into the current rows), in this order:
@@ -355,17 +356,19 @@ class GPT(nn.Module):
         return torch.cat([h_prefix[:, -1:].index_select(0, which), h_rest], dim=1)
 
     def decode(self, tok: Tensor, cache: KVCache) -> Tensor:
-        """One generation step: each row's newest token (B,), stored by cache.next_slot() ->
-        the logits of the token after it (B, V). Attention runs over the cache's whole
-        buffers, the unfilled positions masked, so every step has the same shapes and one
-        torch.compile serves them all (generate(compile=True)). The logits are those of a
-        forward pass over the whole sequence, to float rounding."""
+        """One generation step: each row's newest token (B,), stored at the position
+        cache.next_slots() reserved -> the logits of the token after it (B, V). Attention runs
+        over the cache's whole buffers, the unfilled positions masked, so every step has the
+        same shapes and one torch.compile serves them all (generate(compile=True)). The
+        logits are those of a forward pass over the whole sequence, to float rounding."""
+        cache.key_mask.index_fill_(1, cache.slot, True)  # the newest token is a real one
         pos = cache.key_mask.sum(dim=1) - 1  # real tokens before the newest one
         x = self.transformer.drop(self.transformer.wte(tok) + self.transformer.wpe(pos))
         mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, S): each row's real tokens
         x = x[:, None]  # (B, 1, C)
         for block in self.transformer.h:
             x = block(x, mask, cache)
+        cache.slot = cache.slot + 1  # the next step's position
         return self.lm_head(self.transformer.ln_f(x[:, 0]))
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
@@ -401,9 +404,9 @@ class GPT(nn.Module):
         Returns tokens (B, N), N <= max_new_tokens the steps run, and mask (B, N) bool: True for
         generated tokens up to and including stop_token; later positions hold pad_token.
         use_cache=False recomputes the whole sequence every step (the reference path).
-        compile=True runs each step after the first through torch.compile (compiled_decode):
-        the eager path's tokens (to float rounding), in less time per step once compiled
-        (the first call compiles).
+        compile=True runs the prompt pass and the steps after it through torch.compile
+        (compiled_generation): the eager path's tokens (to float rounding), in less time per
+        step once compiled (the first calls compile).
         """
         if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompts")
@@ -439,82 +442,122 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         cache = (KVCache(self.config.n_layer, B if shared is None else len(first), total, device)
                  if use_cache else None)
-        step = compiled_decode(device.type) if compile else decode_and_sample
+        # compiled: the prompt pass and the steps after it through torch.compile, several
+        # steps a call where that pays (STEPS_PER_CALL); eager: one step a call
+        prompt_pass, steps = compiled_generation(device.type) if compile else (GPT.hidden,
+                                                                              decode_steps)
+        per_call = STEPS_PER_CALL.get(device.type, 1) if compile else 1
 
         was_training = self.training
         self.eval()
         try:
-            for n in range(1, max_new_tokens + 1):
-                end = P + n - 1  # tokens known so far
-                # one uniform number for every row of the batch, ended or not, so a row's
-                # answer does not depend on when the others end or are dropped
+            n = since_check = 0  # steps run; steps since the stop flags were last read
+            while n < max_new_tokens:
+                end = P + n  # tokens known so far
+                # steps this time round: per_call after the prompt pass, one near the end
+                k = per_call if cache is not None and 0 < n <= max_new_tokens - per_call else 1
+                # one uniform number a step for every row of the batch, ended or not, so a
+                # row's answer does not depend on when the others end or are dropped
                 u = None if temperature == 0 else torch.rand(
-                    B, 1, generator=generator, device=device, dtype=torch.float64)[rows]
-                if cache is not None and n > 1:  # the newest token only, the rest cached
-                    cache.next_slot()
-                    tok = step(self, seq[rows, end - 1], cache, u, temperature, top_k, top_p)
-                elif cache is not None:  # the distinct prompts into the cache
-                    distinct = slice(None) if shared is None else first
-                    h = self.hidden(seq[distinct, :end], attn_mask=seq_mask[distinct, :end],
-                                    cache=cache)
-                    logits = self.lm_head(h[:, -1])  # only the last position is needed
-                    if shared is not None:  # every row: its prompt's keys, values, logits
-                        cache.keep(prompt_of)
-                        logits = logits[prompt_of]
-                    tok = sample_next_token(logits, temperature, top_k, top_p, u=u)
-                else:  # everything again, without a cache
-                    h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end])
-                    tok = sample_next_token(self.lm_head(h[:, -1]), temperature, top_k, top_p,
-                                            u=u)
-                tok = tok.masked_fill(finished, pad_token)  # ended rows only emit padding
-                seq[rows, end] = tok
-                gen_mask[rows, n - 1] = ~finished
-                if stop_token is None:
+                    k, B, 1, generator=generator, device=device, dtype=torch.float64)[:, rows]
+                if cache is not None and n > 0:  # the newest token only, the rest cached
+                    cache.next_slots(k)
+                    tok, live, finished = steps(self, seq[rows, end - 1], cache, k, u, finished,
+                                                temperature, top_k, top_p, stop_token, pad_token)
+                else:
+                    if cache is not None:  # the distinct prompts into the cache
+                        distinct = slice(None) if shared is None else first
+                        h = prompt_pass(self, seq[distinct, :end],
+                                        attn_mask=seq_mask[distinct, :end], cache=cache)
+                        logits = self.lm_head(h[:, -1])  # only the last position is needed
+                        if shared is not None:  # every row: its prompt's keys, values, logits
+                            cache.keep(prompt_of)
+                            logits = logits[prompt_of]
+                    else:  # everything again, without a cache
+                        h = self.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end])
+                        logits = self.lm_head(h[:, -1])
+                    tok = sample_next_token(logits, temperature, top_k, top_p,
+                                            u=None if u is None else u[0])
+                    tok, live, finished = ended(tok, finished, stop_token, pad_token)
+                    tok, live = tok[:, None], live[:, None]
+                seq[rows, end:end + k] = tok
+                gen_mask[rows, n:n + k] = live
+                n, since_check = n + k, since_check + k
+                if stop_token is None or since_check < STOP_CHECK_EVERY.get(device.type, 1):
                     continue
-                finished |= tok == stop_token
+                since_check = 0
                 # Reading the flags makes the host wait for the device, so a GPU looks only
                 # every few steps (the steps between emit padding only, cut below); a CPU
                 # has nothing to wait for. Every row has ended: stop. Enough have
                 # (DROP_ENDED_AT): drop them, so that later steps compute only the rows
                 # still going.
-                if n % STOP_CHECK_EVERY.get(device.type, 1) == 0:
-                    going = (~finished).nonzero().squeeze(1)
-                    if going.numel() == 0:
-                        break
-                    if going.numel() <= DROP_ENDED_AT * finished.numel():
-                        rows = going if isinstance(rows, slice) else rows[going]
-                        finished = finished[going]
-                        if cache is not None:
-                            cache.keep(going)
+                going = (~finished).nonzero().squeeze(1)
+                if going.numel() == 0:
+                    break
+                if going.numel() <= DROP_ENDED_AT * finished.numel():
+                    rows = going if isinstance(rows, slice) else rows[going]
+                    finished = finished[going]
+                    if cache is not None:
+                        cache.keep(going)
         finally:
             self.train(was_training)
         n = int(gen_mask[:, :n].any(dim=0).sum())  # the steps that gave some row a token
         return seq[:, P:P + n], gen_mask[:, :n]
 
 
-def decode_and_sample(model: GPT, tok: Tensor, cache: KVCache, u: Tensor | None,
-                      temperature: float, top_k: int, top_p: float,
-                      decode=GPT.decode) -> Tensor:
-    """A generation step after the first: GPT.decode (or the given, compiled, form of it),
-    then sample_next_token with the uniform numbers u. (B,) newest tokens -> (B,) next
-    tokens."""
-    return sample_next_token(decode(model, tok, cache), temperature, top_k, top_p, u=u)
+def ended(tok: Tensor, finished: Tensor, stop_token: int | None,
+          pad_token: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's drawn tokens (B,) -> the tokens kept (padding in rows that had already
+    ended), which of them belong to an answer (B,) bool, and the rows ended after it."""
+    live = ~finished
+    tok = tok.masked_fill(finished, pad_token)
+    if stop_token is not None:
+        finished = finished | (tok == stop_token)
+    return tok, live, finished
+
+
+def decode_steps(model: GPT, tok: Tensor, cache: KVCache, k: int, u: Tensor | None,
+                 finished: Tensor, temperature: float, top_k: int, top_p: float,
+                 stop_token: int | None, pad_token: int,
+                 decode=GPT.decode) -> tuple[Tensor, Tensor, Tensor]:
+    """k generation steps after the first, in the k positions cache.next_slots(k) reserved:
+    each GPT.decode (or the given, compiled, form of it), then sample_next_token with that
+    step's uniform numbers u[i] (u: (k, B, 1), None when greedy), then ended(). (B,) newest
+    tokens -> tokens (B, k), which of them belong to an answer (B, k), the rows ended."""
+    toks, lives = [], []
+    for i in range(k):
+        drawn = sample_next_token(decode(model, tok, cache), temperature, top_k, top_p,
+                                  u=None if u is None else u[i])
+        tok, live, finished = ended(drawn, finished, stop_token, pad_token)
+        toks.append(tok)
+        lives.append(live)
+    return torch.stack(toks, dim=1), torch.stack(lives, dim=1), finished
 
 
 @functools.cache
-def compiled_decode(device_type: str):
-    """decode_and_sample through torch.compile, one compilation for every model of the same
-    architecture and every batch size (dynamic shapes). On a CPU its C++ wrapper calls the
-    compiled kernels in turn without returning to Python between them: a generation step at
-    a small batch is mostly that per-call cost, not arithmetic. Needs a C++ compiler.
-    On a GPU only GPT.decode is compiled and the draw runs as it is, a few kernels: there
-    inductor failed to generate the float64 running sum over GPT-2's 50304-token
-    vocabulary (torch 2.11, an H200)."""
+def compiled_generation(device_type: str):
+    """generate(compile=True)'s prompt pass and steps: GPT.hidden and decode_steps through
+    torch.compile, one compilation for every model of the same architecture and every
+    batch size and prompt length (dynamic shapes), and one for each count of steps a call.
+    On a CPU the compiled code fuses the small operations around the matrix products, and
+    its C++ wrapper calls the kernels in turn without returning to Python: a generation
+    step at a small batch is mostly that per-call cost, not arithmetic, so a call runs
+    several steps (STEPS_PER_CALL). Needs a C++ compiler.
+    On a GPU only GPT.decode is compiled; the prompt pass and the draw run as they are:
+    there inductor failed to generate the draw's float64 running sum over GPT-2's
+    50304-token vocabulary (torch 2.11, an H200), and the prompt pass, a few large kernels,
+    has not been measured compiled."""
     if device_type == "cpu":
-        return torch.compile(decode_and_sample, dynamic=True, options={"cpp_wrapper": True})
-    return functools.partial(decode_and_sample, decode=torch.compile(GPT.decode, dynamic=True))
+        options = {"cpp_wrapper": True}
+        return (torch.compile(GPT.hidden, dynamic=True, options=options),
+                torch.compile(decode_steps, dynamic=True, options=options))
+    return GPT.hidden, functools.partial(decode_steps,
+                                         decode=torch.compile(GPT.decode, dynamic=True))
 
 
+# generation steps one compiled call runs, by device type (generate(compile=True)); each
+# count is compiled apart, so a call's last few steps run one at a time. Eager: one.
+STEPS_PER_CALL = {"cpu": 4}
 # generation steps between checks that every row has emitted its stop token, by device
 # type: each check waits for the device to finish the step before the host goes on
 STOP_CHECK_EVERY = {"cpu": 1, "cuda": 8}

@@ -306,16 +306,51 @@ def test_decode_step_logits_match_the_full_forward():
         cache = KVCache(CFG["n_layer"], B, P + 5, device="cpu")
         model.hidden(idx, attn_mask=mask, cache=cache)
         for t in range(5):
-            cache.next_slot()
+            if t in (0, 2):  # one position reserved, then three at once for three steps
+                cache.next_slots(1 if t == 0 else 4 if t == 1 else 3)
+            if t == 1:
+                cache.next_slots()
             torch.testing.assert_close(model.decode(cont[:, t], cache), ref[:, P + t],
                                        atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="KVCache is full"):
-            cache.next_slot()
+            cache.next_slots()
+
+
+def test_several_steps_in_one_call_equal_one_at_a_time():
+    # decode_steps(k) runs k steps in the k positions reserved at once, as a compiled call
+    # does on a CPU; eager here: the same tokens, answer flags and ended rows as k calls of
+    # one step, with a row that ends in the middle of the call
+    model = make_model()
+    idx, mask = left_pad(PROMPTS)
+    B, P = idx.shape
+    u = torch.rand(3, B, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(per_call, stop):
+        cache = KVCache(CFG["n_layer"], B, P + 3, device="cpu")
+        tok, finished, toks, lives = idx[:, -1], torch.zeros(B, dtype=torch.bool), [], []
+        with torch.no_grad():
+            model.hidden(idx, attn_mask=mask, cache=cache)
+            for i in range(0, 3, per_call):
+                cache.next_slots(per_call)
+                t, live, finished = model_module.decode_steps(
+                    model, tok, cache, per_call, u[i:i + per_call], finished, 1.0, 0, 1.0,
+                    stop_token=stop, pad_token=0)
+                toks.append(t)
+                lives.append(live)
+                tok = t[:, -1]
+        return torch.cat(toks, dim=1), torch.cat(lives, dim=1), finished
+
+    stop = int(run(1, None)[0][0, 0])  # row 0 ends at the call's first step
+    (a, a_live, a_end), (b, b_live, b_end) = run(3, stop), run(1, stop)
+    assert a_end[0] and a_live[0].tolist() == [True, False, False] and (a[0, 1:] == 0).all()
+    assert not a_live.all()
+    assert torch.equal(a, b) and torch.equal(a_live, b_live) and torch.equal(a_end, b_end)
 
 
 def test_compiled_generation_gives_the_same_answers():
-    # generate(compile=True): the steps after the first through torch.compile, one
-    # compilation for every batch size, so rows that end and leave the batch recompile
+    # generate(compile=True): the prompt pass and the steps after it through torch.compile,
+    # four steps a call on a CPU, then one at a time for the last three; one compilation
+    # for every batch size, so rows that end and leave the batch between calls recompile
     # nothing; the sampled answers equal the eager ones (one compilation takes seconds, so
     # greedy decoding, the same step with argmax for the draw, is left to the eager tests)
     model = make_model()
@@ -327,17 +362,21 @@ def test_compiled_generation_gives_the_same_answers():
                        generator=torch.Generator().manual_seed(5)) for compiled in (False, True)]
     assert a_mask.any(dim=1).all() and not a_mask.all()  # rows ended at different steps
     assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
-    assert model_module.compiled_decode("cpu") is model_module.compiled_decode("cpu")
+    assert model_module.STEPS_PER_CALL["cpu"] == 4  # 11 steps after the prompt pass: 4, 4, 1, 1, 1
+    assert model_module.compiled_generation("cpu") is model_module.compiled_generation("cpu")
 
 
 def test_compiled_decode_with_the_draw_apart_gives_the_same_answers(monkeypatch):
-    # the GPU's form of the compiled step: GPT.decode compiled, the draw run as it is
-    # (inductor cannot build the draw's float64 scan over a GPT-2-sized vocabulary on a
-    # GPU); here on a CPU, by handing generate that form
+    # the GPU's form of the compiled steps: GPT.decode compiled, the prompt pass and the
+    # draw run as they are (inductor cannot build the draw's float64 scan over a
+    # GPT-2-sized vocabulary on a GPU), one step a call; here on a CPU, by handing generate
+    # that form
     model = make_model()
-    gpu_form = model_module.compiled_decode("cuda")
-    assert gpu_form.func is model_module.decode_and_sample
-    monkeypatch.setattr(model_module, "compiled_decode", lambda device_type: gpu_form)
+    prompt_pass, gpu_form = model_module.compiled_generation("cuda")
+    assert prompt_pass is GPT.hidden and gpu_form.func is model_module.decode_steps
+    monkeypatch.setattr(model_module, "compiled_generation", lambda device_type: (prompt_pass,
+                                                                                 gpu_form))
+    monkeypatch.setitem(model_module.STEPS_PER_CALL, "cpu", 1)
     (a, a_mask), (b, b_mask) = [
         model.generate(PROMPTS, 8, compile=compiled, generator=torch.Generator().manual_seed(3))
         for compiled in (False, True)]
