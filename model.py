@@ -60,8 +60,8 @@ class KVCache:
         # True where the stored position is a real token (False for left padding and for
         # positions not yet filled)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        # set by next_slot(): the one position a generation step writes, as a tensor, so
-        # the step's shapes are those of the whole buffers, the same at every step
+        # set by next_slots(), moved on by each GPT.decode: the position the next generation
+        # step writes, as a tensor, so the steps' shapes are those of the whole buffers
         self.slot: Tensor | None = None
 
     def add_mask(self, attn_mask: Tensor) -> Tensor:
