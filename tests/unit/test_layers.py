@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS = [
-    {"model", "cli", "data.tokenizer", "data.world", "data"},             # L0: no project import
-    {"distributed", "hub", "data.constitution"},                         # L1
+    {"generation", "cli", "data.tokenizer", "data.world", "data"},        # L0: no project import
+    {"model", "distributed", "hub", "data.constitution"},                # L1
     {"checkpoint", "logger", "optim", "hf"},                             # L2
     {"batch", "records"},                                                # L3
     {"reward_model", "formats"},                                         # L4

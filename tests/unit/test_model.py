@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
+import generation
 
-from model import (IGNORE_INDEX, GPT, GPTConfig, KVCache, ScalarGPT, attention_mask,
-                   sample_next_token, token_entropy, token_logprobs)
+from generation import KVCache, sample_next_token
+from model import (IGNORE_INDEX, GPT, GPTConfig, ScalarGPT, attention_mask, token_entropy,
+                   token_logprobs)
 
 CFG = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
@@ -256,7 +257,7 @@ def test_checking_for_the_stop_token_every_few_steps_changes_nothing(monkeypatch
     stop = ref[0, 2].item()
     runs = []
     for every in (1, 8):
-        monkeypatch.setitem(model_module.STOP_CHECK_EVERY, "cpu", every)
+        monkeypatch.setitem(generation.STOP_CHECK_EVERY, "cpu", every)
         gen = torch.Generator().manual_seed(3)
         runs.append(model.generate(PROMPTS, 16, stop_token=stop, pad_token=0, generator=gen))
     (a, a_mask), (b, b_mask) = runs
@@ -280,7 +281,7 @@ def test_dropping_ended_rows_changes_no_answer(monkeypatch):
         for use_cache in (True, False):
             runs = []
             for drop_at in (0.75, 0.0):  # 0: ended rows are never dropped
-                monkeypatch.setattr(model_module, "DROP_ENDED_AT", drop_at)
+                monkeypatch.setattr(generation, "DROP_ENDED_AT", drop_at)
                 batch_sizes.clear()
                 gen = torch.Generator().manual_seed(5)
                 runs.append(model.generate(prompts, 12, stop_token=stop, pad_token=0,
@@ -332,7 +333,7 @@ def test_several_steps_in_one_call_equal_one_at_a_time():
             model.hidden(idx, attn_mask=mask, cache=cache)
             for i in range(0, 3, per_call):
                 cache.next_slots(per_call)
-                t, live, finished = model_module.decode_steps(
+                t, live, finished = generation.decode_steps(
                     model, tok, cache, per_call, u[i:i + per_call], finished, 1.0, 0, 1.0,
                     stop_token=stop, pad_token=0)
                 toks.append(t)
@@ -362,8 +363,8 @@ def test_compiled_generation_gives_the_same_answers():
                        generator=torch.Generator().manual_seed(5)) for compiled in (False, True)]
     assert a_mask.any(dim=1).all() and not a_mask.all()  # rows ended at different steps
     assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
-    assert model_module.STEPS_PER_CALL["cpu"] == 4  # 11 steps after the prompt pass: 4, 4, 1, 1, 1
-    assert model_module.compiled_generation("cpu") is model_module.compiled_generation("cpu")
+    assert generation.STEPS_PER_CALL["cpu"] == 4  # 11 steps after the prompt pass: 4, 4, 1, 1, 1
+    assert generation.compiled_generation("cpu", GPT) is generation.compiled_generation("cpu", GPT)
 
 
 def test_compiled_decode_with_the_draw_apart_gives_the_same_answers(monkeypatch):
@@ -372,11 +373,11 @@ def test_compiled_decode_with_the_draw_apart_gives_the_same_answers(monkeypatch)
     # GPT-2-sized vocabulary on a GPU), one step a call; here on a CPU, by handing generate
     # that form
     model = make_model()
-    prompt_pass, gpu_form = model_module.compiled_generation("cuda")
-    assert prompt_pass is GPT.hidden and gpu_form.func is model_module.decode_steps
-    monkeypatch.setattr(model_module, "compiled_generation", lambda device_type: (prompt_pass,
-                                                                                 gpu_form))
-    monkeypatch.setitem(model_module.STEPS_PER_CALL, "cpu", 1)
+    prompt_pass, gpu_form = generation.compiled_generation("cuda", GPT)
+    assert prompt_pass is GPT.hidden and gpu_form.func is generation.decode_steps
+    monkeypatch.setattr(generation, "compiled_generation",
+                        lambda device_type, cls: (prompt_pass, gpu_form))
+    monkeypatch.setitem(generation.STEPS_PER_CALL, "cpu", 1)
     (a, a_mask), (b, b_mask) = [
         model.generate(PROMPTS, 8, compile=compiled, generator=torch.Generator().manual_seed(3))
         for compiled in (False, True)]

@@ -208,7 +208,7 @@ def test_answers_to_one_prompt_share_it():
     """A ranking's answers run their prompt once (reward_model.RewardMember with
     prompt_lengths): the same scores, under both poolings, and the same gradients as each
     answer scored alone."""
-    from model import distinct_prefixes
+    from generation import distinct_prefixes
 
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=8)
