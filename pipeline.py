@@ -10,6 +10,7 @@ stage's exit status. At the end: the time of each stage and the total.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,6 +66,26 @@ def commands(cfg):
     return [(script, flags + (QUICK[script] if cfg.quick else [])) for script, flags in stages]
 
 
+STOPS = (signal.SIGTERM, signal.SIGINT)  # the signals a training stage stops on, saving first
+
+
+def run_stage(argv: list[str]) -> int:
+    """Run one stage in a process of its own and wait for it; its exit status (negative: the
+    signal that ended it). A SIGTERM sent to the pipeline alone (`kill`, a job scheduler) is
+    passed on to the stage, which would otherwise go on running, its run folder locked,
+    after the pipeline has gone. Ctrl-C reaches the stage from the terminal: the pipeline
+    waits while the stage saves its checkpoint and stops, instead of killing it."""
+    stage = subprocess.Popen(argv)
+    handlers = {signal.SIGTERM: lambda signum, frame: stage.send_signal(signum),
+                signal.SIGINT: lambda signum, frame: None}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        return stage.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def minutes(seconds):
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
@@ -75,14 +96,21 @@ def main(cfg):
     for script, flags in commands(cfg):
         print(f"\n$ python {script} {' '.join(flags)}", flush=True)
         t = time.time()
-        code = subprocess.call([sys.executable, os.path.join(here, script), *flags])
+        code = run_stage([sys.executable, os.path.join(here, script), *flags])
         times.append((script, time.time() - t))
         if code == 2:  # a user error: the stage has said what is wrong, in one line
             sys.exit(2)
+        # stopped by a signal: killed by it (a negative status), or, for SIGTERM and Ctrl-C,
+        # a training stage that saved its checkpoint first and exited with 128 + the signal
+        signum = -code if code < 0 else code - 128 if code - 128 in STOPS else 0
+        if signum:
+            print(f"error: `python {script}` was stopped by {signal.Signals(signum).name}; the "
+                  f"stages before it are done", file=sys.stderr)
+            sys.exit(128 + signum)
         if code != 0:
             print(f"error: `python {script}` failed (exit {code}); the stages before it are done",
                   file=sys.stderr)
-            sys.exit(code if code > 0 else 1)
+            sys.exit(code)
     print("\n" + "\n".join(f"{script:<16} {minutes(s)}" for script, s in times))
     print(f"total: {minutes(time.time() - t0)} for the whole pipeline; report: {cfg.out}/report.md")
 

@@ -9,6 +9,7 @@ The full and read-only disks are small tmpfs mounts, which need root (or the rig
 mount); where a mount is refused the test is skipped and says why."""
 
 import contextlib
+import os
 import hashlib
 import shutil
 import signal
@@ -102,3 +103,33 @@ def test_a_busy_run_folder_is_refused_and_a_killed_run_does_not_block_the_next(p
     main_of(pretrain, [*common, f"--max_steps={step + 3}", "--resume=true"])  # the next run
     assert f"resuming {out}/ckpt.pt at step {step}" in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 3
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the pipeline", "Ctrl-C"])
+def test_a_pipeline_stopped_by_a_signal_stops_its_stage(tmp_path, how):
+    # `kill` or a job scheduler signals pipeline.py alone, not its process group: the stage
+    # it runs must not go on alone, its run folder locked, after the pipeline has gone.
+    # Ctrl-C signals the whole group: the pipeline waits for the stage to stop.
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "pipeline.py", "--quick=true",
+                          f"--data_dir={tmp_path}/world", f"--out={out}"], cwd=ROOT,
+                         env=environ(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # a process group of its own
+    try:
+        lock, deadline = out / "pretrain" / ".lock", time.time() + 120
+        while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.02)
+        stage = int(lock.read_text())  # the pretraining process, the pipeline's child
+        if how == "Ctrl-C":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    sig = signal.SIGINT if how == "Ctrl-C" else signal.SIGTERM
+    assert p.returncode == 128 + sig
+    assert err.strip().splitlines()[-1] == (f"error: `python pretrain.py` was stopped by "
+                                            f"{sig.name}; the stages before it are done")
+    with pytest.raises(ProcessLookupError):  # gone, and reaped by the pipeline
+        os.kill(stage, 0)
