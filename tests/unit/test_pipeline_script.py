@@ -1,5 +1,6 @@
 """pipeline.py's own loop, with the stage processes faked: the commands in order, the
-time of each and the total, and a failing stage's exit status passed on."""
+time of each and the total, and a failing or stopped stage's exit status passed on. (The
+stage processes for real, stopped by signals: tests/cli/test_faults.py.)"""
 
 import sys
 
@@ -31,14 +32,14 @@ def test_commands_in_order_with_the_quick_sizes():
 
 
 def fake_stages(monkeypatch, codes=None):
-    """subprocess.call records each stage's command and returns its exit status."""
+    """run_stage records each stage's command and returns its exit status."""
     calls = []
 
-    def call(cmd):
+    def run_stage(cmd):
         calls.append(cmd)
         return (codes or {}).get(cmd[1], 0)
 
-    monkeypatch.setattr(pipeline.subprocess, "call", call)
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
     return calls
 
 
@@ -58,7 +59,10 @@ def test_main_runs_every_stage_and_times_them(monkeypatch, capsys):
 @pytest.mark.parametrize("code, status, message", [
     (2, 2, ""),  # a user error: the stage said what is wrong, in one line
     (1, 1, "error: `python sft.py` failed (exit 1); the stages before it are done\n"),
-    (-9, 1, "error: `python sft.py` failed (exit -9); the stages before it are done\n"),
+    (-9, 137, "error: `python sft.py` was stopped by SIGKILL; the stages before it are done\n"),
+    (143, 143, "error: `python sft.py` was stopped by SIGTERM; the stages before it are done\n"),
+    (130, 130, "error: `python sft.py` was stopped by SIGINT; the stages before it are done\n"),
+    (137, 137, "error: `python sft.py` failed (exit 137); the stages before it are done\n"),
 ])
 def test_a_failing_stage_stops_the_pipeline(monkeypatch, capsys, code, status, message):
     calls = fake_stages(monkeypatch, {str(ROOT / "sft.py"): code})
