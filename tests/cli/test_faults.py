@@ -114,7 +114,10 @@ def test_a_pipeline_stopped_by_a_signal_stops_its_stage(tmp_path, how):
     p = subprocess.Popen([sys.executable, "pipeline.py", "--quick=true",
                           f"--data_dir={tmp_path}/world", f"--out={out}"], cwd=ROOT,
                          env=environ(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)  # a process group of its own
+                         text=True, start_new_session=True,  # a process group of its own
+                         # as from a terminal: a shell's background job (as this suite may
+                         # be) passes SIGINT on ignored, and a stage would never see it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lock, deadline = out / "pretrain" / ".lock", time.time() + 120
         while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
