@@ -66,7 +66,9 @@ def commands(cfg):
     return [(script, flags + (QUICK[script] if cfg.quick else [])) for script, flags in stages]
 
 
-STOPS = (signal.SIGTERM, signal.SIGINT)  # the signals a training stage stops on, saving first
+# the signals a training stage stops on, saving first (distributed.StopSignal; not imported
+# from there: the pipeline itself does not load torch)
+STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 def run_stage(argv: list[str]) -> int:

@@ -9,8 +9,8 @@ The full and read-only disks are small tmpfs mounts, which need root (or the rig
 mount); where a mount is refused the test is skipped and says why."""
 
 import contextlib
-import os
 import hashlib
+import os
 import shutil
 import signal
 import subprocess

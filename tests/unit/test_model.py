@@ -306,11 +306,11 @@ def test_decode_step_logits_match_the_full_forward():
         ref, _ = model(torch.cat([idx, cont], dim=1), attn_mask=full_mask)
         cache = KVCache(CFG["n_layer"], B, P + 5, device="cpu")
         model.hidden(idx, attn_mask=mask, cache=cache)
-        for t in range(5):
-            if t in (0, 2):  # one position reserved, then three at once for three steps
-                cache.next_slots(1 if t == 0 else 4 if t == 1 else 3)
-            if t == 1:
+        for t in range(5):  # one position reserved at a time, then three at once
+            if t < 2:
                 cache.next_slots()
+            elif t == 2:
+                cache.next_slots(3)
             torch.testing.assert_close(model.decode(cont[:, t], cache), ref[:, P + t],
                                        atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="KVCache is full"):
