@@ -6,7 +6,8 @@
 - length_groups / length_chunks: items as runs of similar length (so many runs, or runs
   of so many), so each is padded to its own longest row only.
 - left_pad: prompts right-aligned, for the one layout generation needs (every row's
-  next token in the last column); PPO keeps its rollouts in that layout.
+  next token in the last column); PPO keeps its rollouts in that layout, and
+  drop_pad_columns cuts a minibatch of them to the columns its own rows use.
 - response_logprobs / sequence_logprobs: log π of the response tokens, per token or
   summed (with the count, for means), through model.token_logprobs, the one place
   log-softmax is taken; rows that begin with the same prompt can run it once.
@@ -96,6 +97,17 @@ def left_pad(rows, pad, device):
         tokens[i, P - len(r):] = torch.tensor(r)
         mask[i, P - len(r):] = True
     return tokens.to(device), mask.to(device)
+
+
+def drop_pad_columns(tokens, attn, mask, P):
+    """Rows in the rollout layout (left-padded prompts in the first P columns, then
+    right-padded responses; attn (B, T) True on real tokens, mask (B, N) on response
+    tokens) without the columns that are padding in every row: the prompt's before the
+    earliest first token, the responses' after the longest. Positions count real tokens
+    (GPT.hidden), so no row's figures change. Returns tokens, attn, mask and the new P."""
+    first = int(attn[:, :P].any(0).int().argmax())  # the first column any row's prompt uses
+    n = max(int(mask.sum(1).max()), 1)  # the longest response
+    return tokens[:, first:P + n], attn[:, first:P + n], mask[:, :n], P - first
 
 
 def response_logprobs(model, tokens, mask=None, *, attn_mask=None, start=1, temperature=1.0,

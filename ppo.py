@@ -65,7 +65,8 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import left_pad, ptx_windows, response_logprobs, reward_scores, verifiable_score
+from batch import (drop_pad_columns, left_pad, ptx_windows, response_logprobs, reward_scores,
+                   verifiable_score)
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response
@@ -324,26 +325,28 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
         order = torch.randperm(B, generator=generator, device=generator.device).tolist()
         for start in range(0, B, mb):
             idx = torch.tensor(order[start:start + mb], device=batch["tokens"].device)
-            tokens, attn, mask = batch["tokens"][idx], batch["attn"][idx], batch["mask"][idx]
+            # the minibatch's own width: the batch's longest prompt and answer may be elsewhere
+            tokens, attn, mask, P = drop_pad_columns(batch["tokens"][idx], batch["attn"][idx],
+                                                     batch["mask"][idx], batch["P"])
+            old = {k: batch[k][idx, :mask.size(1)]  # the rollout's figures (π_old, V_old)
+                   for k in ("logp", "advantages", "values", "returns")}
             # the policy: clipped surrogate (minus the entropy bonus), then PPO-ptx's term
             with run.autocast:
                 if value_model is None:  # shared trunk: the value loss joins the same loss
-                    logp, entropy, values = policy_and_values(policy, tokens, attn, batch["P"],
+                    logp, entropy, values = policy_and_values(policy, tokens, attn, P,
                                                               cfg.temperature)
                 else:
-                    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn,
-                                                      start=batch["P"],
+                    logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
                                                       temperature=cfg.temperature, entropy=True)
                 pg_loss, clipfrac, approx_kl, ratio = policy_loss(
-                    logp, batch["logp"][idx], batch["advantages"][idx], mask, cfg.clip_range)
+                    logp, old["logp"], old["advantages"], mask, cfg.clip_range)
                 ent = masked_mean(entropy, mask)
                 # at entropy_coef 0 the entropy is only logged: kept out of the loss, so the
                 # backward does not run through it for a gradient of zero
                 loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef else pg_loss
                 if value_model is None:
-                    vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
-                                                      batch["returns"][idx], mask,
-                                                      cfg.clip_range_value)
+                    vf_loss, vf_clipfrac = value_loss(values, old["values"], old["returns"],
+                                                      mask, cfg.clip_range_value)
                     loss = loss + cfg.vf_coef * vf_loss
                 loss.backward()
             if ptx_data is not None:  # (main passes it only when --ptx_coef > 0)
@@ -363,10 +366,9 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
             opt_policy.zero_grad(set_to_none=True)
             if value_model is not None:  # the value model: clipped value loss, its own step
                 with run.autocast:
-                    values = response_values(value_model, tokens, attn, batch["P"])
-                    vf_loss, vf_clipfrac = value_loss(values, batch["values"][idx],
-                                                      batch["returns"][idx], mask,
-                                                      cfg.clip_range_value)
+                    values = response_values(value_model, tokens, attn, P)
+                    vf_loss, vf_clipfrac = value_loss(values, old["values"], old["returns"],
+                                                      mask, cfg.clip_range_value)
                     vf_loss.backward()
                 optim.set_lr(opt_value, value_lr)
                 grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(),

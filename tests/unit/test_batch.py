@@ -33,6 +33,46 @@ def test_collate_pairs_and_left_pad_by_hand():
     assert mask.tolist() == [[True, True, True], [False, False, True]]
 
 
+def rollout_rows(prompts, responses, P, N, pad=0):
+    """PPO's rollout layout by hand: prompts left-padded to P columns, responses
+    right-padded to N."""
+    tokens = torch.full((len(prompts), P + N), pad)
+    attn = torch.zeros(len(prompts), P + N, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, P - len(p):P], tokens[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r)
+        attn[i, P - len(p):P + len(r)] = True
+    return tokens, attn, attn[:, P:]
+
+
+def test_drop_pad_columns_by_hand():
+    # a minibatch whose longest prompt (3 tokens) and answer (2) are shorter than the
+    # batch's (4 and 3): one column goes on the left, one on the right
+    tokens, attn, mask = rollout_rows([[5, 6], [8, 9, 10]], [[7, 3], [11]], P=4, N=3)
+    assert tokens.tolist() == [[0, 0, 5, 6, 7, 3, 0], [0, 8, 9, 10, 11, 0, 0]]
+    t, a, m, P = B.drop_pad_columns(tokens, attn, mask, 4)
+    assert P == 3 and t.tolist() == [[0, 5, 6, 7, 3], [8, 9, 10, 11, 0]]
+    assert a.int().tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert m.int().tolist() == [[1, 1], [1, 0]]
+    # nothing to drop when the rows use every column
+    full = B.drop_pad_columns(t, a, m, P)
+    assert full[3] == P and torch.equal(full[0], t) and torch.equal(full[2], m)
+
+
+def test_dropped_pad_columns_change_no_log_prob():
+    model = tiny(3)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    responses = [[12, 13], [14], [15, 16, 17], [18, 19, 12, 13]]
+    tokens, attn, mask = rollout_rows(prompts, responses, P=7, N=6)
+    with torch.no_grad():
+        whole = B.response_logprobs(model, tokens, attn_mask=attn, start=7) * mask
+        for rows in ([0, 1], [1, 3], [2]):
+            t, a, m, P = B.drop_pad_columns(tokens[rows], attn[rows], mask[rows], 7)
+            assert t.size(1) < tokens.size(1)
+            part = B.response_logprobs(model, t, attn_mask=a, start=P) * m
+            assert torch.allclose(part, whole[rows, :m.size(1)], atol=1e-5)
+            assert (whole[rows, m.size(1):] == 0).all()
+
+
 def test_response_mask():
     m = B.response_mask(5, torch.tensor([1, 3]), torch.tensor([4, 5]))
     assert m.int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 0, 1, 1]]

@@ -247,6 +247,37 @@ def test_update_statistics_of_one_step_by_hand():
                                                 rel=1e-5)
 
 
+def test_update_on_minibatches_cut_to_their_own_width_equals_the_whole_width(monkeypatch):
+    """Each minibatch runs on the columns its own rows use (batch.drop_pad_columns); the
+    update is the one on the batch's whole width, to float rounding: the same statistics
+    and the same weights after two epochs."""
+    cfg = SimpleNamespace(max_new_tokens=8, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          entropy_coef=0.01, grad_clip=1.0)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [7], [8, 9], [12, 13, 14, 15, 4, 5, 6]]
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    results = []
+    for cut in (True, False):
+        if not cut:  # every minibatch at the batch's whole width
+            monkeypatch.setattr(ppo, "drop_pad_columns", lambda t, a, m, P: (t, a, m, P))
+        policy, ref, value, rm = tiny_models(2)
+        b = ppo.rollout(policy, ref, value, rm_score(rm), prompts, 0.1, cfg,
+                        SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(1), "cpu")
+        lengths = b["mask"].sum(1).tolist()
+        opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        stats = ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2,
+                               torch.Generator().manual_seed(0), run)
+        results.append((stats, policy.state_dict(), value.state_dict(), lengths))
+    (cut_stats, cut_p, cut_v, lengths), (whole_stats, whole_p, whole_v, _) = results
+    assert min(lengths) < max(lengths), "want answers of several lengths; change the seed"
+    assert cut_stats == pytest.approx(whole_stats, rel=1e-4, abs=1e-6)
+    for cut_sd, whole_sd in ((cut_p, whole_p), (cut_v, whole_v)):
+        for k in whole_sd:
+            assert torch.allclose(cut_sd[k], whole_sd[k], atol=1e-5), k
+
+
 def test_ptx_windows_are_next_token_pairs_from_the_stream():
     data = np.arange(1000, dtype=np.uint16)
     x, y = ptx_windows(data, 3, 16, torch.Generator().manual_seed(0), "cpu")
