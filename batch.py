@@ -105,8 +105,10 @@ def drop_pad_columns(tokens, attn, mask, P):
     tokens) without the columns that are padding in every row: the prompt's before the
     earliest first token, the responses' after the longest. Positions count real tokens
     (GPT.hidden), so no row's figures change. Returns tokens, attn, mask and the new P."""
-    first = int(attn[:, :P].any(0).int().argmax())  # the first column any row's prompt uses
-    n = max(int(mask.sum(1).max()), 1)  # the longest response
+    # the first column any row's prompt uses, and the longest response: read together, one
+    # wait for a GPU
+    first, n = torch.stack([attn[:, :P].any(0).int().argmax(), mask.sum(1).max().long()]).tolist()
+    n = max(n, 1)
     return tokens[:, first:P + n], attn[:, first:P + n], mask[:, :n], P - first
 
 

@@ -263,9 +263,10 @@ def decode_steps(model, tok: Tensor, cache: KVCache, k: int, u: Tensor | None,
     each GPT.decode (or the given, compiled, form of it), then sample_next_token with that
     step's uniform numbers u[i] (u: (k, B, 1), None when greedy), then ended(). (B,) newest
     tokens -> tokens (B, k), which of them belong to an answer (B, k), the rows ended."""
+    decode = decode or type(model).decode
     toks, lives = [], []
     for i in range(k):
-        logits = model.decode(tok, cache) if decode is None else decode(model, tok, cache)
+        logits = decode(model, tok, cache)
         drawn = sample_next_token(logits, temperature, top_k, top_p,
                                   u=None if u is None else u[i])
         tok, live, finished = ended(drawn, finished, stop_token, pad_token)
