@@ -2,7 +2,7 @@
 good each answer really is, the reward model what the proxy thinks of it, and the KL to
 the SFT model what the change cost.
 
-For every stage found under out/ (base = pretrain, sft, ppo, dpo and the DPO family),
+For every stage found under out/ (base = pretrain, sft, ppo, grpo, dpo and the DPO family),
 decoding greedily (--temperature=0): gold score, correctness, answer format, proxy reward
 (out/reward's score, normalised as stored), mean length in words, end-token rate, the
 rates of the raters' favourite faults (a preamble, restating the question), and the win
@@ -24,7 +24,7 @@ out/report.md, out/<stage>/eval.json and out/best_of.json.
     python eval.py --best_of=1,4,16,64               # a longer best-of-n sweep
     python eval.py --temperature=1.0                 # sampled instead of greedy answers
     python eval.py --device=cuda
-    python eval.py --data=prompts.jsonl --judge_from=out/rm-judge \
+    python eval.py --data=prompts.jsonl --judge_from=out/rm-judge \\
         --models=out/sft-gpt2,out/ppo-gpt2,out/dpo-gpt2      # your models and prompts
 
 Your own models and prompts (--data, an RL prompt file of formats.py): there is no gold

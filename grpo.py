@@ -67,7 +67,7 @@ gold/correct, gold/preamble); the policy never sees it.
     python grpo.py --device=cuda
     torchrun --standalone --nproc_per_node=2 grpo.py   # each process its own groups and seed
     python grpo.py --resume=true
-    python grpo.py --init_from=out/sft-gpt2 --reward=model --reward_from=out/rm-gpt2 \
+    python grpo.py --init_from=out/sft-gpt2 --reward=model --reward_from=out/rm-gpt2 \\
         --data=prompts.jsonl --out_dir=out/grpo-gpt2
 
 Your own prompts: --data an RL prompt file (formats.py) for a model fine-tuned from GPT-2,

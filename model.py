@@ -1,8 +1,9 @@
 """
 A GPT language model in plain PyTorch, and what every model of the pipeline needs:
 
-- GPT: decoder-only transformer; forward() returns logits for *every* position, because
-  reward models, PPO and DPO score whole sequences, not just the next token.
+- GPT: decoder-only transformer; forward() returns logits for *every* position (or every
+  one from `logits_from` on, to skip a prompt's), because reward models, PPO and DPO score
+  whole sequences, not just the next token.
 - ScalarGPT: the same trunk with one number per position (value model, reward trunk).
 - GPT.generate(): batched sampling with a key/value cache and left padding
   (generation.py, below this file).

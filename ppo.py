@@ -42,7 +42,7 @@ proxy reward (objective/score) is real progress or reward hacking.
     torchrun --standalone --nproc_per_node=2 ppo.py   # each rank its own rollouts and seed
     python ppo.py --resume=true
     python ppo.py --init_from=out/ppo --ref_from=out/sft --out_dir=out/ppo2   # a second round
-    python ppo.py --init_from=out/sft-gpt2 --reward_from=out/rm-gpt2 --data=prompts.jsonl \
+    python ppo.py --init_from=out/sft-gpt2 --reward_from=out/rm-gpt2 --data=prompts.jsonl \\
         --out_dir=out/ppo-gpt2 --value_head=shared --frozen_dtype=bf16
 
 Your own prompts: --data an RL prompt file ({"prompt": text or messages} a line,

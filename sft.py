@@ -15,7 +15,7 @@ forgets what pretraining taught about the others (docs/world.md).
 
 Your own model and data: --init_from also takes a GPT-2 checkpoint directory in the
 Hugging Face format (or a name to download once: gpt2, gpt2-medium, ...), which answers in
-HH-RLHF's chat format ("\n\nHuman: ...\n\nAssistant: ..." and GPT-2's end-of-text), and
+HH-RLHF's chat format ("\\n\\nHuman: ...\\n\\nAssistant: ..." and GPT-2's end-of-text), and
 --data a file of demonstrations (formats.py: SFT records, or the chosen answers of an
 HH-RLHF or preference file); --val_fraction of it is held out. Examples longer than the
 context are skipped and counted. The checkpoint carries the tokenizer it was trained with.

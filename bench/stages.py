@@ -85,8 +85,7 @@ class Config:
     gen_batches: str = "16,64,256"  # generation batch sizes
     sft_len: int = 256             # tokens per sequence of the sft figure
     threads: int = 0               # torch threads (0 = torch's default)
-    compile: bool = False          # as the stages' --compile: torch.compile the generation step
-    #                                and the trained models' forward passes (in the warm-up)
+    compile: bool = False          # torch.compile generation and the trained forwards (warm-up)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     seed: int = 0
 
