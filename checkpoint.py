@@ -12,6 +12,7 @@ import shutil
 
 import torch
 
+import cli
 from cli import UserError
 from distributed import print0
 from model import GPT, GPTConfig
@@ -107,15 +108,28 @@ def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
                 rng=torch.get_rng_state(), **extra)
 
 
-def resume(path, model, optimizer, check=None):
+def resume(path, stage, model, optimizer, check=None):
     """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt).
-    check(ckpt), if given, runs first: it raises UserError for a checkpoint that does
-    not fit this run's flags."""
+    stage: the name this run's checkpoints carry (stage_checkpoint's); another stage's
+    checkpoint, or one whose weights or optimizer do not fit this run's flags, is refused
+    in one line. check(ckpt), if given, runs first: it raises UserError for a checkpoint
+    that does not fit this run's other flags."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: nothing to resume; start without --resume=true")
     ckpt = load(path)
+    written = ckpt.get("stage") if isinstance(ckpt, dict) else None
+    if written != stage or "model" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{path} holds a run of stage {written!r}, not {stage!r}: point "
+                        f"--out_dir at a {stage!r} run to resume, or start without --resume=true")
     if check is not None:
         check(ckpt)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # a model or optimizer of other shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} does not fit this run's model or optimizer ({first[:120]}): "
+                        f"resume with the flags it was started with") from None
     # the global generator (dropout); data order and sampling have their own seeds
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"])
@@ -159,10 +173,12 @@ class RunLock:
     which holds the owner's process id. The operating system drops the lock when the
     process ends, however it ends, so a run killed with SIGKILL does not block the next
     one; a second run into a busy folder is refused at once. Under DDP only rank 0
-    takes it. Where the platform has no fcntl (Windows) the folder is not locked."""
+    takes it. Where the platform has no fcntl (Windows) the folder is not locked. A folder
+    the run made is removed again when the run stops on a mistake or Ctrl-C (cli's
+    user_errors) before its first checkpoint, so a failed start leaves nothing behind."""
 
     def __init__(self, out_dir, run, flag="--out_dir"):
-        self.path, self.file = os.path.join(out_dir, ".lock"), None
+        self.path, self.file, self.dir = os.path.join(out_dir, ".lock"), None, out_dir
         try:
             import fcntl
         except ImportError:
@@ -170,6 +186,7 @@ class RunLock:
         if not run.master:
             return
         try:
+            made = not os.path.exists(out_dir)
             os.makedirs(out_dir, exist_ok=True)
             f = open(self.path, "a+")
         except OSError as e:
@@ -188,8 +205,17 @@ class RunLock:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self.file = f
+        if made:  # a run stopped by a mistake before its first checkpoint leaves no folder
+            cli.ON_USER_ERROR.append(self.discard)
+
+    def discard(self):
+        if self.file is not None and not os.path.exists(os.path.join(self.dir, "ckpt.pt")):
+            self.release()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def release(self):
+        if self.discard in cli.ON_USER_ERROR:
+            cli.ON_USER_ERROR.remove(self.discard)
         if self.file is not None:
             self.file.close()  # closing drops the lock; the file stays, harmless
             self.file = None

@@ -20,22 +20,36 @@ class UserError(Exception):
     script prints its message as one line and exits with status 2, no traceback."""
 
 
+# what a script undoes when it stops on a user's mistake: callbacks, run in turn (a run
+# folder that the run made and that holds no checkpoint yet is removed: checkpoint.RunLock)
+ON_USER_ERROR = []
+
+
 @contextlib.contextmanager
 def user_errors():
     """Wrap a script's main(): a UserError becomes one line on stderr and exit status 2;
-    Ctrl-C outside a training loop exits 130 without a traceback."""
+    Ctrl-C outside a training loop exits 130 without a traceback. Either way, what
+    ON_USER_ERROR lists is undone first."""
     try:
         yield
     except UserError as e:
+        undo()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a file the script could not read or write, whichever it was
+        undo()
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        undo()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def undo():
+    while ON_USER_ERROR:
+        ON_USER_ERROR.pop()()
 
 
 def ranges(at_least_1="", non_negative="", positive="", fraction="", below_1=""):

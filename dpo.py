@@ -375,7 +375,7 @@ def main(cfg):
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(out_dir, run)  # this run's folder until it ends
-    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    step = checkpoint.resume(ckpt_path, cfg.loss, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()

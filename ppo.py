@@ -466,7 +466,7 @@ def main(cfg):
             was = ck["config"].get("value_head", "separate")
             if was != cfg.value_head:
                 raise UserError(f"{ckpt_path}: written with --value_head={was}; resume with it")
-        it, ckpt = checkpoint.resume(ckpt_path, lm, opt_policy, check=same_value_head)
+        it, ckpt = checkpoint.resume(ckpt_path, "ppo", lm, opt_policy, check=same_value_head)
         if value_model is None:
             policy.head.load_state_dict(ckpt["value_head"])
         else:

@@ -137,7 +137,7 @@ def main(cfg):
             raise UserError(f"{ckpt_path} was trained with --optimizer={theirs}; resume it "
                             f"with --optimizer={theirs}, not {cfg.optimizer}")
 
-    step = checkpoint.resume(ckpt_path, raw_model, optimizer,
+    step = checkpoint.resume(ckpt_path, "pretrain", raw_model, optimizer,
                              check=same_optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "

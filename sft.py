@@ -159,7 +159,7 @@ def main(cfg):
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
-    step = checkpoint.resume(ckpt_path, raw_model, optimizer)[0] if cfg.resume else 0
+    step = checkpoint.resume(ckpt_path, "sft", raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
            f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); "

@@ -3,13 +3,14 @@ stage's model rebuilt from its checkpoint, refusing one of another stage or toke
 
 import errno
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import checkpoint
 import sft
-from cli import UserError
+from cli import UserError, user_errors
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
@@ -113,13 +114,64 @@ def test_resume_restores_model_optimizer_and_generator(tmp_path, capsys):
     model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))[1].backward()
     opt.step()
     state = torch.get_rng_state()
-    checkpoint.save(tmp_path / "ckpt.pt", dict(model=model.state_dict(),
+    checkpoint.save(tmp_path / "ckpt.pt", dict(stage="sft", model=model.state_dict(),
                                                optimizer=opt.state_dict(), step=7, rng=state))
     torch.manual_seed(1)
     fresh = GPT(model.config)
     fresh_opt = fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    step, _ = checkpoint.resume(tmp_path / "ckpt.pt", fresh, fresh_opt)
+    step, _ = checkpoint.resume(tmp_path / "ckpt.pt", "sft", fresh, fresh_opt)
     assert step == 7 and torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     assert f"resuming {tmp_path / 'ckpt.pt'} at step 7" in capsys.readouterr().out
+
+
+def tiny_run(n_layer=1):
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=n_layer, n_head=1, n_embd=8))
+    return model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+
+
+@pytest.mark.parametrize("stage", ["ppo", "reward", None])
+def test_resume_refuses_another_stages_checkpoint(tmp_path, stage):
+    model, opt = tiny_run()
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=3)
+    checkpoint.save(tmp_path / "ckpt.pt", ckpt if stage is None else {**ckpt, "stage": stage})
+    fresh, fresh_opt = tiny_run()
+    with pytest.raises(UserError, match=r"ckpt.pt holds a run of stage .*, not 'sft'"):
+        checkpoint.resume(tmp_path / "ckpt.pt", "sft", fresh, fresh_opt)
+
+
+def test_resume_refuses_a_model_of_other_shapes_in_one_line(tmp_path):
+    model, opt = tiny_run(n_layer=1)
+    checkpoint.save(tmp_path / "ckpt.pt", dict(stage="pretrain", model=model.state_dict(),
+                                               optimizer=opt.state_dict(), step=3))
+    bigger, bigger_opt = tiny_run(n_layer=2)
+    with pytest.raises(UserError, match=r"does not fit this run's model or optimizer \(.*\): "
+                                        r"resume with the flags it was started with") as e:
+        checkpoint.resume(tmp_path / "ckpt.pt", "pretrain", bigger, bigger_opt)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["new", "existed", "checkpointed"])
+def test_a_run_stopped_by_a_mistake_removes_only_a_folder_it_made_without_a_checkpoint(
+        tmp_path, case, capsys):
+    out = tmp_path / "run"
+    if case == "existed":
+        out.mkdir()
+    with pytest.raises(SystemExit) as e, user_errors():
+        lock = checkpoint.RunLock(str(out), SimpleNamespace(master=True))
+        (out / "log.jsonl").write_text("{}\n")
+        if case == "checkpointed":
+            (out / "ckpt.pt").write_bytes(b"x")
+        raise UserError("--flag=x: a mistake")
+    assert e.value.code == 2 and "error: --flag=x: a mistake" in capsys.readouterr().err
+    assert out.exists() == (case != "new")
+    assert lock.file is None or case != "new"
+
+
+def test_a_released_run_folder_stays_after_a_later_mistake(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit), user_errors():
+        checkpoint.RunLock(str(out), SimpleNamespace(master=True)).release()
+        raise UserError("a mistake after the run ended")
+    assert (out / ".lock").exists()
