@@ -52,14 +52,15 @@ def undo():
         ON_USER_ERROR.pop()()
 
 
-def ranges(at_least_1="", non_negative="", positive="", fraction="", below_1=""):
+def ranges(at_least_1="", non_negative="", positive="", fraction="", below_1="", above_0=""):
     """The accepted values of a config's fields, by kind: counts and intervals at least 1,
     coefficients at least 0, rates that must move something (a learning rate) above 0,
-    fractions in [0, 1], and fractions that must stay below 1 (dropout, Adam's betas).
-    Each argument is a space-separated list of field names. Returns
-    {name: (low, high, which ends are open)}."""
+    fractions in [0, 1], fractions that must stay below 1 (dropout, Adam's betas), and
+    fractions that must stay above 0 (top-p). Each argument is a space-separated list of
+    field names. Returns {name: (low, high, which ends are open)}."""
     kinds = ((at_least_1, (1, None, "")), (non_negative, (0, None, "")),
-             (positive, (0, None, "low")), (fraction, (0, 1, "")), (below_1, (0, 1, "high")))
+             (positive, (0, None, "low")), (fraction, (0, 1, "")), (below_1, (0, 1, "high")),
+             (above_0, (0, 1, "low")))
     return {name: bounds for names, bounds in kinds for name in names.split()}
 
 
@@ -101,9 +102,11 @@ def _check_range(name, value, text, bounds):
         if open_end == "low":
             raise UserError(f"--{name}={text}: must be above {low} (it would train nothing)")
         raise UserError(f"--{name}={text}: must be at least {low}")
-    if high is not None and (not low <= value <= high or (open_end == "high" and value == high)):
+    if high is not None and (not low <= value <= high or (open_end == "high" and value == high)
+                             or (open_end == "low" and value == low)):
         raise UserError(f"--{name}={text}: must be between {low} and {high}"
-                        + (f", below {high}" if open_end == "high" else ""))
+                        + (f", below {high}" if open_end == "high" else "")
+                        + (f", above {low}" if open_end == "low" else ""))
 
 
 def print_help(cls):

@@ -31,6 +31,8 @@ def setup(seed, device="auto", compile=False):
         raise UserError(f"--device={device}: expected auto, cpu, cuda or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={device}: CUDA is not available on this machine")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps: MPS (Apple's GPU) is not available on this machine")
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k])

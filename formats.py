@@ -301,6 +301,9 @@ def hold_out(items, val_fraction, path, kind, counts, too_long, block_size, noun
         raise UserError(f"{path}: {len(items)} usable {noun}(s) ({too_long} longer than the "
                         f"context of {block_size} tokens); at least 2 are needed")
     n_val = max(1, round(len(items) * val_fraction))
+    if n_val >= len(items):
+        raise UserError(f"--val_fraction={val_fraction} holds out all {len(items)} usable "
+                        f"{noun}s of {path}, leaving none to train on; lower it")
     print0(f"{path}: {kind} file, {describe(counts)}; {too_long} longer than the context "
            f"skipped; {len(items) - n_val} {kept}to train on, {n_val} held out")
     return items[:-n_val], items[-n_val:]

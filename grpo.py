@@ -96,7 +96,7 @@ from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import freeze
-from records import load_prompts, ptx_stream, stage_model
+from records import load_prompts, prompt_room, ptx_stream, stage_model
 from reward_model import load_reward_model
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce")
@@ -326,7 +326,7 @@ def main(cfg):
                                                   "python reward.py", enc, device=run.device)
         freeze(reward_model.members, cfg.frozen_dtype)
         rm_config = rm_ckpt["config"]
-    room = policy.config.block_size - cfg.max_new_tokens
+    room = prompt_room(policy.config.block_size, cfg.max_new_tokens)
     if cfg.data:  # your prompts: no tasks, so no check and no gold scorer
         (texts, prompts), tasks = formats.rl_prompts(cfg.data, enc, chat, room), None
     else:

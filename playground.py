@@ -618,6 +618,8 @@ def serve(pg, host, port):
 
 def main(cfg):
     t0 = time.time()
+    if cfg.port > 65535:
+        raise UserError(f"--port={cfg.port}: a port is at most 65535 (0: any free port)")
     pg = Playground(cfg)
     server = serve(pg, cfg.host, cfg.port)
     host, port = server.server_address[:2]

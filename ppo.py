@@ -73,7 +73,7 @@ from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import IGNORE_INDEX, ScalarGPT, freeze, token_logprobs
-from records import load_prompts, ptx_stream, stage_model
+from records import load_prompts, prompt_room, ptx_stream, stage_model
 from reward_model import load_reward_model
 
 
@@ -441,7 +441,7 @@ def main(cfg):
     for m in (policy, value_model):
         if m is not None:
             m.eval()  # dropout off in every model; gradients still flow through the trained ones
-    room = lm.config.block_size - cfg.max_new_tokens
+    room = prompt_room(lm.config.block_size, cfg.max_new_tokens)
     if cfg.data:  # your prompts: no tasks, so no gold scorer
         (texts, prompts), tasks = formats.rl_prompts(cfg.data, enc, chat, room), None
     else:

@@ -228,6 +228,14 @@ def token_stream(path, vocab_size, min_tokens):
     return data
 
 
+def prompt_room(block_size, max_new_tokens):
+    """Tokens a prompt may have: the context less --max_new_tokens, at least one."""
+    if max_new_tokens >= block_size:
+        raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                        f"the model's context of {block_size} tokens")
+    return block_size - max_new_tokens
+
+
 def load_prompts(path, enc, max_prompt_len):
     """RL training prompts (text, tokens, task), tokenized once; one too long for the
     context is an error naming its line."""

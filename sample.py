@@ -41,7 +41,7 @@ class Config:
 
     FLAGS: ClassVar = {"from": "src"}
     RANGES: ClassVar = ranges(at_least_1="num_samples max_new_tokens",
-                              non_negative="temperature top_k", fraction="top_p")
+                              non_negative="temperature top_k", above_0="top_p")
 
 
 def load(cfg, device):

@@ -25,9 +25,10 @@ class Cfg:
     frac: float = 0.5     # a fraction
     rate: float = 0.1     # a rate that must move something
     drop: float = 0.0     # a fraction below 1
+    share: float = 1.0    # a fraction above 0
 
     RANGES: ClassVar = cli.ranges(at_least_1="steps", non_negative="lr", fraction="frac",
-                                  positive="rate", below_1="drop")
+                                  positive="rate", below_1="drop", above_0="share")
 
 
 def test_parse_config():
@@ -55,7 +56,9 @@ def test_range_errors():
                           ("--rate=0", "--rate=0: must be above 0 (it would train nothing)"),
                           ("--rate=-1", "--rate=-1: must be above 0 (it would train nothing)"),
                           ("--drop=1", "--drop=1: must be between 0 and 1, below 1"),
-                          ("--drop=-0.5", "--drop=-0.5: must be between 0 and 1, below 1")):
+                          ("--drop=-0.5", "--drop=-0.5: must be between 0 and 1, below 1"),
+                          ("--share=0", "--share=0: must be between 0 and 1, above 0"),
+                          ("--share=1.5", "--share=1.5: must be between 0 and 1, above 0")):
         with pytest.raises(UserError) as e:
             cli.parse_config(Cfg, [flag])
         assert str(e.value) == message
@@ -64,13 +67,14 @@ def test_range_errors():
     assert (c.steps, c.lr, c.frac, c.name, c.rate, c.drop) == (1, 0.0, 0.0, "-5", 1e-9, 0.0)
     assert cli.parse_config(Cfg, ["--frac=1"]).frac == 1.0
     assert cli.parse_config(Cfg, ["--drop=0.999"]).drop == 0.999
+    assert cli.parse_config(Cfg, ["--share=1e-9"]).share == 1e-9
 
 
 def test_ranges_by_kind():
     assert cli.ranges(at_least_1="a b", non_negative="c", fraction="d", positive="e",
-                      below_1="f") == {
+                      below_1="f", above_0="g") == {
         "a": (1, None, ""), "b": (1, None, ""), "c": (0, None, ""), "d": (0, 1, ""),
-        "e": (0, None, "low"), "f": (0, 1, "high")}
+        "e": (0, None, "low"), "f": (0, 1, "high"), "g": (0, 1, "low")}
     assert cli.ranges() == {}
 
 
@@ -82,7 +86,7 @@ def test_help_lists_fields_with_comments(capsys):
     assert "--lr=0.001" in out and "learning rate" in out and "--flag=False" in out
     assert "usage: python " in out and "--RANGES" not in out  # a ClassVar is no flag
     flag_lines = [line for line in out.splitlines() if line.startswith("  --")]
-    assert len(flag_lines) == 7
+    assert len(flag_lines) == 8
     comments = {re.match(r"  --\S+ +", line).end() for line in flag_lines}
     assert len(comments) == 1  # the comments start in one column, whatever the flags' lengths
 

@@ -4,6 +4,7 @@ and micro-steps, and the data order every rank and every resume agree on."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import distributed
 from cli import UserError
@@ -53,6 +54,9 @@ def test_setup_on_cpu():
         "cpu", "cpu", False, 0, 1, True)
     with pytest.raises(UserError, match="--device=tpu: expected auto, cpu, cuda or mps"):
         distributed.setup(0, "tpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="--device=mps: MPS .* is not available"):
+            distributed.setup(0, "mps")
     assert distributed.peak_flops("cpu") is None
 
 

@@ -148,3 +148,15 @@ def test_truncated_and_damaged_gzip(tmp_path):
         formats.load_hh(bad)
     with pytest.raises(UserError, match="nowhere.jsonl not found"):
         formats.load_hh(tmp_path / "nowhere.jsonl")
+
+
+def test_hold_out_keeps_at_least_one_item_on_each_side(capsys):
+    items = list(range(10))
+    assert formats.hold_out(items, 0.0, "f.jsonl", "sft", {"read": 10}, 0, 64, "demo") == (
+        items[:9], items[9:])  # one held out even at 0
+    assert formats.hold_out(items, 0.9, "f.jsonl", "sft", {"read": 10}, 0, 64, "demo") == (
+        items[:1], items[1:])
+    for fraction in (0.99, 1.0):
+        with pytest.raises(UserError, match=rf"--val_fraction={fraction} holds out all 10 usable "
+                                            rf"demos of f.jsonl, leaving none to train on"):
+            formats.hold_out(items, fraction, "f.jsonl", "sft", {"read": 10}, 0, 64, "demo")

@@ -216,3 +216,9 @@ def test_the_page_is_served_and_a_restart_keeps_the_labels(server, tmp_path):
     again = playground.Playground(pg.cfg)
     assert again.counts == {"A": 0, "B": 1, "tie": 0, "skip": 0}
     assert open(pg.labels_path).read().endswith("}\n")  # the damaged line is cut off
+
+
+def test_a_port_beyond_65535_is_refused_in_one_line():
+    cfg = cli.parse_config(playground.Config, ["--port=99999"])
+    with pytest.raises(cli.UserError, match=r"--port=99999: a port is at most 65535"):
+        playground.main(cfg)

@@ -80,3 +80,12 @@ def test_preference_paths_name_the_command(world, tmp_path):
                                         load_tokenizer(world / "tokenizer.tiktoken"), 160)
     assert list(sets) == ["prefs"] and len(sets["prefs"]) == 16
     assert all(len(r["pairs"]) == 6 for r in sets["prefs"])  # K = 4: 4·3/2 pairs
+
+
+def test_prompt_room_is_the_context_less_the_answer_and_at_least_one_token():
+    assert records.prompt_room(160, 32) == 128
+    assert records.prompt_room(160, 159) == 1
+    for n in (160, 1000):
+        with pytest.raises(UserError, match=rf"--max_new_tokens={n} leaves no room for a prompt "
+                                            rf"in the model's context of 160 tokens"):
+            records.prompt_room(160, n)
