@@ -183,7 +183,9 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     raters = load_raters(cfg.data_dir)
     enc = world_tokenizer(cfg.data_dir)
-    checkpoint.require(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py")
+    # the SFT model (the drafts), checked before anything is written
+    policy, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
+                                      enc, device=run.device)
     rng = random.Random(cfg.seed)
     records = read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                          {"task": dict, "prompt": str, "family": str})
@@ -219,8 +221,6 @@ def main(cfg):
         print(f"the critic of these demonstrations is there already: {path}")
     else:
         sft.main(critic_cfg)
-    policy, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py",
-                                      enc, device=run.device)
     critic, _ = checkpoint.load_model(os.path.join(critic_dir, "ckpt.pt"), "python cai.py", enc,
                                       device=run.device)
 

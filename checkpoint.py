@@ -75,11 +75,30 @@ def write_failure(e, folder):
     return first[:160]
 
 
+# made_by for a language model that any training stage may have written
+ANY_STAGE = "a training stage (python sft.py, pretrain.py, ppo.py, grpo.py or dpo.py)"
+
+
+def command(made_by):
+    """A command as errors name it: `python x.py` in backquotes, a description as it is."""
+    return f"`{made_by}`" if made_by.startswith("python ") else made_by
+
+
 def require(path, made_by):
     """The path, if it exists; otherwise a UserError naming the command that makes it."""
     if not os.path.exists(path):
-        raise UserError(f"{path} not found: run `{made_by}` first")
+        raise missing(path, made_by)
     return path
+
+
+def missing(path, made_by):
+    """The error for a file that is not there: the command that makes it, or, when the
+    folder named is itself a file (--init_from=out/sft/ckpt.pt), the folder to name."""
+    folder = os.path.dirname(path)
+    if os.path.isfile(folder):
+        return UserError(f"{folder} is a file: name the folder that holds it "
+                         f"({os.path.dirname(folder) or '.'}), not the file")
+    return UserError(f"{path} not found" + (f": run {command(made_by)} first" if made_by else ""))
 
 
 def save(path, payload):
@@ -91,8 +110,7 @@ def load(path, made_by=None):
     when the file is missing."""
     path = str(path)
     if not os.path.exists(path):
-        hint = f": run `{made_by}` first" if made_by else ""
-        raise UserError(f"{path} not found{hint}")
+        raise missing(path, made_by)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
@@ -155,7 +173,7 @@ def model_from(ckpt, path, made_by, enc, cls=GPT, device="cpu"):
     """load_model's second half, for a checkpoint already loaded: the model, in eval mode."""
     if isinstance(ckpt, dict) and "members" in ckpt:
         raise UserError(f"{path} is a reward-model checkpoint ({ckpt.get('stage')!r}), "
-                        f"not a language model: expected the output of `{made_by}`")
+                        f"not a language model: expected the output of {command(made_by)}")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a minRLHF checkpoint (no model weights or model config)")
     check_tokenizer(path, ckpt, enc)

@@ -376,8 +376,9 @@ def main(cfg):
     if not wanted:
         raise UserError(f"no checkpoints under {cfg.out}/ (looked for {', '.join(STAGES)}): "
                                 f"run `python pretrain.py` and `python sft.py` first")
-    load = lambda s: checkpoint.load_model(os.path.join(cfg.out, s, "ckpt.pt"),  # noqa: E731
-                                           f"python {s}.py", enc, device=run.device)[0].eval()
+    load = lambda s: checkpoint.load_model(  # noqa: E731
+        os.path.join(cfg.out, s, "ckpt.pt"), f"python {s}.py" if s in STAGES
+        else checkpoint.ANY_STAGE, enc, device=run.device)[0].eval()
     ref = None
     if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
         ref = load(cfg.reference)

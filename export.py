@@ -131,11 +131,11 @@ def with_biases(sd, model):
 
 def main(cfg):
     path = os.path.join(cfg.src, "ckpt.pt")
-    ckpt = checkpoint.load(path, f"the stage that writes {cfg.src}")
+    ckpt = checkpoint.load(path, checkpoint.ANY_STAGE)
     enc = hf.checkpoint_tokenizer(ckpt, path)  # a stage trained from GPT-2 carries its own
     gpt2 = enc is not None
     enc = enc or world_tokenizer(cfg.data_dir)
-    model = checkpoint.model_from(ckpt, path, f"the stage that writes {cfg.src}", enc)
+    model = checkpoint.model_from(ckpt, path, checkpoint.ANY_STAGE, enc)
     if os.path.exists(cfg.to) and (not os.path.isdir(cfg.to) or os.listdir(cfg.to)):
         raise UserError(f"--to={cfg.to}: exists and is not an empty directory; choose another")
     eos = "<|endoftext|>" if gpt2 else "<|end|>"

@@ -128,14 +128,17 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     device = [] if cfg.device == "auto" else [f"--device={cfg.device}"]
     d, w = cfg.out_dir, os.path.join(cfg.out_dir, "world")
+    if cfg.K < 2:
+        raise UserError(f"--K={cfg.K}: the raters rank at least 2 answers a prompt")
     checkpoint.require(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py")
+    # the SFT model checked against the world before anything is written
+    enc = world_tokenizer(w if os.path.isdir(w) else cfg.data_dir)
+    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
+                                   device=run.device)
     if not os.path.isdir(w):  # the rounds' sets go into a copy, not into the world itself
         checkpoint.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
         shutil.copytree(cfg.data_dir, w + ".tmp", dirs_exist_ok=True)
         os.replace(w + ".tmp", w)
-    enc = world_tokenizer(w)
-    sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
-                                   device=run.device)
     tasks = [world.Task.from_dict(r["task"]) for r in read_jsonl(
         os.path.join(w, "eval.jsonl"), {"task": dict})][:cfg.eval_prompts]
     label = lambda r, policy: stage(  # noqa: E731

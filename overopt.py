@@ -39,6 +39,7 @@ from typing import ClassVar
 import checkpoint
 import distributed
 import eval as evaluation
+import ppo
 from cli import UserError, number_list, parse_config, ranges, user_errors
 from data import world
 from distributed import print0
@@ -80,6 +81,11 @@ def ppo_run(cfg, seed, beta):
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}.out"), "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc == 2:  # ppo.py refused a flag or a file: its one line says which; no log kept
+        lines = open(f.name).read().splitlines()
+        os.remove(f.name)
+        said = next((x for x in reversed(lines) if x.startswith("error: ")), f"exit {rc}")
+        raise UserError(f"ppo.py (run {os.path.basename(out)}) stopped: {said[7:]}")
     if rc != 0:
         raise UserError(f"`python {' '.join(cmd[1:])}` failed (exit {rc}): see {f.name}")
     print0(f"  done in {time.time() - t0:.0f}s")
@@ -170,6 +176,10 @@ def main(cfg):
     if not seeds or not (betas or ns):
         raise UserError("--seeds and at least one of --betas and --best_of must name something "
                         "to run")
+    try:  # ppo.py's flags, checked before the first run starts
+        parse_config(ppo.Config, cfg.ppo_flags.split())
+    except UserError as e:
+        raise UserError(f"--ppo_flags={cfg.ppo_flags!r}: {e}") from None
     enc = world_tokenizer(cfg.data_dir)
     ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cli import parse_config, user_errors
+from cli import UserError, parse_config, user_errors
 
 
 @dataclass
@@ -93,6 +93,13 @@ def minutes(seconds):
 
 
 def main(cfg):
+    # what would stop a later stage, checked before the first one writes anything
+    for flag, path in (("--out", cfg.out), ("--data_dir", cfg.data_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag}={path} is a file, not a folder")
+    if cfg.device != "auto":
+        import distributed  # torch, only to check the device
+        distributed.setup(0, cfg.device)
     here = os.path.dirname(os.path.abspath(__file__))
     times, t0 = [], time.time()
     for script, flags in commands(cfg):

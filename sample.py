@@ -52,10 +52,10 @@ def load(cfg, device):
         gpt2 = f"{cfg.src} is a GPT-2 checkpoint"
     else:
         path = os.path.join(cfg.src, "ckpt.pt")
-        ckpt = checkpoint.load(path, f"the stage that writes {cfg.src}")
+        ckpt = checkpoint.load(path, checkpoint.ANY_STAGE)
         enc = hf.checkpoint_tokenizer(ckpt, path)
         if enc is not None:  # a stage trained from GPT-2: its tokenizer travels with it
-            model = checkpoint.model_from(ckpt, path, "a stage", enc, device=device)
+            model = checkpoint.model_from(ckpt, path, checkpoint.ANY_STAGE, enc, device=device)
             gpt2 = f"{cfg.src} was trained from GPT-2"
     if gpt2:
         eot = enc.encode_single_token("<|endoftext|>") if "<|endoftext|>" in \
@@ -79,7 +79,7 @@ def load(cfg, device):
     if cfg.format not in ("auto", "chat"):
         raise UserError(f"--format={cfg.format}: a stage's checkpoint answers in the chat format")
     model = checkpoint.model_from(ckpt, os.path.join(cfg.src, "ckpt.pt"),
-                                  f"the stage that writes {cfg.src}", enc, device=device)
+                                  checkpoint.ANY_STAGE, enc, device=device)
     end, pad = (enc.encode_single_token(t) for t in ("<|end|>", "<|endoftext|>"))
     return (model, lambda text: encode_prompt(enc, text),
             lambda ids: decode_response(enc, ids), end, pad)

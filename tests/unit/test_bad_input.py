@@ -100,6 +100,15 @@ BAD_INPUTS = {
     "checkpoint of another stage": (dpo, lambda w, s, t: [
         f"--data_dir={w}", f"--init_from={s}/reward"],
         ["reward-model checkpoint", "not a language model"]),
+    "checkpoint file named, not its folder": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/sft/ckpt.pt"],
+        ["sft/ckpt.pt is a file: name the folder that holds it", "not the file"]),
+    "nothing to resume": (sft, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/pretrain", "--resume=true"],
+        ["ckpt.pt not found: nothing to resume", "without --resume=true"]),
+    "answers as long as the context": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/sft", f"--reward_from={s}/reward",
+        "--max_new_tokens=100000"], ["--max_new_tokens=100000 leaves no room for a prompt"]),
     "negative learning rate": (sft, lambda w, s, t: [f"--data_dir={w}", "--learning_rate=-1e-4"],
                                ["--learning_rate=-1e-4", "must be above 0"]),
     "unknown optimizer": (pretrain, lambda w, s, t: [f"--data_dir={w}", "--optimizer=sgd"],
@@ -249,6 +258,20 @@ def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp
     assert (out / "ckpt.pt").read_bytes() == saved
 
 
+@pytest.mark.parametrize("stage, other, flags", [
+    (sft, "pretrain", ["--init_from={}/pretrain", *SFT_ARGS]), (pretrain, "sft", []),
+    (reward, "sft", ["--init_from={}/sft", "--prefs=prefs"])])
+def test_resume_refuses_another_stages_run(capsys, world, stages, tmp_path, stage, other, flags):
+    out = tmp_path / "run"
+    shutil.copytree(stages / other, out)
+    saved = (out / "ckpt.pt").read_bytes()
+    assert_user_error_in_process(capsys, stage, f"--data_dir={world}", f"--out_dir={out}",
+                                 "--resume=true", *(f.format(stages) for f in flags),
+                                 needles=[f"holds a run of stage '{other}', "
+                                          f"not '{stage.__name__}'", "without --resume=true"])
+    assert (out / "ckpt.pt").read_bytes() == saved
+
+
 def test_malformed_jsonl_names_file_and_line(capsys, world, stages, tmp_path):
     bad = copy_world(world, tmp_path / "bad")
     lines = (bad / "sft_train.jsonl").read_text().splitlines()
@@ -342,3 +365,14 @@ def test_out_dir_that_cannot_be_made(capsys, world, stages, tmp_path):
                                  needles=[f"--out_dir={out}", "cannot create the run folder",
                                           "Not a directory"])
     assert (tmp_path / "a_file").read_text() == ""
+
+
+def test_drivers_refuse_their_flags_before_writing_anything(capsys, tmp_path):
+    import iterate
+    import overopt
+    out = tmp_path / "out"
+    assert_user_error_in_process(capsys, iterate, "--K=1", f"--out_dir={out}",
+                                 needles=["--K=1: the raters rank at least 2 answers"])
+    assert_user_error_in_process(capsys, overopt, "--ppo_flags=--kl_coeff=1", f"--out_dir={out}",
+                                 needles=["--ppo_flags='--kl_coeff=1': --kl_coeff: unknown flag"])
+    assert not out.exists()

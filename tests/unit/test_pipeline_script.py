@@ -70,3 +70,19 @@ def test_a_failing_stage_stops_the_pipeline(monkeypatch, capsys, code, status, m
         pipeline.main(cli.parse_config(pipeline.Config, []))
     assert e.value.code == status and capsys.readouterr().err == message
     assert [c[1] for c in calls] == [str(ROOT / s) for s in SCRIPTS[:3]]
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--out", "--out={} is a file, not a folder"),
+    ("--data_dir", "--data_dir={} is a file, not a folder"),
+    ("--device", "--device=tpu: expected auto, cpu, cuda or mps"),
+])
+def test_what_would_stop_a_later_stage_is_refused_before_the_first(monkeypatch, tmp_path, capsys,
+                                                                    flag, needle):
+    calls = fake_stages(monkeypatch)
+    (tmp_path / "f").write_text("")
+    value = "tpu" if flag == "--device" else str(tmp_path / "f")
+    with pytest.raises(SystemExit) as e, cli.user_errors():
+        pipeline.main(cli.parse_config(pipeline.Config, [f"{flag}={value}"]))
+    assert e.value.code == 2 and needle.format(value) in capsys.readouterr().err
+    assert calls == []
