@@ -115,7 +115,9 @@ def load(path, made_by=None):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+        if len(first) > 160:  # torch's reasons run long: cut at a word, and say so
+            first = first[:160].rsplit(" ", 1)[0] + " ..."
+        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
 
 
 def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):

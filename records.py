@@ -41,7 +41,8 @@ def json_lines(path):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}: column "
+                                    f"{e.colno})") from None
                 if not isinstance(rec, dict):
                     raise UserError(f"{path}:{lineno}: expected a JSON object, got "
                                     f"{type(rec).__name__}")
