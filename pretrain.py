@@ -181,7 +181,9 @@ def main(cfg):
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "pretrain", raw_model, cfg, step, optimizer, enc,
                             val_loss=val)))  # also on SIGTERM
-    print0(f"done: val loss {val:.4f}; checkpoint {ckpt_path}")
+    said = (f"val loss {val:.4f}" if not math.isnan(val)  # nan: no step was left to take
+            else f"nothing left to do at step {step} of --max_steps={cfg.max_steps}")
+    print0(f"done: {said}; checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)
 
