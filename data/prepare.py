@@ -13,12 +13,17 @@ Files (field by field in docs/world.md):
     prompts_train.jsonl                  training prompts for RL
     eval.jsonl                           held-out prompts, for every evaluation
     meta.json           the config, counts, tokenizer name
+
+--out_dir is replaced as a whole, so it must be new, empty, or a world this script wrote
+(its meta.json); anything else is refused before any work. Ctrl-C (exit 130) and SIGTERM
+(exit 143) stop the run and leave the previous world as it was, with no temporary folder.
 """
 
 import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +41,7 @@ from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 
 @dataclass
 class Config:
-    out_dir: str = "data/world"  # folder for the generated files (replaced as a whole)
+    out_dir: str = "data/world"  # the world's folder, replaced as a whole: new, empty, or a world
     seed: int = 1337             # everything below is a function of this seed
     n_docs: int = 40000          # pretraining documents
     vocab_size: int = 1024       # BPE vocabulary (256 bytes + merges), special tokens extra
@@ -58,6 +63,13 @@ class Config:
     RANGES: ClassVar = ranges(at_least_1="vocab_size", fraction="imperfect habit",
                               non_negative="n_docs n_sft n_prefs n_rl n_eval rater_k rater_b_len "
                                            "rater_b_style")
+
+
+# every file main() writes; a <out>.tmp left by a killed run holds some of them and no other
+FILES = ("corpus.txt", "tokenizer.tiktoken", "train.bin", "val.bin", "sft_train.jsonl",
+         "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl",
+         "eval.jsonl", "meta.json")
+STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 def write_jsonl(path, records):
@@ -87,6 +99,46 @@ def check_task_ranges(cfg, wc):
                                 f"them); widen it") from None
 
 
+def is_world(folder):
+    """Whether folder holds a meta.json of this script's (every version wrote one, with the
+    config, seed included, and the tokenizer's name)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):  # none, unreadable, not JSON
+        return False
+    return (isinstance(meta, dict) and "tokenizer" in meta
+            and isinstance(meta.get("config"), dict) and "seed" in meta["config"])
+
+
+def check_out_dir(flag, out, tmp):
+    """Refuse to replace what this script did not write: out must be missing, an empty folder
+    or a world; tmp (deleted first) missing or a leftover of a killed run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag}: {out} is a file, not a folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not is_world(out):
+        raise UserError(f"{flag}: {out} is not empty and not a world data/prepare.py wrote "
+                        f"(no meta.json of one); the folder is replaced as a whole: give a new "
+                        f"or empty folder")
+    if tmp.exists() and not (tmp.is_dir() and all(f.name in FILES for f in tmp.iterdir())):
+        raise UserError(f"{flag}: {tmp}, where the world is written first, holds other files; "
+                        f"move it away or give another folder")
+
+
+def on_stops(handler):
+    for sig in STOPS:
+        signal.signal(sig, handler)
+
+
+def stop(signum, frame):
+    """Ctrl-C or SIGTERM: an exception, so that main's `finally` removes the temporary folder
+    (SIGTERM would kill at once and leave it); further ones are ignored while it does."""
+    on_stops(signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt  # cli.user_errors: "interrupted", exit 130
+    print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(cfg):
     if cfg.K < 2:
         raise UserError(f"--K={cfg.K}: a ranking needs at least 2 responses")
@@ -99,19 +151,40 @@ def main(cfg):
     wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare,
                            sort_len=(cfg.sort_min, cfg.sort_max))
     check_task_ranges(cfg, wc)
-    out = Path(cfg.out_dir)
+    flag = f"--out_dir={cfg.out_dir}"
+    out = Path(cfg.out_dir).resolve()  # "." and ".." by their names
+    if out == out.parent:  # the root
+        raise UserError(f"{flag}: give a folder of its own for the world")
     tmp = out.with_name(out.name + ".tmp")  # written whole, then swapped in: no partial folder
+    check_out_dir(flag, out, tmp)
+    handlers = {sig: signal.getsignal(sig) for sig in STOPS}
+    for sig, handler in handlers.items():
+        if handler is not signal.SIG_IGN:  # a run started with them ignored (nohup) keeps them so
+            signal.signal(sig, stop)
+    stopped = False
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         summary = write_world(cfg, wc, tmp)
-        shutil.rmtree(out, ignore_errors=True)
+        on_stops(signal.SIG_IGN)  # the swap is not cut short: the old world or the new, whole
+        check_out_dir(flag, out, tmp)  # (a file put there meanwhile)
+        if out.is_dir() and any(out.iterdir()):
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as e:  # a full disk, a folder that cannot be made: one line, nothing left
         raise UserError(f"could not write {e.filename or out}: {e.strerror or e}") from None
+    except (KeyboardInterrupt, SystemExit):  # by stop(): deaf to more signals until the exit
+        stopped = True
+        raise
+    else:  # (still deaf to Ctrl-C: the world is written)
+        print(f"wrote {Path(cfg.out_dir)}/ {summary}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}/ {summary}")
+        try:
+            on_stops(signal.SIG_IGN)  # (a signal pending runs stop() first, which raises)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_IGN if stopped else handler)
 
 
 def write_world(cfg, wc, tmp):
@@ -130,7 +203,9 @@ def write_world(cfg, wc, tmp):
     eot = enc.encode_single_token("<|endoftext|>")
     n_val = max(1, len(docs) // 20)
     for name, part in (("train", docs[:-n_val]), ("val", docs[-n_val:])):
-        ids = [t for d in enc.encode_ordinary_batch(part) for t in (*d, eot)]
+        # one thread: encode_ordinary_batch's thread pool deadlocks when Ctrl-C lands inside
+        # its locks (the workers wait forever on a lock the main thread never releases)
+        ids = [t for d in part for t in (*enc.encode_ordinary(d), eot)]
         np.array(ids, dtype=np.uint16).tofile(tmp / f"{name}.bin")
         if name == "train":
             n_train_tokens = len(ids)
