@@ -28,27 +28,32 @@ ON_USER_ERROR = []
 @contextlib.contextmanager
 def user_errors():
     """Wrap a script's main(): a UserError becomes one line on stderr and exit status 2;
-    Ctrl-C outside a training loop exits 130 without a traceback. Either way, what
-    ON_USER_ERROR lists is undone first."""
+    Ctrl-C outside a training loop exits 130 without a traceback. Either way, what was
+    added to ON_USER_ERROR inside the block is undone first; on leaving the block it is
+    dropped from the list either way."""
+    mark = len(ON_USER_ERROR)
     try:
         yield
     except UserError as e:
-        undo()
+        undo(mark)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a file the script could not read or write, whichever it was
-        undo()
+        undo(mark)
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        undo()
+        undo(mark)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        del ON_USER_ERROR[mark:]
 
 
-def undo():
-    while ON_USER_ERROR:
+def undo(mark=0):
+    """Run the callbacks added since ON_USER_ERROR held `mark` of them, newest first."""
+    while len(ON_USER_ERROR) > mark:
         ON_USER_ERROR.pop()()
 
 
