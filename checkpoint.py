@@ -128,28 +128,39 @@ def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
                 rng=torch.get_rng_state(), **extra)
 
 
-def resume(path, stage, model, optimizer, check=None):
-    """Restore model and optimizer from a stage's own checkpoint; returns (step, ckpt).
-    stage: the name this run's checkpoints carry (stage_checkpoint's); another stage's
-    checkpoint, or one whose weights or optimizer do not fit this run's flags, is refused
-    in one line. check(ckpt), if given, runs first: it raises UserError for a checkpoint
-    that does not fit this run's other flags."""
+def own_run(path, stage):
+    """The checkpoint at path, to resume a run of `stage` (the name stage_checkpoint gave
+    it); refused in one line when there is none or it is another stage's."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: nothing to resume; start without --resume=true")
     ckpt = load(path)
     written = ckpt.get("stage") if isinstance(ckpt, dict) else None
-    if written != stage or "model" not in ckpt or "optimizer" not in ckpt:
+    if written != stage:
         raise UserError(f"{path} holds a run of stage {written!r}, not {stage!r}: point "
                         f"--out_dir at a {stage!r} run to resume, or start without --resume=true")
-    if check is not None:
-        check(ckpt)
+    return ckpt
+
+
+def restore(path, model, optimizer, ckpt):
+    """The weights and optimizer state of ckpt (read from path) into model and optimizer;
+    ones of other shapes (other flags) refused in one line."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # a model or optimizer of other shapes
+    except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} does not fit this run's model or optimizer ({first[:120]}): "
                         f"resume with the flags it was started with") from None
+
+
+def resume(path, stage, model, optimizer, check=None):
+    """Restore model and optimizer from a run of this stage (own_run, restore); returns
+    (step, ckpt). check(ckpt), if given, runs first: it raises UserError for a checkpoint
+    that does not fit this run's other flags."""
+    ckpt = own_run(path, stage)
+    if check is not None:
+        check(ckpt)
+    restore(path, model, optimizer, ckpt)
     # the global generator (dropout); data order and sampling have their own seeds
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"])

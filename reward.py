@@ -261,13 +261,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
                                          (cfg.beta1, cfg.beta2), run.device_type)
     step = 0
     if state:
-        try:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as e:  # a trunk or optimizer of other shapes
-            raise UserError(f"{cfg.out_dir}/ckpt.pt does not fit this run's model or optimizer "
-                            f"({str(e).strip().splitlines()[0][:120]}): resume with the flags "
-                            f"it was started with") from None
+        checkpoint.restore(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, state)
         step = state["step"]
         if "rng" in state:
             torch.set_rng_state(state["rng"])
@@ -349,14 +343,7 @@ def main(cfg):
     lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
     done, norms, state = [], [], None
     if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"{ckpt_path} not found: nothing to resume; start without "
-                            f"--resume=true")
-        ck = checkpoint.load(ckpt_path)
-        if ck.get("stage") != "reward":
-            raise UserError(f"{ckpt_path} holds a run of stage {ck.get('stage')!r}, not "
-                            f"'reward': point --out_dir at a 'reward' run to resume, or start "
-                            f"without --resume=true")
+        ck = checkpoint.own_run(ckpt_path, "reward")
         done, norms = list(ck.get("members", [])), [list(x) for x in ck.get("norms", [])]
         state = ck if "model" in ck else None
         print0(f"resuming {ckpt_path}: {len(done)} member(s) finished"
