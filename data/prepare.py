@@ -15,8 +15,12 @@ Files (field by field in docs/world.md):
     meta.json           the config, counts, tokenizer name
 
 --out_dir is replaced as a whole, so it must be new, empty, or a world this script wrote
-(its meta.json); anything else is refused before any work. Ctrl-C (exit 130) and SIGTERM
-(exit 143) stop the run and leave the previous world as it was, with no temporary folder.
+(its meta.json); anything else is refused before any work. The labels a person gave in
+that world (data/labeler.py's labels_human.jsonl and prefs_human_*.jsonl, the
+playground's prefs_playground_*.jsonl) are carried into the new one; everything else
+that other scripts wrote there (data/label.py's sets) goes with the old world. Ctrl-C
+(exit 130) and SIGTERM (exit 143) stop the run and leave the previous world as it was,
+with no temporary folder.
 """
 
 import json
@@ -65,6 +69,8 @@ class Config:
                                            "rater_b_style")
 
 
+# the labels a person gave, kept when the world they lie in is written again
+PEOPLES = ("labels_human*.jsonl", "prefs_human_*.jsonl", "prefs_playground_*.jsonl")
 # every file main() writes; a <out>.tmp left by a killed run holds some of them and no other
 FILES = ("corpus.txt", "tokenizer.tiktoken", "train.bin", "val.bin", "sft_train.jsonl",
          "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl",
@@ -168,6 +174,9 @@ def main(cfg):
         summary = write_world(cfg, wc, tmp)
         on_stops(signal.SIG_IGN)  # the swap is not cut short: the old world or the new, whole
         check_out_dir(flag, out, tmp)  # (a file put there meanwhile)
+        kept = sorted({f for pattern in PEOPLES for f in out.glob(pattern)}) if out.is_dir() else []
+        for f in kept:  # copied, so that a failure before the swap leaves the old world whole
+            shutil.copy2(f, tmp / f.name)
         if out.is_dir() and any(out.iterdir()):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -178,6 +187,9 @@ def main(cfg):
         raise
     else:  # (still deaf to Ctrl-C: the world is written)
         print(f"wrote {Path(cfg.out_dir)}/ {summary}")
+        if kept:
+            print(f"kept the labels given in the world it replaced: "
+                  f"{', '.join(f.name for f in kept)}")
     finally:
         try:
             on_stops(signal.SIG_IGN)  # (a signal pending runs stop() first, which raises)

@@ -114,3 +114,18 @@ def test_a_signal_while_the_world_is_written_leaves_the_previous_one(tmp_path, s
     assert took < 5, took
     assert [f.name for f in tmp_path.iterdir()] == ["w"]  # no w.tmp
     assert {f.name: f.read_bytes() for f in w.iterdir()} == before
+
+
+def test_the_labels_a_person_gave_are_carried_into_the_new_world(tmp_path):
+    w = tmp_path / "w"
+    run(*PREPARE, f"--out_dir={w}", "--seed=2")
+    given = {"labels_human.jsonl": '{"event": "label", "choice": "A"}\n',
+             "prefs_human_train.jsonl": "{}\n", "prefs_playground_train.jsonl": "{}\n"}
+    for name, text in given.items():
+        (w / name).write_text(text)
+    (w / "prefs_sft_train.jsonl").write_text("{}\n")  # data/label.py's: made again, not kept
+    p = run(*PREPARE, f"--out_dir={w}", "--seed=3")
+    assert "kept the labels given in the world it replaced: labels_human.jsonl, " in p.stdout
+    assert json.loads((w / "meta.json").read_text())["config"]["seed"] == 3
+    assert {name: (w / name).read_text() for name in given} == given
+    assert not (w / "prefs_sft_train.jsonl").exists()
