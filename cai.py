@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -214,13 +215,20 @@ def main(cfg):
                             device=cfg.device)
     path = os.path.join(critic_dir, "ckpt.pt")
     done = False
-    if same and os.path.exists(path):
+    if same and os.path.exists(path):  # a critic of these flags, whole or stopped part way
         ck = checkpoint.load(path)
-        done = ck.get("config") == asdict(critic_cfg) and ck.get("step") == cfg.critic_steps
+        ours = {**ck.get("config", {}), "resume": False} == asdict(critic_cfg)
+        done, critic_cfg.resume = ours and ck.get("step") == cfg.critic_steps, ours
     if done:
         print(f"the critic of these demonstrations is there already: {path}")
     else:
-        sft.main(critic_cfg)
+        try:
+            sft.main(critic_cfg)
+        except SystemExit as e:  # stopped by a signal, its checkpoint saved
+            if e.code not in (0, 2, None):
+                print("(cai.py: run it again with the same flags; the critic continues "
+                      "where it stopped)", file=sys.stderr)
+            raise
     critic, _ = checkpoint.load_model(os.path.join(critic_dir, "ckpt.pt"), "python cai.py", enc,
                                       device=run.device)
 

@@ -3,6 +3,8 @@ their agreement figures written (the tiny critic learns little in three steps)."
 
 import json
 
+import torch
+
 from conftest import copy_world, main_of
 
 import cai
@@ -29,3 +31,21 @@ def test_cai_end_to_end_on_the_tiny_pipeline(pipeline, tmp_path, capsys):
                  .splitlines()]
         assert [sorted(r["text"] for r in x["responses"]) for x in judged] == \
                [sorted(r["text"] for r in x["responses"]) for x in rated]
+
+
+def test_a_critic_stopped_part_way_continues_on_the_next_run(pipeline, tmp_path, capsys):
+    data = copy_world(pipeline.data, tmp_path / "world")
+    out = tmp_path / "cai"
+    args = [f"--data_dir={data}", f"--init_from={pipeline.out}/sft", f"--out_dir={out}",
+            "--n_critiques=20", "--n_judgements=10", "--n_sft=10", "--critic_steps=3",
+            "--n_prompts=8", "--max_new_tokens=8"]
+    main_of(cai, args)
+    assert "the critic of these demonstrations is there already" not in capsys.readouterr().out
+    ckpt = out / "critic" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "step": 2}, ckpt)  # as a run stopped after its second step leaves it
+    main_of(cai, args)
+    assert f"resuming {ckpt} at step 2" in capsys.readouterr().out
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    main_of(cai, args)
+    assert "the critic of these demonstrations is there already" in capsys.readouterr().out
