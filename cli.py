@@ -8,6 +8,7 @@ nothing else of the project, so every other module can raise UserError.
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -147,7 +148,7 @@ def parse_config(cls, argv=None):
             raise UserError(f"argument {arg!r}: flags look like --name=value (see --help)")
         name, text = m.groups()
         if name not in fields:
-            close = [f for f in fields if f.startswith(name[:3])]
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"--{name}: unknown flag{hint}; see --help")
         field = renamed.get(name, name)

@@ -166,3 +166,13 @@ def test_a_flag_named_for_a_python_keyword(capsys):
     with pytest.raises(SystemExit):
         cli.parse_config(Paths, ["--help"])
     assert "--from=out/sft" in capsys.readouterr().out
+
+
+def test_an_unknown_flag_names_the_flag_it_is_closest_to_if_any():
+    for flag, hint in (("--stepz=3", " (did you mean --steps?)"),
+                       ("--fracs=1", " (did you mean --frac?)"),
+                       ("--flg=1", " (did you mean --flag?)"), ("--stride=1", ""),
+                       ("--name_of_run=x", "")):
+        with pytest.raises(UserError) as e:
+            cli.parse_config(Cfg, [flag])
+        assert str(e.value) == f"{flag.split('=')[0]}: unknown flag{hint}; see --help"
