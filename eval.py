@@ -367,6 +367,10 @@ def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     if cfg.data:
         return judged(cfg, run)
+    if cfg.models or cfg.judge_from:
+        raise UserError(f"--{'models' if cfg.models else 'judge_from'} is for your own prompts: "
+                        f"give them with --data (without it, the stages under --out={cfg.out} "
+                        f"are scored on the world's)")
     enc = world_tokenizer(cfg.data_dir)
     records = read_jsonl(os.path.join(cfg.data_dir, "eval.jsonl"), {"task": dict, "prompt": str})
     tasks = [world.Task.from_dict(r["task"]) for r in records]

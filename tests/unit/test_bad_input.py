@@ -126,6 +126,9 @@ BAD_INPUTS = {
     "unknown loss": (dpo, lambda w, s, t: [
         f"--data_dir={w}", f"--init_from={s}/sft", "--loss=dpo2"],
         ["--loss=dpo2", "expected one of"]),
+    "your models without your prompts": (evaluation, lambda w, s, t: [
+        f"--data_dir={w}", f"--out={s}", f"--models={s}/sft"],
+        ["--models is for your own prompts: give them with --data"]),
     "bad list": (evaluation, lambda w, s, t: [f"--data_dir={w}", f"--out={s}", "--best_of=1,four"],
                  ["--best_of=1,four", "comma-separated int"]),
     "bad device": (reward, lambda w, s, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),
