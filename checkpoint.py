@@ -62,6 +62,12 @@ def os_error(e):
     return None
 
 
+def reason(e):
+    """An exception's first line (torch's run long), or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def write_failure(e, folder):
     """Why a write failed, in a few words."""
     if isinstance(e, OSError) and e.strerror:
@@ -71,8 +77,7 @@ def write_failure(e, folder):
             return "No space left on device"
     except OSError:
         pass
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return first[:160]
+    return reason(e)[:160]
 
 
 # made_by for a language model that any training stage may have written
@@ -114,7 +119,7 @@ def load(path, made_by=None):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = reason(e)
         if len(first) > 160:  # torch's reasons run long: cut at a word, and say so
             first = first[:160].rsplit(" ", 1)[0] + " ..."
         raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
@@ -148,8 +153,7 @@ def restore(path, model, optimizer, ckpt):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} does not fit this run's model or optimizer ({first[:120]}): "
+        raise UserError(f"{path} does not fit this run's model or optimizer ({reason(e)[:120]}): "
                         f"resume with the flags it was started with") from None
 
 
@@ -195,7 +199,7 @@ def model_from(ckpt, path, made_by, enc, cls=GPT, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {type(model).__name__} "
-                        f"({str(e).splitlines()[0][:120]})") from None
+                        f"({reason(e)[:120]})") from None
     return model.to(device).eval()
 
 
