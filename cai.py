@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -222,13 +221,14 @@ def main(cfg):
     if done:
         print(f"the critic of these demonstrations is there already: {path}")
     else:
+        # stopped by a signal, it saves its checkpoint and says how to go on: cai.py's way
+        stop = distributed.StopSignal
+        hint, stop.resume_hint = stop.resume_hint, ("running cai.py again with the same flags "
+                                                    "continues the critic")
         try:
             sft.main(critic_cfg)
-        except SystemExit as e:  # stopped by a signal, its checkpoint saved
-            if e.code not in (0, 2, None):
-                print("(cai.py: run it again with the same flags; the critic continues "
-                      "where it stopped)", file=sys.stderr)
-            raise
+        finally:
+            stop.resume_hint = hint
     critic, _ = checkpoint.load_model(os.path.join(critic_dir, "ckpt.pt"), "python cai.py", enc,
                                       device=run.device)
 

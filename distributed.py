@@ -10,6 +10,7 @@ import functools
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -66,10 +67,22 @@ def require_compiler(device_type):
         names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
     else:
         return
-    if not any(shutil.which(n) for n in names):
+    var = "CXX" if device_type == "cpu" else "CC"
+    found = [n for n in names if shutil.which(n)]
+    if not found:
         raise UserError(f"--compile=true on {device_type} needs a compiler, and none of "
-                        f"{', '.join(names)} is on PATH: install one (or set "
-                        f"{'CXX' if device_type == 'cpu' else 'CC'}), or run without --compile")
+                        f"{', '.join(names)} is on PATH: install one (or set {var}), "
+                        f"or run without --compile")
+    # torch takes the first that answers `--version`; one that does not would fail later
+    for name in found:
+        try:
+            subprocess.run([name, "--version"], capture_output=True, timeout=60, check=True)
+            return
+        except (OSError, subprocess.SubprocessError):
+            pass
+    raise UserError(f"--compile=true on {device_type}: the compiler {' or '.join(found)} is on "
+                    f"PATH but `{found[0]} --version` fails: repair it (or set {var}), "
+                    f"or run without --compile")
 
 
 def teardown(run):
@@ -188,11 +201,15 @@ class StopSignal:
         if stopping:
             self.exit(step, ckpt_path)
 
+    # how the user continues a stopped run; a driver that runs a stage in its own process
+    # (cai.py's critic) says its own way instead
+    resume_hint = "--resume=true continues"
+
     def exit(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; "
-                  f"--resume=true continues", file=sys.stderr)
+                  f"{StopSignal.resume_hint}", file=sys.stderr)
         sys.exit(128 + (self.signum or signal.SIGTERM))
 
 

@@ -299,6 +299,8 @@ def judged(cfg, run):
     if not folders or not cfg.judge_from:
         raise UserError("--data needs --models (stage folders, comma-separated) and --judge_from "
                         "(a reward model to judge the answers): there is no gold scorer there")
+    if cfg.reference not in folders and cfg.reference not in ("", Config.reference):
+        raise UserError(f"--reference={cfg.reference} is not one of --models={cfg.models}")
     reference = cfg.reference if cfg.reference in folders else folders[0]
     models = {f: stage_model(f, "python sft.py", cfg.data_dir,
                              run.device) for f in folders}
@@ -386,8 +388,11 @@ def main(cfg):
     ref = None
     if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
         ref = load(cfg.reference)
-    elif cfg.reference:
+    elif cfg.reference == Config.reference:
         print0(f"({cfg.out}/{cfg.reference} not found: no KL, win rate or best-of-n against it)")
+    elif cfg.reference:  # one named on the command line must be there
+        raise UserError(f"--reference={cfg.reference}: no {cfg.out}/{cfg.reference}/ckpt.pt "
+                        f"(the stage KL and win rates are measured against)")
     reward_model = None
     if cfg.reward_from != "none":
         path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto"

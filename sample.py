@@ -89,6 +89,10 @@ def main(cfg, prompts):
     if not prompts:
         raise UserError("no prompt: give one or more as arguments, e.g. "
                         "python sample.py --from=out/sft \"What is 2 + 2?\"")
+    empty = [i for i, text in enumerate(prompts, 1) if not text.strip()]
+    if empty:
+        raise UserError(f"prompt {empty[0]} of {len(prompts)} is empty: give the question, e.g. "
+                        "python sample.py --from=out/sft \"What is 2 + 2?\"")
     if cfg.format not in ("auto", "chat", "hh", "plain"):
         raise UserError(f"--format={cfg.format}: expected auto, chat, hh or plain")
     run = distributed.setup(cfg.seed, cfg.device)

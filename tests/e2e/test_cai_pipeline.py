@@ -2,12 +2,16 @@
 their agreement figures written (the tiny critic learns little in three steps)."""
 
 import json
+import signal
 
+import pytest
 import torch
 
 from conftest import copy_world, main_of
 
 import cai
+import distributed
+from cli import parse_config
 
 
 def test_cai_end_to_end_on_the_tiny_pipeline(pipeline, tmp_path, capsys):
@@ -49,3 +53,30 @@ def test_a_critic_stopped_part_way_continues_on_the_next_run(pipeline, tmp_path,
     assert torch.load(ckpt, weights_only=True)["step"] == 3
     main_of(cai, args)
     assert "the critic of these demonstrations is there already" in capsys.readouterr().out
+
+
+def test_a_critic_stopped_by_a_signal_says_to_run_cai_again(pipeline, tmp_path, capsys,
+                                                             monkeypatch):
+    """The critic is sft.py's loop run inside cai.py, which has no --resume flag: the line
+    printed on a stop names cai.py's way to continue, and sft.py's own line comes back after."""
+    def stopped_sft(cfg):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        stop = distributed.StopSignal()
+        for sig, handler in previous.items():  # its handlers stay out of the test process
+            signal.signal(sig, handler)
+        stop.signum = signal.SIGTERM  # as if asked to stop during the critic's second step
+        stop.exit(2, f"{cfg.out_dir}/ckpt.pt")
+
+    monkeypatch.setattr(cai.sft, "main", stopped_sft)
+    data = copy_world(pipeline.data, tmp_path / "world")
+    with pytest.raises(SystemExit) as e:
+        cai.main(parse_config(cai.Config, [
+            f"--data_dir={data}", f"--init_from={pipeline.out}/sft", f"--out_dir={tmp_path}/c",
+            "--n_critiques=4", "--n_judgements=4", "--n_sft=4", "--critic_steps=3",
+            "--n_prompts=4", "--max_new_tokens=4"]))
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 2" in err
+    assert "running cai.py again with the same flags continues the critic" in err
+    assert "--resume=true" not in err
+    assert distributed.StopSignal.resume_hint == "--resume=true continues"

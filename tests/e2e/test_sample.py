@@ -38,6 +38,7 @@ def test_gpt2_greedy_is_transformers_greedy(capsys):
 
 @pytest.mark.parametrize("flags, prompts, needle", [
     ([], [], "no prompt"),
+    ([], ["What is 2 + 2?", "  "], "prompt 2 of 2 is empty"),
     (["--format=json"], ["x"], "--format=json: expected auto, chat, hh or plain"),
     ([f"--from={FIXTURE}", "--format=chat"], ["x"], "is a GPT-2 checkpoint; use hh or plain"),
 ])

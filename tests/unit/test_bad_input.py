@@ -129,6 +129,12 @@ BAD_INPUTS = {
     "your models without your prompts": (evaluation, lambda w, s, t: [
         f"--data_dir={w}", f"--out={s}", f"--models={s}/sft"],
         ["--models is for your own prompts: give them with --data"]),
+    "a reference that is not there": (evaluation, lambda w, s, t: [
+        f"--data_dir={w}", f"--out={s}", "--reference=dpoo"],
+        ["--reference=dpoo: no", "dpoo/ckpt.pt"]),
+    "a reference not among your models": (evaluation, lambda w, s, t: [
+        f"--data={w}/eval.jsonl", f"--out={t}/o", f"--models={s}/sft", f"--judge_from={s}/reward",
+        "--reference=ppo"], ["--reference=ppo is not one of --models="]),
     "bad list": (evaluation, lambda w, s, t: [f"--data_dir={w}", f"--out={s}", "--best_of=1,four"],
                  ["--best_of=1,four", "comma-separated int"]),
     "bad device": (reward, lambda w, s, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),

@@ -71,3 +71,7 @@ def test_compile_without_a_compiler_is_refused_at_setup(monkeypatch, tmp_path):
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     assert distributed.setup(0, "cpu", compile=True).device == "cpu"
+    compiler.write_text("#!/bin/sh\nexit 1\n")  # there, but broken: torch would fail later
+    with pytest.raises(UserError, match=r"--compile=true on cpu: the compiler .*my-c\+\+ is on "
+                                        r"PATH but `.*my-c\+\+ --version` fails"):
+        distributed.setup(0, "cpu", compile=True)
