@@ -222,13 +222,8 @@ def main(cfg):
         print(f"the critic of these demonstrations is there already: {path}")
     else:
         # stopped by a signal, it saves its checkpoint and says how to go on: cai.py's way
-        stop = distributed.StopSignal
-        hint, stop.resume_hint = stop.resume_hint, ("running cai.py again with the same flags "
-                                                    "continues the critic")
-        try:
-            sft.main(critic_cfg)
-        finally:
-            stop.resume_hint = hint
+        sft.main(critic_cfg, resume_hint="running cai.py again with the same flags continues "
+                                         "the critic")
     critic, _ = checkpoint.load_model(os.path.join(critic_dir, "ckpt.pt"), "python cai.py", enc,
                                       device=run.device)
 

@@ -173,8 +173,11 @@ class StopSignal:
     DDP the ranks agree (one all-reduce per step), so they stop at the same step. A
     second signal kills at once."""
 
-    def __init__(self):
+    def __init__(self, resume_hint=None):
         self.signum = None
+        # how the user continues a stopped run (a driver that runs a stage's loop in its
+        # own process, as cai.py runs sft.py's, names its own way)
+        self.resume_hint = resume_hint or "--resume=true continues"
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -201,15 +204,11 @@ class StopSignal:
         if stopping:
             self.exit(step, ckpt_path)
 
-    # how the user continues a stopped run; a driver that runs a stage in its own process
-    # (cai.py's critic) says its own way instead
-    resume_hint = "--resume=true continues"
-
     def exit(self, step, ckpt_path):
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; "
-                  f"{StopSignal.resume_hint}", file=sys.stderr)
+                  f"{self.resume_hint}", file=sys.stderr)
         sys.exit(128 + (self.signum or signal.SIGTERM))
 
 

@@ -139,7 +139,7 @@ def val_loss(model, examples, pad, run):
     return distributed.all_reduce_mean(total, run) / distributed.all_reduce_mean(count, run)
 
 
-def main(cfg):
+def main(cfg, resume_hint=None):
     run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
     # a GPT-2 checkpoint (directory or name) starts in HH's chat format with its tokenizer
@@ -167,7 +167,7 @@ def main(cfg):
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal(resume_hint)
 
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:

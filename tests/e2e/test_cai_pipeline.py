@@ -58,10 +58,10 @@ def test_a_critic_stopped_part_way_continues_on_the_next_run(pipeline, tmp_path,
 def test_a_critic_stopped_by_a_signal_says_to_run_cai_again(pipeline, tmp_path, capsys,
                                                              monkeypatch):
     """The critic is sft.py's loop run inside cai.py, which has no --resume flag: the line
-    printed on a stop names cai.py's way to continue, and sft.py's own line comes back after."""
-    def stopped_sft(cfg):
+    printed on a stop names cai.py's way to continue."""
+    def stopped_sft(cfg, resume_hint=None):
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        stop = distributed.StopSignal()
+        stop = distributed.StopSignal(resume_hint)
         for sig, handler in previous.items():  # its handlers stay out of the test process
             signal.signal(sig, handler)
         stop.signum = signal.SIGTERM  # as if asked to stop during the critic's second step
@@ -79,4 +79,3 @@ def test_a_critic_stopped_by_a_signal_says_to_run_cai_again(pipeline, tmp_path, 
     assert "stopped by SIGTERM after step 2" in err
     assert "running cai.py again with the same flags continues the critic" in err
     assert "--resume=true" not in err
-    assert distributed.StopSignal.resume_hint == "--resume=true continues"
