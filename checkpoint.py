@@ -125,6 +125,16 @@ def load(path, made_by=None):
         raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
 
 
+def stage_of(path):
+    """The stage that wrote the checkpoint at path, or None when there is none or it
+    cannot be read (mapped, not read whole: a GPT-2 checkpoint is large)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, or not a checkpoint: nothing to keep from replacement
+        return None
+    return ckpt.get("stage") if isinstance(ckpt, dict) else None
+
+
 def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
     """What every stage's checkpoint holds (see the module docstring), plus `extra`."""
     return dict(stage=stage, model=model.state_dict(),
@@ -210,9 +220,12 @@ class RunLock:
     one; a second run into a busy folder is refused at once. Under DDP only rank 0
     takes it. Where the platform has no fcntl (Windows) the folder is not locked. A folder
     the run made is removed again when the run stops on a mistake or Ctrl-C (cli's
-    user_errors) before its first checkpoint, so a failed start leaves nothing behind."""
+    user_errors) before its first checkpoint, so a failed start leaves nothing behind.
+    stages: the stage names whose checkpoint this run may replace (its own; DPO's
+    losses each other's); a folder holding another stage's model is refused, so that
+    `ppo.py --out_dir=out/sft` does not write over the SFT model."""
 
-    def __init__(self, out_dir, run, flag="--out_dir"):
+    def __init__(self, out_dir, run, stages, flag="--out_dir"):
         self.path, self.file, self.dir = os.path.join(out_dir, ".lock"), None, out_dir
         try:
             import fcntl
@@ -235,6 +248,12 @@ class RunLock:
             f.close()
             raise UserError(f"{flag}={out_dir} is in use by process {owner}: wait for that run "
                             f"to end, stop it, or choose another {flag}") from None
+        written = stage_of(os.path.join(out_dir, "ckpt.pt"))
+        if written is not None and written not in stages:
+            f.close()
+            raise UserError(f"{flag}={out_dir} holds a run of stage {written!r}, not "
+                            f"{stages[0]!r}: choose another {flag} (this run would write over "
+                            f"its model), or remove that folder first") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

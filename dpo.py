@@ -374,7 +374,7 @@ def main(cfg):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(out_dir, run, (cfg.loss, *LOSSES))  # this run's folder until it ends
     step = checkpoint.resume(ckpt_path, cfg.loss, raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)

@@ -337,7 +337,7 @@ def main(cfg):
     optimizer = policy.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
                                             run.device_type)
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(cfg.out_dir, run, ("grpo",))  # this run's folder until it ends
     if cfg.resume:
         it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer)
     train_policy = distributed.wrap(policy, run, cfg.compile)

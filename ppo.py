@@ -460,7 +460,7 @@ def main(cfg):
                                                      run.device_type)
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(cfg.out_dir, run, ("ppo",))  # this run's folder until it ends
     if cfg.resume:
         def same_value_head(ck):
             was = ck["config"].get("value_head", "separate")

@@ -129,7 +129,7 @@ def main(cfg):
                                          cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                          run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(cfg.out_dir, run, ("pretrain",))  # this run's folder until it ends
 
     def same_optimizer(ckpt):  # the optimizers' states do not fit each other
         theirs = ckpt.get("config", {}).get("optimizer", "adamw")  # adamw: before the flag

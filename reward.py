@@ -340,7 +340,7 @@ def main(cfg):
     # A checkpoint holds the finished members with their normalisation, and while a member
     # trains, its weights, optimizer and step.
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(cfg.out_dir, run, ("reward",))  # this run's folder until it ends
     done, norms, state = [], [], None
     if cfg.resume:
         ck = checkpoint.own_run(ckpt_path, "reward")

@@ -158,7 +158,7 @@ def main(cfg, resume_hint=None):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    lock = checkpoint.RunLock(cfg.out_dir, run)  # this run's folder until it ends
+    lock = checkpoint.RunLock(cfg.out_dir, run, ("sft",))  # this run's folder until it ends
     step = checkpoint.resume(ckpt_path, "sft", raw_model, optimizer)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "

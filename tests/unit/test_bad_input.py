@@ -267,17 +267,23 @@ def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp
     assert (out / "ckpt.pt").read_bytes() == saved
 
 
+@pytest.mark.parametrize("resume", ["true", "false"])
 @pytest.mark.parametrize("stage, other, flags", [
     (sft, "pretrain", ["--init_from={}/pretrain", *SFT_ARGS]), (pretrain, "sft", []),
-    (reward, "sft", ["--init_from={}/sft", "--prefs=prefs"])])
-def test_resume_refuses_another_stages_run(capsys, world, stages, tmp_path, stage, other, flags):
+    (reward, "sft", ["--init_from={}/sft", "--prefs=prefs"]),
+    (ppo, "sft", ["--init_from={out}", "--reward_from={}/reward"])])  # its own input
+def test_a_run_into_another_stages_folder_is_refused(capsys, world, stages, tmp_path, stage,
+                                                     other, flags, resume):
+    """Resumed or fresh, a run does not take over another stage's folder: a fresh one
+    would write over that stage's model (ppo.py --out_dir=out/sft did, exit 0)."""
     out = tmp_path / "run"
     shutil.copytree(stages / other, out)
     saved = (out / "ckpt.pt").read_bytes()
     assert_user_error_in_process(capsys, stage, f"--data_dir={world}", f"--out_dir={out}",
-                                 "--resume=true", *(f.format(stages) for f in flags),
+                                 f"--resume={resume}",
+                                 *(f.format(stages, out=out) for f in flags),
                                  needles=[f"holds a run of stage '{other}', "
-                                          f"not '{stage.__name__}'", "without --resume=true"])
+                                          f"not '{stage.__name__}'", "choose another --out_dir"])
     assert (out / "ckpt.pt").read_bytes() == saved
 
 

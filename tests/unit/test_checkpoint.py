@@ -159,7 +159,7 @@ def test_a_run_stopped_by_a_mistake_removes_only_a_folder_it_made_without_a_chec
     if case == "existed":
         out.mkdir()
     with pytest.raises(SystemExit) as e, user_errors():
-        lock = checkpoint.RunLock(str(out), SimpleNamespace(master=True))
+        lock = checkpoint.RunLock(str(out), SimpleNamespace(master=True), ("sft",))
         (out / "log.jsonl").write_text("{}\n")
         if case == "checkpointed":
             (out / "ckpt.pt").write_bytes(b"x")
@@ -172,6 +172,22 @@ def test_a_run_stopped_by_a_mistake_removes_only_a_folder_it_made_without_a_chec
 def test_a_released_run_folder_stays_after_a_later_mistake(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit), user_errors():
-        checkpoint.RunLock(str(out), SimpleNamespace(master=True)).release()
+        checkpoint.RunLock(str(out), SimpleNamespace(master=True), ("sft",)).release()
         raise UserError("a mistake after the run ended")
     assert (out / ".lock").exists()
+
+
+def test_a_run_folder_of_the_same_stage_or_a_dpo_loss_may_be_written_over(tmp_path):
+    run = SimpleNamespace(master=True)
+    for written, stages in (("sft", ("sft",)), ("ipo", ("dpo", "cdpo", "ipo")), (None, ("ppo",))):
+        out = tmp_path / f"run_{written}"
+        out.mkdir()
+        (out / "ckpt.pt").write_bytes(b"not a checkpoint")  # unreadable: nothing to keep
+        if written:
+            checkpoint.save(out / "ckpt.pt", {"stage": written, "model": {}})
+        checkpoint.RunLock(str(out), run, stages).release()
+    with pytest.raises(UserError, match=r"--out_dir=.*run_sft holds a run of stage 'sft', not "
+                                        r"'ppo': choose another --out_dir"):
+        checkpoint.RunLock(str(tmp_path / "run_sft"), run, ("ppo",))
+    assert checkpoint.stage_of(tmp_path / "run_sft" / "ckpt.pt") == "sft"
+    assert checkpoint.stage_of(tmp_path / "nothing" / "ckpt.pt") is None
