@@ -145,8 +145,11 @@ def main(cfg):
     files["config.json"] = json.dumps(gpt2_config_json(model.config,
                                                        enc.encode_single_token(eos)), indent=1)
     parent = os.path.dirname(os.path.abspath(cfg.to))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # all or nothing: renamed at the end
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # all or nothing: renamed at the end
+    except OSError as e:
+        raise UserError(f"--to={cfg.to}: cannot write in {parent} ({e.strerror or e})") from None
     try:
         for name, text in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:

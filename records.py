@@ -122,6 +122,13 @@ def preference_paths(data_dir, prefs, split):
     made_by = {"prefs_sft": "python data/label.py", "prefs_human": "python data/labeler.py",
                "prefs_playground": "python playground.py"}
     paths = [(name, os.path.join(data_dir, f"{name}_{split}.jsonl")) for name in names]
+    for name, path in paths:  # a name no command writes: a typo, or a set not made yet
+        if split == "train" and os.path.isdir(data_dir) and not os.path.exists(path) and \
+                name != "prefs" and name not in made_by:
+            there = sorted(f[:-len("_train.jsonl")] for f in os.listdir(data_dir)
+                           if f.startswith("prefs") and f.endswith("_train.jsonl"))
+            raise UserError(f"{path} not found: --prefs={prefs} names no preference set "
+                            f"{name!r} in {data_dir} (there: {', '.join(there) or 'none'})")
     # a set after the first may have no held-out file (the playground's labels): it only trains
     return [(name, require(path, made_by.get(name, "python data/prepare.py")))
             for k, (name, path) in enumerate(paths)

@@ -65,5 +65,8 @@ def test_export_refuses_in_one_line(pipeline, tmp_path, capsys):
     assert_user_error_in_process(capsys, export, f"--from={pipeline.out / 'reward'}",
                                  f"--to={tmp_path / 'y'}", f"--data_dir={pipeline.data}",
                                  needles=("reward-model checkpoint",))
+    assert_user_error_in_process(capsys, export, f"--from={pipeline.out / 'sft'}",
+                                 f"--to={busy / 'x' / 'z'}", f"--data_dir={pipeline.data}",
+                                 needles=("--to=", "z: cannot write in", "busy/x ("))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no partial directory left

@@ -135,6 +135,9 @@ BAD_INPUTS = {
     "a reference not among your models": (evaluation, lambda w, s, t: [
         f"--data={w}/eval.jsonl", f"--out={t}/o", f"--models={s}/sft", f"--judge_from={s}/reward",
         "--reference=ppo"], ["--reference=ppo is not one of --models="]),
+    "a preference set that is not there": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", f"--init_from={s}/sft", "--prefs=prefs,prefs_sftt"],
+        ["--prefs=prefs,prefs_sftt names no preference set 'prefs_sftt'", "(there: prefs"]),
     "bad list": (evaluation, lambda w, s, t: [f"--data_dir={w}", f"--out={s}", "--best_of=1,four"],
                  ["--best_of=1,four", "comma-separated int"]),
     "bad device": (reward, lambda w, s, t: [f"--data_dir={w}", "--device=tpu"], ["--device=tpu"]),
