@@ -218,21 +218,35 @@ class RunLock:
     which holds the owner's process id. The operating system drops the lock when the
     process ends, however it ends, so a run killed with SIGKILL does not block the next
     one; a second run into a busy folder is refused at once. Under DDP only rank 0
-    takes it. Where the platform has no fcntl (Windows) the folder is not locked. A folder
-    the run made is removed again when the run stops on a mistake or Ctrl-C (cli's
-    user_errors) before its first checkpoint, so a failed start leaves nothing behind.
+    takes it, and its refusal stops every process. Where the platform has no fcntl
+    (Windows) the folder is not locked. A folder the run made is removed again when the
+    run stops on a mistake or Ctrl-C (cli's user_errors) before its first checkpoint, so
+    a failed start leaves nothing behind.
     stages: the stage names whose checkpoint this run may replace (its own; DPO's
     losses each other's); a folder holding another stage's model is refused, so that
     `ppo.py --out_dir=out/sft` does not write over the SFT model."""
 
     def __init__(self, out_dir, run, stages, flag="--out_dir"):
         self.path, self.file, self.dir = os.path.join(out_dir, ".lock"), None, out_dir
+        error = None
+        if run.master:
+            try:
+                self._take(stages, flag)
+            except UserError as e:
+                error = e
+        if getattr(run, "ddp", False):  # the other processes stop with rank 0, not in DDP's set-up
+            said = [None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(said, src=0)
+            error = error or (said[0] and UserError(said[0]))
+        if error:
+            raise error
+
+    def _take(self, stages, flag):
+        out_dir = self.dir
         try:
             import fcntl
         except ImportError:
-            return
-        if not run.master:
-            return
+            fcntl = None
         try:
             made = not os.path.exists(out_dir)
             os.makedirs(out_dir, exist_ok=True)
@@ -241,7 +255,8 @@ class RunLock:
             raise UserError(f"{flag}={out_dir}: cannot create the run folder "
                             f"({e.strerror})") from None
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             owner = f.read().strip() or "another process"

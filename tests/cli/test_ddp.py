@@ -126,3 +126,18 @@ def test_ppo_two_processes(two):
 # (loss/policy, loss/value, objective/kl) of the two iterations, means over both ranks
 PPO_TWO = [(-0.0025926977396011353, 3.229874700307846, 0.0),
            (-0.0009666047990322113, 3.2104422748088837, -0.00048285722732543945)]
+
+
+def test_a_folder_refused_to_rank_0_stops_the_other_process_too(pipeline, tmp_path):
+    """Rank 0 alone checks --out_dir; the other process stops on its refusal instead of
+    waiting in DDP's set-up for a peer that has gone (a gloo traceback)."""
+    out = tmp_path / "pretrain"
+    (out).mkdir()
+    (out / "ckpt.pt").write_bytes((pipeline.out / "pretrain" / "ckpt.pt").read_bytes())
+    p = torchrun("sft.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/pretrain",
+                 *QUICK["sft.py"], f"--out_dir={out}", ok=False)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert lines and all("holds a run of stage 'pretrain', not 'sft'" in x for x in lines), \
+        p.stderr
+    assert "[rank" not in p.stderr, p.stderr  # no process's traceback (torchrun's own aside)
