@@ -14,6 +14,7 @@ import torch
 
 import cli
 from cli import UserError
+import distributed
 from distributed import print0
 from model import GPT, GPTConfig
 
@@ -228,18 +229,8 @@ class RunLock:
 
     def __init__(self, out_dir, run, stages, flag="--out_dir"):
         self.path, self.file, self.dir = os.path.join(out_dir, ".lock"), None, out_dir
-        error = None
-        if run.master:
-            try:
-                self._take(stages, flag)
-            except UserError as e:
-                error = e
-        if getattr(run, "ddp", False):  # the other processes stop with rank 0, not in DDP's set-up
-            said = [None if error is None else str(error)]
-            torch.distributed.broadcast_object_list(said, src=0)
-            error = error or (said[0] and UserError(said[0]))
-        if error:
-            raise error
+        # the other processes stop with rank 0's refusal, not in DDP's set-up
+        distributed.on_rank0(run, lambda: self._take(stages, flag))
 
     def _take(self, stages, flag):
         out_dir = self.dir

@@ -29,7 +29,8 @@ ON_USER_ERROR = []
 @contextlib.contextmanager
 def user_errors():
     """Wrap a script's main(): a UserError becomes one line on stderr and exit status 2;
-    Ctrl-C outside a training loop exits 130 without a traceback. Either way, what was
+    Ctrl-C outside a training loop exits 130 without a traceback; under torchrun, a
+    process whose peer has gone says so in one line (exit 1). Either way, what was
     added to ON_USER_ERROR inside the block is undone first; on leaving the block it is
     dropped from the list either way."""
     mark = len(ON_USER_ERROR)
@@ -48,6 +49,14 @@ def user_errors():
         undo(mark)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # under torchrun: a collective whose peer process has gone
+        if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not re.search(r"(closed|reset) by peer",
+                                                                     str(e)):
+            raise
+        undo(mark)
+        print("error: another process of this run stopped first (its own line says why)",
+              file=sys.stderr)
+        sys.exit(1)
     finally:
         del ON_USER_ERROR[mark:]
 

@@ -97,6 +97,26 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def on_rank0(run, write):
+    """write() on rank 0 alone (a file written once for every process). A UserError there
+    (a full disk) is raised on every rank, so the others stop with the same line instead
+    of waiting in their next collective for a process that has gone. Returns write()'s
+    result on rank 0, None elsewhere."""
+    error = result = None
+    if run.master:
+        try:
+            result = write()
+        except UserError as e:
+            error = e
+    if getattr(run, "ddp", False):
+        said = [None if error is None else str(error)]
+        dist.broadcast_object_list(said, src=0)
+        error = error or (said[0] and UserError(said[0]))
+    if error:
+        raise error
+    return result
+
+
 def all_reduce_mean(x, run):
     """Average a float over ranks (for logged figures; gradients are DDP's business)."""
     if not run.ddp:
@@ -197,10 +217,10 @@ class StopSignal:
 
     def checkpoint(self, run, step, due, ckpt_path, save):
         """Call on every rank after each step: rank 0 runs save() when the checkpoint is
-        due or a stop was asked for; then, if asked, every rank exits."""
+        due or a stop was asked for (on_rank0); then, if asked, every rank exits."""
         stopping = self.requested(run)
-        if run.master and (due or stopping):
-            save()
+        if due or stopping:
+            on_rank0(run, save)
         if stopping:
             self.exit(step, ckpt_path)
 

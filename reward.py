@@ -350,12 +350,12 @@ def main(cfg):
                + (f", member {len(done)} at step {ck['step']}" if state else ""))
 
     def save(step, raw, optimizer):
-        """raw is the member in training, or None once every member is finished."""
-        if run.master:
-            p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc)
-                 if raw is not None else dict(stage="reward", model_config=asdict(sft.config),
-                                              config=asdict(cfg), tokenizer=enc.name, step=step))
-            checkpoint.save(ckpt_path, {**p, **carried, "members": done, "norms": norms})
+        """On rank 0 (distributed.on_rank0): raw is the member in training, or None once
+        every member is finished."""
+        p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc)
+             if raw is not None else dict(stage="reward", model_config=asdict(sft.config),
+                                          config=asdict(cfg), tokenizer=enc.name, step=step))
+        checkpoint.save(ckpt_path, {**p, **carried, "members": done, "norms": norms})
 
     stop = distributed.StopSignal()
     pad = enc.encode_single_token("<|endoftext|>")
@@ -372,15 +372,16 @@ def main(cfg):
         done.append(raw.state_dict())
         print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, "
                f"std {r.std():.3f}; normalised")
-        save(cfg.max_steps, None, None)
+        distributed.on_rank0(run, lambda: save(cfg.max_steps, None, None))
 
-    if run.master:  # the held-out evaluation of the reward model as PPO and eval will load it
+    def final():  # the held-out evaluation of the reward model as PPO and eval will load it
         rm = load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
         results = {name: evaluate(rm, v, pad, run.device) for name, v in vals.items()}
         append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"final": results})
         for name, res in results.items():
             report(name, res)
         print0(f"done: checkpoint {ckpt_path}")
+    distributed.on_rank0(run, final)
     lock.release()
     distributed.teardown(run)
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import QUICK, close, main_of, read_log, selected, torchrun
+from conftest import QUICK, ROOT, close, main_of, read_log, selected, torchrun
 
 import dpo
 import sft
@@ -141,3 +141,38 @@ def test_a_folder_refused_to_rank_0_stops_the_other_process_too(pipeline, tmp_pa
     assert lines and all("holds a run of stage 'pretrain', not 'sft'" in x for x in lines), \
         p.stderr
     assert "[rank" not in p.stderr, p.stderr  # no process's traceback (torchrun's own aside)
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_process(pipeline, tmp_path):
+    """Rank 0 alone writes the checkpoint; when it cannot (here ckpt.pt is a folder), the
+    other process stops with the same line instead of dying in its next collective."""
+    out = tmp_path / "sft"
+    (out / "ckpt.pt").mkdir(parents=True)
+    p = torchrun("sft.py", f"--data_dir={pipeline.data}", f"--init_from={pipeline.out}/pretrain",
+                 "--batch_size=4", "--max_steps=4", "--ckpt_interval=2", "--eval_interval=100",
+                 f"--out_dir={out}", ok=False)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 2 and all(f"could not write {out}/ckpt.pt" in x for x in lines), \
+        p.stderr
+    assert "[rank" not in p.stderr, p.stderr
+
+
+def test_a_process_whose_peer_has_gone_says_so_in_one_line(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch, torch.distributed as dist\n"
+        "from cli import UserError, user_errors\n"
+        "with user_errors():\n"
+        "    dist.init_process_group('gloo')\n"
+        "    if dist.get_rank() == 0:\n"
+        "        raise UserError('a mistake only rank 0 saw')\n"
+        "    dist.all_reduce(torch.ones(1))\n")
+    p = torchrun(script, ok=False)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert sorted(errors) == ["error: a mistake only rank 0 saw",
+                              "error: another process of this run stopped first (its own line "
+                              "says why)"], p.stderr
+    assert "[rank" not in p.stderr, p.stderr

@@ -75,3 +75,17 @@ def test_compile_without_a_compiler_is_refused_at_setup(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"--compile=true on cpu: the compiler .*my-c\+\+ is on "
                                         r"PATH but `.*my-c\+\+ --version` fails"):
         distributed.setup(0, "cpu", compile=True)
+
+
+def test_on_rank0_runs_the_write_on_rank_0_only_and_passes_its_error_on():
+    calls = []
+    assert distributed.on_rank0(SimpleNamespace(master=True, ddp=False),
+                                lambda: calls.append(0) or "written") == "written"
+    assert distributed.on_rank0(SimpleNamespace(master=False, ddp=False),
+                                lambda: calls.append(1)) is None
+    assert calls == [0]
+
+    def full_disk():
+        raise UserError("could not write out/ckpt.pt: No space left on device")
+    with pytest.raises(UserError, match="No space left"):
+        distributed.on_rank0(SimpleNamespace(master=True, ddp=False), full_disk)
