@@ -57,6 +57,7 @@ import records
 from batch import reward_scores, sample_responses
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
+from data.label import load_raters
 from data.tokenizer import decode_response, encode_prompt
 from model import ScalarGPT
 from records import load_rankings, read_jsonl, world_tokenizer
@@ -181,9 +182,9 @@ class Playground:
         if cfg.max_new_tokens >= self.sft.config.block_size:
             raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt "
                             f"in the model's context of {self.sft.config.block_size} tokens")
-        meta = os.path.join(cfg.data_dir, "meta.json")
-        self.raters = (world.RaterConfig(**json.load(open(meta))["raters"])
-                       if os.path.exists(meta) else world.RaterConfig())
+        self.raters = (load_raters(cfg.data_dir)
+                       if os.path.exists(os.path.join(cfg.data_dir, "meta.json"))
+                       else world.RaterConfig())
         recs = read_jsonl(os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                           {"prompt": str, "task": dict})
         self.prompts = [(r["prompt"], world.Task.from_dict(r["task"])) for r in recs]
@@ -194,6 +195,14 @@ class Playground:
             first.setdefault(r["family"], r["prompt"])
         self.suggestions = list(first.values())
         self.labels_path = cfg.labels or os.path.join(cfg.data_dir, "prefs_playground_train.jsonl")
+        folder = os.path.dirname(os.path.abspath(self.labels_path))
+        try:  # where the labels go must take them: found now, not at the first click
+            os.makedirs(folder, exist_ok=True)
+            why = None if os.access(folder, os.W_OK) else "not writable"
+        except OSError as e:
+            why = e.strerror or str(e)
+        if why:
+            raise UserError(f"--labels={self.labels_path}: cannot write in {folder} ({why})")
         labels, note = records.read_log(self.labels_path, lambda r: (r["prompt"], r["choice"]))
         if note:
             print(note)
@@ -251,11 +260,14 @@ class Playground:
             if pair is None or pair_id != pair["id"]:
                 raise ApiError(409, f"pair {pair_id} is no longer shown (labelled in another "
                                     f"tab?); here is the current one")
-            os.makedirs(os.path.dirname(os.path.abspath(self.labels_path)), exist_ok=True)
-            with open(self.labels_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(label_record(pair, choice)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(self.labels_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(label_record(pair, choice)) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # a full disk: the label is not kept, the page says why
+                raise ApiError(507, f"could not write {self.labels_path}: {e.strerror or e}") \
+                    from None
             following = self.draw_pair()
             with self.lock:  # the count, the verdict and the next pair change together
                 self.counts[choice] += 1
@@ -620,6 +632,9 @@ def main(cfg):
     t0 = time.time()
     if cfg.port > 65535:
         raise UserError(f"--port={cfg.port}: a port is at most 65535 (0: any free port)")
+    if cfg.ppo_batch % cfg.ppo_minibatch:  # as ppo.py: every gradient step on as many rollouts
+        raise UserError(f"--ppo_minibatch={cfg.ppo_minibatch} must split "
+                        f"--ppo_batch={cfg.ppo_batch} evenly")
     pg = Playground(cfg)
     server = serve(pg, cfg.host, cfg.port)
     host, port = server.server_address[:2]

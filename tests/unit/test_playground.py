@@ -127,6 +127,30 @@ def test_labels_reach_the_disk_as_rankings_reward_py_reads(server):
     assert all("gold" in r and "utility" in r for x in lines for r in x["responses"])
 
 
+def test_a_label_that_cannot_be_written_is_refused_on_the_page(server):
+    base, pg = server
+    first = call(base, "/api/state")[1]["pair"]["id"]
+    pg.labels_path = pg.cfg.data_dir  # a folder: the write fails, as on a full disk
+    status, err = call(base, "/api/label", {"pair": first, "choice": "A"})
+    assert status == 507 and err["error"].startswith(f"could not write {pg.cfg.data_dir}: ")
+    assert call(base, "/api/state")[1]["counts"]["A"] == 0  # not counted, the pair still shown
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--ppo_batch=32", "--ppo_minibatch=5"], "--ppo_minibatch=5 must split --ppo_batch=32"),
+    (["--labels={file}/labels.jsonl"], "cannot write in"),
+    (["--data_dir={bad_meta}"], "meta.json: not the meta.json data/prepare.py writes")])
+def test_settings_that_cannot_work_are_refused_at_start(world, stages, tmp_path, flags, needle):
+    (tmp_path / "file").write_text("")
+    bad = copy_world(world, tmp_path / "bad_meta")
+    (bad / "meta.json").write_text("{not json")
+    flags = [f.format(file=tmp_path / "file", bad_meta=bad) for f in flags]
+    cfg = cli.parse_config(playground.Config, [f"--data_dir={world}", f"--out={stages}",
+                                               "--port=0", *flags])
+    with pytest.raises(cli.UserError, match=needle.replace("(", r"\(")):
+        playground.main(cfg)
+
+
 def test_train_then_step_then_compare(server):
     base, pg = server
     status, err = call(base, "/api/step", {"steps": 1})
