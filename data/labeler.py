@@ -44,6 +44,7 @@ import distributed  # noqa: E402
 from batch import sample_responses  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
+from data.label import load_raters  # noqa: E402
 from data.tokenizer import decode_response  # noqa: E402
 import records  # noqa: E402
 from records import read_jsonl, world_tokenizer  # noqa: E402
@@ -217,9 +218,8 @@ def export(cfg, pairs):
     if note:
         print(note)
     raters = None
-    meta = os.path.join(cfg.data_dir, "meta.json")
-    if os.path.exists(meta):
-        raters = world.RaterConfig(**json.loads(Path(meta).read_text())["raters"])
+    if os.path.exists(os.path.join(cfg.data_dir, "meta.json")):
+        raters = load_raters(cfg.data_dir)  # a damaged file refused in one line
     rankings, counts = [], {c: 0 for c in CHOICES.values()}
     for ev in labels:
         counts[ev["choice"]] += 1

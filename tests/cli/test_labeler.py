@@ -140,7 +140,7 @@ def test_a_log_damaged_before_its_end_is_refused(files, capsys):
     assert f"{log}:1: not a line of this log" in err and err.count("\n") == 1
 
 
-def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path):
+def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path, capsys):
     world = copy_world(pipeline.data, tmp_path / "world")
     log = tmp_path / "labels.jsonl"
     common = [f"--data_dir={world}", f"--policy={pipeline.out / 'sft'}", f"--log={log}",
@@ -162,3 +162,7 @@ def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path):
                      "--max_steps=2", "--eval_interval=2", "--log_interval=1",
                      "--warmup_steps=1", "--norm_prompts=4", "--max_new_tokens=8"])
     assert [r["step"] for r in read_log(tmp_path / "rm" / "log.jsonl")][-1] == 1
+    (world / "meta.json").write_text("{damaged")  # the export reads the raters from it
+    with pytest.raises(SystemExit) as e, labeler.user_errors():
+        main_of(labeler, [*common, "--export=true"])
+    assert e.value.code == 2 and "meta.json: not the meta.json" in capsys.readouterr().err
