@@ -391,8 +391,8 @@ def main(cfg):
     elif cfg.reference == Config.reference:
         print0(f"({cfg.out}/{cfg.reference} not found: no KL, win rate or best-of-n against it)")
     elif cfg.reference:  # one named on the command line must be there
-        raise UserError(f"--reference={cfg.reference}: no {cfg.out}/{cfg.reference}/ckpt.pt "
-                        f"(the stage KL and win rates are measured against)")
+        raise UserError(f"--reference={cfg.reference}: {cfg.out}/{cfg.reference}/ckpt.pt not "
+                        f"found (the stage that KL and win rates are measured against)")
     reward_model = None
     if cfg.reward_from != "none":
         path = os.path.join(os.path.join(cfg.out, "reward") if cfg.reward_from == "auto"

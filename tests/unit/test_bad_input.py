@@ -131,7 +131,7 @@ BAD_INPUTS = {
         ["--models is for your own prompts: give them with --data"]),
     "a reference that is not there": (evaluation, lambda w, s, t: [
         f"--data_dir={w}", f"--out={s}", "--reference=dpoo"],
-        ["--reference=dpoo: no", "dpoo/ckpt.pt"]),
+        ["--reference=dpoo:", "dpoo/ckpt.pt not found"]),
     "a reference not among your models": (evaluation, lambda w, s, t: [
         f"--data={w}/eval.jsonl", f"--out={t}/o", f"--models={s}/sft", f"--judge_from={s}/reward",
         "--reference=ppo"], ["--reference=ppo is not one of --models="]),
