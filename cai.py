@@ -53,9 +53,9 @@ from batch import collate, sample_responses, sequence_logprobs
 from cli import parse_config, ranges, user_errors
 from data import constitution as C
 from data import world
-from data.label import check_set_name, load_raters
+from data.label import check_set_name
 from data.tokenizer import decode_response, encode_prompt, encode_response
-from records import read_jsonl, world_tokenizer
+from records import load_raters, read_jsonl, world_tokenizer
 
 
 @dataclass

@@ -57,10 +57,9 @@ import records
 from batch import reward_scores, sample_responses
 from cli import UserError, parse_config, ranges, user_errors
 from data import world
-from data.label import load_raters
 from data.tokenizer import decode_response, encode_prompt
 from model import ScalarGPT
-from records import load_rankings, read_jsonl, world_tokenizer
+from records import load_rankings, load_raters, read_jsonl, world_tokenizer
 from reward import bradley_terry_loss, collate, evaluate
 from reward_model import RewardMember, RewardModel, member_scores
 

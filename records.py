@@ -184,6 +184,18 @@ def load_preference_sets(data_dir, prefs, split, enc, block_size):
             for name, path in preference_paths(data_dir, prefs, split)}
 
 
+def load_raters(data_dir):
+    """The raters' biases prepare.py wrote to data_dir/meta.json."""
+    meta_path = require(os.path.join(data_dir, "meta.json"), "python data/prepare.py")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return world.RaterConfig(**json.load(f)["raters"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: not the meta.json data/prepare.py writes "
+                        f"({type(e).__name__}: {str(e)[:80]}): run `python data/prepare.py` "
+                        f"again") from None
+
+
 def world_tokenizer(data_dir):
     """data_dir's tokenizer (written by data/prepare.py); a damaged rank file is a
     UserError that names it and says what is wrong."""

@@ -34,7 +34,7 @@ from batch import sample_responses  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import decode_response  # noqa: E402
-from records import read_jsonl, world_tokenizer  # noqa: E402
+from records import load_raters, read_jsonl, world_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -75,17 +75,6 @@ def check_set_name(name):
     """--name: a set's name becomes part of a file name in data_dir."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise UserError(f"--name={name!r}: a set's name is letters, digits and _ only")
-
-
-def load_raters(data_dir):
-    """The raters' biases prepare.py wrote to data_dir/meta.json."""
-    meta_path = checkpoint.require(os.path.join(data_dir, "meta.json"), "python data/prepare.py")
-    try:
-        return world.RaterConfig(**json.loads(Path(meta_path).read_text())["raters"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path}: not the meta.json data/prepare.py writes "
-                        f"({type(e).__name__}: {str(e)[:80]}): run `python data/prepare.py` "
-                        f"again") from None
 
 
 def main(cfg):

@@ -44,10 +44,9 @@ import distributed  # noqa: E402
 from batch import sample_responses  # noqa: E402
 from cli import UserError, parse_config, ranges, user_errors  # noqa: E402
 from data import world  # noqa: E402
-from data.label import load_raters  # noqa: E402
 from data.tokenizer import decode_response  # noqa: E402
 import records  # noqa: E402
-from records import read_jsonl, world_tokenizer  # noqa: E402
+from records import load_raters, read_jsonl, world_tokenizer  # noqa: E402
 
 CHOICES = {"a": "A", "b": "B", "t": "tie", "x": "both_bad", "s": "skip"}
 HELP = ("keys: a = A is better, b = B is better, t = tie, x = both bad, s = skip, "
