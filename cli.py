@@ -38,27 +38,33 @@ def user_errors():
         yield
     except UserError as e:
         undo(mark)
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         sys.exit(2)
     except OSError as e:  # a file the script could not read or write, whichever it was
         undo(mark)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        say(f"error: {where}{e.strerror or e}")
         sys.exit(2)
     except KeyboardInterrupt:
         undo(mark)
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         sys.exit(130)
     except RuntimeError as e:  # under torchrun: a collective whose peer process has gone
         if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not re.search(r"(closed|reset) by peer",
                                                                      str(e)):
             raise
         undo(mark)
-        print("error: another process of this run stopped first (its own line says why)",
-              file=sys.stderr)
+        say("error: another process of this run stopped first (its own line says why)")
         sys.exit(1)
     finally:
         del ON_USER_ERROR[mark:]
+
+
+def say(line):
+    """One line on stderr in one write: under torchrun every process may say the same
+    line at once, and print's two writes (the text, then the newline) can interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def undo(mark=0):
