@@ -65,6 +65,14 @@ class Config:
     RANGES: ClassVar = ranges(at_least_1="iterations max_new_tokens batch_size")
 
 
+def run_flags(cfg, seed, beta, out, resume):
+    """The ppo.py flags of one run that overopt.py sets itself (--ppo_flags adds others)."""
+    return [f"--kl_coef={beta}", "--adaptive_kl=false", f"--seed={seed}",
+            f"--iterations={cfg.iterations}", f"--data_dir={cfg.data_dir}",
+            f"--init_from={cfg.sft_from}", f"--reward_from={cfg.reward_from}", f"--out_dir={out}",
+            f"--device={cfg.device}", "--sample_interval=0", f"--resume={resume}"]
+
+
 def ppo_run(cfg, seed, beta):
     """Run ppo.py for one (seed, β) unless it already finished; returns its folder."""
     out = os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}")
@@ -72,10 +80,7 @@ def ppo_run(cfg, seed, beta):
     if os.path.exists(ckpt) and checkpoint.load(ckpt).get("step") == cfg.iterations:
         print0(f"PPO β={beta:g} seed {seed}: finished earlier, reusing {out}")
         return out
-    cmd = [sys.executable, "ppo.py", f"--kl_coef={beta}", "--adaptive_kl=false", f"--seed={seed}",
-           f"--iterations={cfg.iterations}", f"--data_dir={cfg.data_dir}",
-           f"--init_from={cfg.sft_from}", f"--reward_from={cfg.reward_from}", f"--out_dir={out}",
-           f"--device={cfg.device}", "--sample_interval=0", f"--resume={os.path.exists(ckpt)}",
+    cmd = [sys.executable, "ppo.py", *run_flags(cfg, seed, beta, out, os.path.exists(ckpt)),
            *cfg.ppo_flags.split()]
     print0(f"PPO β={beta:g} seed {seed}: {' '.join(cmd[1:])}")
     t0 = time.time()
@@ -180,6 +185,11 @@ def main(cfg):
         parse_config(ppo.Config, cfg.ppo_flags.split())
     except UserError as e:
         raise UserError(f"--ppo_flags={cfg.ppo_flags!r}: {e}") from None
+    own = {f.split("=")[0] for f in run_flags(cfg, 0, 0.0, cfg.out_dir, False)}
+    for name in (f.split("=")[0] for f in cfg.ppo_flags.split()):
+        if name in own:  # each run's command sets it: overopt.py's own flags decide it
+            raise UserError(f"--ppo_flags={cfg.ppo_flags!r}: overopt.py sets {name} for each run "
+                            f"(python overopt.py --help lists what you can set)")
     enc = world_tokenizer(cfg.data_dir)
     ref, _ = checkpoint.load_model(os.path.join(cfg.sft_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)

@@ -393,4 +393,7 @@ def test_drivers_refuse_their_flags_before_writing_anything(capsys, tmp_path):
                                  needles=["--K=1: the raters rank at least 2 answers"])
     assert_user_error_in_process(capsys, overopt, "--ppo_flags=--kl_coeff=1", f"--out_dir={out}",
                                  needles=["--ppo_flags='--kl_coeff=1': --kl_coeff: unknown flag"])
+    # a flag each run's command sets (it sent the runs' checkpoints elsewhere, then failed)
+    assert_user_error_in_process(capsys, overopt, "--ppo_flags=--entropy_coef=0 --out_dir=x",
+                                 f"--out_dir={out}", needles=["overopt.py sets --out_dir"])
     assert not out.exists()
