@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 
 import formats  # noqa: E402
-from cli import parse_config, user_errors  # noqa: E402
+from cli import UserError, parse_config, user_errors  # noqa: E402
 from data.tokenizer import encode_prompt  # noqa: E402
 from records import read_jsonl, stage_model  # noqa: E402
 
@@ -47,7 +47,12 @@ class Config:
 def main(cfg):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    try:
+        from transformers import AutoTokenizer, GPT2LMHeadModel
+    except ImportError:
+        raise UserError(f"bench/check_hf_export.py needs transformers, which the project "
+                        f"never installs: run it with a Python that has it ({sys.executable} "
+                        f"has not)") from None
 
     ours, enc, chat, _ = stage_model(cfg.src, "a stage", cfg.data_dir, "cpu")
     theirs = GPT2LMHeadModel.from_pretrained(cfg.export).eval()

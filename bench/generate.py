@@ -10,20 +10,34 @@ the speed-up (recompute median / cache median).
 Run from the repository root:
 
     python bench/generate.py                # CPU
-    python bench/generate.py --device cuda  # if a GPU is available
+    python bench/generate.py --device=cuda  # if a GPU is available
 """
 
-import argparse
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import torch  # noqa: E402
 
+import distributed  # noqa: E402
+from cli import parse_config, ranges, user_errors  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+
+
+@dataclass
+class Config:
+    device: str = "cpu"       # auto, cpu, cuda, cuda:N or mps
+    batch: int = 32           # prompts per call
+    new_tokens: int = 128     # tokens generated for each prompt
+    repeats: int = 5          # timed calls of each path, after one untimed
+    seed: int = 0
+
+    RANGES: ClassVar = ranges(at_least_1="batch new_tokens repeats")
 
 
 def sync(device: str):
@@ -46,15 +60,9 @@ def time_generate(model, prompts, new_tokens, use_cache, repeats, device, seed) 
     return times
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
+def main(args):
+    # a device this machine lacks is refused; auto is the GPU when there is one
+    args.device = distributed.setup(args.seed, args.device).device
     torch.manual_seed(args.seed)
     config = GPTConfig()
     model = GPT(config).to(args.device).eval()
@@ -78,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main(parse_config(Config))

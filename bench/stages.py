@@ -49,6 +49,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,7 +63,7 @@ import grpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 from batch import collate, collate_pairs, response_logprobs, sequence_logprobs  # noqa: E402
-from cli import UserError, parse_config, user_errors  # noqa: E402
+from cli import UserError, number_list, parse_config, ranges, user_errors  # noqa: E402
 from model import GPT, GPTConfig, ScalarGPT  # noqa: E402
 from reward_model import RewardMember, RewardModel  # noqa: E402
 
@@ -88,6 +89,9 @@ class Config:
     compile: bool = False          # torch.compile generation and the trained forwards (warm-up)
     device: str = "auto"           # auto, cpu, cuda, cuda:N or mps
     seed: int = 0
+
+    RANGES: ClassVar = ranges(at_least_1="steps batch prompt_len response_len sft_len",
+                              non_negative="warmup threads")
 
 
 def timed(step, cfg, device):
@@ -150,6 +154,10 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+    gen_batches = number_list(cfg.gen_batches, "--gen_batches", minimum=1)
+    if "grpo" in cfg.only.split(",") and cfg.batch % 4:
+        raise UserError(f"--batch={cfg.batch}: the grpo figure answers each prompt 4 times, "
+                        f"so the batch must be a multiple of 4")
     unknown = set(cfg.only.split(",")) - set(FIGURES)
     if unknown:
         raise UserError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; expected some "
@@ -194,7 +202,7 @@ def main(cfg):
              flops=policy.flops_per_token(cfg.sft_len) * B * cfg.sft_len)
 
     if "gen" in only:
-        for b in (int(x) for x in cfg.gen_batches.split(",")):
+        for b in gen_batches:
             prompts = random_rows(b, P, mconf.vocab_size, g)
             gen = torch.Generator(device=dev).manual_seed(cfg.seed)
             with run.autocast:

@@ -50,11 +50,30 @@ def test_every_figure_at_a_tiny_size(capsys):
     (["--only=gen,nope"], "--only: unknown figure"),
     (["--preset=gpt3"], "--preset=gpt3: expected one of compare, gpt2"),
     (["--sft_len=300"], "must fit the 256 positions of --preset=compare"),
+    (["--gen_batches=16,0"], "--gen_batches=16,0: every value must be at least 1"),
+    (["--batch=6", "--only=grpo"], "--batch=6: the grpo figure answers each prompt 4 times"),
 ])
 def test_settings_that_cannot_run_are_refused(flags, message):
     stages = load_stages()
     with pytest.raises(UserError, match=message):
         stages.main(parse_config(stages.Config, flags))
+
+
+def test_steps_below_one_are_refused_when_parsed():
+    stages = load_stages()
+    with pytest.raises(UserError, match="--steps=0: must be at least 1"):
+        parse_config(stages.Config, ["--steps=0"])
+
+
+def test_the_cache_against_recompute_benchmark_at_a_tiny_size(capsys):
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(parse_config(module.Config, ["--batch=2", "--new_tokens=3", "--repeats=1"]))
+    out = capsys.readouterr().out
+    assert "kv-cache: median" in out and "speed-up (recompute / kv-cache):" in out
+    with pytest.raises(UserError, match="--batch=0: must be at least 1"):
+        parse_config(module.Config, ["--batch=0"])
 
 
 def test_host_syncs_counts_the_waits_torch_reports_and_restores_the_mode(monkeypatch):
