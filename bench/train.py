@@ -48,7 +48,7 @@ class Config:
     warmup: int = 3            # untimed steps first
     seed: int = 0              # random init and data
 
-    RANGES: ClassVar = ranges(non_negative="batch_size")
+    RANGES: ClassVar = ranges(at_least_1="steps", non_negative="batch_size warmup")
 
 
 def main(cfg):
