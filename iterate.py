@@ -130,8 +130,8 @@ def main(cfg):
     d, w = cfg.out_dir, os.path.join(cfg.out_dir, "world")
     if cfg.K < 2:
         raise UserError(f"--K={cfg.K}: the raters rank at least 2 answers a prompt")
-    checkpoint.require(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py")
-    # the SFT model checked against the world before anything is written
+    # the SFT model (missing: "run `python sft.py` first") checked against the world before
+    # anything is written
     enc = world_tokenizer(w if os.path.isdir(w) else cfg.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)

@@ -59,7 +59,7 @@ from cli import UserError, parse_config, ranges, user_errors
 from data import world
 from data.tokenizer import decode_response, encode_prompt
 from model import ScalarGPT
-from records import load_rankings, load_raters, read_jsonl, world_tokenizer
+from records import load_rankings, load_raters, prompt_room, read_jsonl, world_tokenizer
 from reward import bradley_terry_loss, collate, evaluate
 from reward_model import RewardMember, RewardModel, member_scores
 
@@ -178,9 +178,7 @@ class Playground:
             os.path.join(cfg.out, stage, "ckpt.pt"), cmd, enc, device=self.run.device)[0]
         self.base = load("pretrain", "python pretrain.py").requires_grad_(False)
         self.sft = load("sft", "python sft.py").requires_grad_(False)
-        if cfg.max_new_tokens >= self.sft.config.block_size:
-            raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt "
-                            f"in the model's context of {self.sft.config.block_size} tokens")
+        prompt_room(self.sft.config.block_size, cfg.max_new_tokens)  # refused if none
         self.raters = (load_raters(cfg.data_dir)
                        if os.path.exists(os.path.join(cfg.data_dir, "meta.json"))
                        else world.RaterConfig())
