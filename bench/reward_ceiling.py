@@ -26,9 +26,9 @@ trunk rows and the gold row is what the trunk does not know.
     python bench/reward_ceiling.py --data_dir=D --sft=out/sft --prefs=prefs
 """
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import checkpoint  # noqa: E402
 import reward  # noqa: E402
 from batch import collate  # noqa: E402
-from cli import user_errors  # noqa: E402
+from cli import parse_config, user_errors  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import encode_prompt, encode_response  # noqa: E402
 from model import token_logprobs  # noqa: E402
@@ -49,6 +49,13 @@ STYLE = ["words", "preamble", "hedge", "restate", "format", "repetition", "ended
 LIKELIHOOD = ["logp", "logp_clamped", "gap_clamped", "p"]
 FITS = {"style only": STYLE, "trunk likelihood": STYLE + LIKELIHOOD,
         "trunk belief": STYLE + ["belief"], "gold correctness": STYLE + ["correct"]}
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/world"   # folder written by data/prepare.py
+    sft: str = "out/sft"           # folder of the SFT checkpoint (the reward model's trunk)
+    prefs: str = "prefs,prefs_sft"  # preference sets, as reward.py --prefs
 
 
 @torch.no_grad()
@@ -129,14 +136,7 @@ def expected_accuracy(scores, utility, pairs, family):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data_dir", default="data/world")
-    ap.add_argument("--sft", default="out/sft",
-                    help="folder of the SFT checkpoint (the reward model's trunk)")
-    ap.add_argument("--prefs", default="prefs,prefs_sft",
-                    help="preference sets, as reward.py --prefs")
-    args = ap.parse_args()
+def main(args):
     enc = world_tokenizer(args.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(args.sft, "ckpt.pt"), "python sft.py", enc)
     pad = enc.encode_single_token("<|endoftext|>")
@@ -163,4 +163,4 @@ def main():
 
 if __name__ == "__main__":
     with user_errors():
-        main()
+        main(parse_config(Config))
