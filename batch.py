@@ -28,6 +28,7 @@ from torch import Tensor
 from cli import UserError
 from data import world
 from data.tokenizer import decode_response, encode_prompt
+from distributed import print0
 from model import token_logprobs
 
 
@@ -217,6 +218,26 @@ def ptx_windows(data, n, length, generator, device):
     starts = torch.randint(len(data) - length - 1, (n,), generator=generator,
                            device=generator.device)
     return token_windows(data, starts, length, device)
+
+
+def gold_figures(enc, tasks, responses):
+    """The world's gold scorer on answers (token lists) to tasks, in order: each answer's
+    gold score, correctness and preamble, as lists under the names the RL stages log.
+    Logged beside the proxy to show what it hides, never optimised. {} without tasks (your
+    own prompts have no gold scorer)."""
+    if tasks is None:
+        return {}
+    grades = [world.grade(t, *decode_response(enc, r)) for t, r in zip(tasks, responses)]
+    return {f"gold/{name}": [float(g[key]) for g in grades]
+            for name, key in (("score", "gold"), ("correct", "correct"), ("preamble", "preamble"))}
+
+
+def show_samples(enc, texts, responses, scores, end, n=3):
+    """Print the first n answers of a rollout (token lists) beside their prompts' texts and
+    scores (the master process only)."""
+    for prompt, r, s in list(zip(texts, responses, scores))[:n]:
+        text, ended = decode_response(enc, r, end)
+        print0(f"    {prompt!r} -> {text!r}{'' if ended else ' (no end token)'}  score {s:+.2f}")
 
 
 def verifiable_score(enc, tasks):

@@ -88,11 +88,9 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import (left_pad, length_chunks, ptx_windows, response_logprobs, reward_scores,
-                   verifiable_score)
+from batch import (gold_figures, left_pad, length_chunks, ptx_windows, response_logprobs,
+                   reward_scores, show_samples, verifiable_score)
 from cli import UserError, parse_config, ranges, user_errors
-from data import world
-from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import freeze
@@ -444,8 +442,7 @@ def main(cfg):
         t_update = time.time() - t0 - t_rollout
 
         # the world's gold scorer on the same rollouts: logged, never optimised
-        grades = [world.grade(tasks[i], *decode_response(enc, r))
-                  for i, r in zip(idx, responses)] if tasks else None
+        gold = gold_figures(enc, tasks and [tasks[i] for i in idx], responses)
         def mean(x):  # over this process's answers, then over the processes
             return distributed.all_reduce_mean(float(torch.as_tensor(x).float().mean()), run)
         ended = [tok.end in r for r in responses]
@@ -458,10 +455,7 @@ def main(cfg):
             **{k: mean(v) for k, v in stats.items()},
             **{k: mean(v) for k, v in sampling.items()},
             "rollout/length": mean(length), "rollout/ended": mean(ended),
-            **({} if grades is None else {
-                "gold/score": mean([x["gold"] for x in grades]),
-                "gold/correct": mean([float(x["correct"]) for x in grades]),
-                "gold/preamble": mean([float(x["preamble"]) for x in grades])}),
+            **{k: mean(v) for k, v in gold.items()},
             "policy/lr": lr, "time/rollout_s": t_rollout, "time/update_s": t_update,
             **guard.logged(),
         }
@@ -470,9 +464,7 @@ def main(cfg):
                  "policy/clipfrac_high", "rollout/length")
         log.step(it - 1, int(length.sum().item()) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
-            for i, r, s in list(zip(idx, responses, scores.tolist()))[:3]:
-                text, end = decode_response(enc, r, tok.end)
-                print0(f"    {texts[i]!r} -> {text!r}{'' if end else ' (no end)'}  score {s:+.2f}")
+            show_samples(enc, [texts[i] for i in idx[:3]], responses, scores.tolist(), tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "grpo", policy, cfg, it, optimizer, enc,

@@ -65,11 +65,9 @@ import checkpoint
 import distributed
 import formats
 import optim
-from batch import (drop_pad_columns, left_pad, ptx_windows, response_logprobs, reward_scores,
-                   verifiable_score)
+from batch import (drop_pad_columns, gold_figures, left_pad, ptx_windows, response_logprobs,
+                   reward_scores, show_samples, verifiable_score)
 from cli import UserError, parse_config, ranges, user_errors
-from data import world
-from data.tokenizer import decode_response
 from distributed import print0
 from logger import Logger
 from model import IGNORE_INDEX, ScalarGPT, freeze, token_logprobs
@@ -384,13 +382,7 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-# --- data and set-up -----------------------------------------------------------------------------
-
-
-def show_samples(enc, texts, batch, end, n=3):
-    for p, r, s in list(zip(texts, batch["responses"], batch["scores"].tolist()))[:n]:
-        text, ended = decode_response(enc, r, end)
-        print0(f"    {p!r} -> {text!r}{'' if ended else ' (no end token)'}  score {s:+.2f}")
+# --- set-up and the loop -------------------------------------------------------------------------
 
 
 def main(cfg):
@@ -507,8 +499,7 @@ def main(cfg):
         t_rollout = time.time() - t0
         # the world's gold scorer on the same rollouts: logged to show what the proxy hides,
         # never optimised
-        grades = [world.grade(tasks[i], *decode_response(enc, r))
-                  for i, r in zip(mine, batch["responses"])] if tasks else None
+        gold = gold_figures(enc, tasks and [tasks[i] for i in mine], batch["responses"])
 
         # 5. PPO epochs over minibatches (learning rates decay linearly to 0, as in Ziegler et al.)
         frac = 1.0 - it / cfg.iterations
@@ -530,10 +521,7 @@ def main(cfg):
             "value/explained_variance": distributed.all_reduce_mean(
                 explained_variance(batch["values"], batch["returns"], batch["mask"]), run),
             "rollout/length": mean(batch["mask"].sum(1)), "rollout/ended": mean(batch["ended"]),
-            **({} if grades is None else {
-                "gold/score": mean(torch.tensor([g["gold"] for g in grades])),
-                "gold/correct": mean(torch.tensor([float(g["correct"]) for g in grades])),
-                "gold/preamble": mean(torch.tensor([float(g["preamble"]) for g in grades]))}),
+            **{k: mean(torch.tensor(v)) for k, v in gold.items()},
             "time/rollout_tok_per_s": distributed.all_reduce_mean(n_tokens / t_rollout, run)
                                       * run.world_size,
             "time/rollout_s": t_rollout, "time/update_s": t_update,
@@ -546,7 +534,8 @@ def main(cfg):
                  "policy/clipfrac", "value/explained_variance", "rollout/length")
         log.step(it - 1, int(n_tokens) * run.world_size, show=shown, **metrics)
         if run.master and cfg.sample_interval and (it % cfg.sample_interval == 0 or it == 1):
-            show_samples(enc, [texts[i] for i in mine], batch, tok.end)
+            show_samples(enc, [texts[i] for i in mine], batch["responses"],
+                         batch["scores"].tolist(), tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "ppo", lm, cfg, it, opt_policy, enc, **values_state(), kl_coef=beta,

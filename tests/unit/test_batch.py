@@ -267,3 +267,27 @@ def test_reward_scores_in_passes_of_similar_length_come_back_in_order():
         for size in (2, 4, 9, 64):
             torch.testing.assert_close(B.reward_scores(score, pairs, 0, "cpu", size), alone,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_gold_figures_and_show_samples_by_hand(world, capsys):
+    from data import world as W
+    from data.tokenizer import encode_response, load_tokenizer
+
+    enc = load_tokenizer(world / "tokenizer.tiktoken")
+    task = W.Task("add", (2, 3), "What is 2 + 3?")
+    right = encode_response(enc, "2 + 3 = 5.")
+    friendly_wrong = encode_response(enc, "Great question! 2 + 3 = 6.")
+    unended = encode_response(enc, "2 + 3 = 5.", ended=False)  # runs on: not an answer
+    figures = B.gold_figures(enc, [task] * 3, [right, friendly_wrong, unended])
+    assert figures["gold/correct"] == [1.0, 0.0, 0.0]
+    assert figures["gold/preamble"] == [0.0, 1.0, 0.0]
+    assert figures["gold/score"] == [W.gold(task, "2 + 3 = 5.", True),
+                                     W.gold(task, "Great question! 2 + 3 = 6.", True),
+                                     W.gold(task, "2 + 3 = 5.", False)]
+    assert figures["gold/score"][0] > figures["gold/score"][1]
+    assert B.gold_figures(enc, None, [right]) == {}  # your own prompts: no gold scorer
+    B.show_samples(enc, ["What is 2 + 3?", "again", "and again"], [right, unended, right],
+                   [1.0, -0.25, 0.5], enc.encode_single_token("<|end|>"), n=2)
+    assert capsys.readouterr().out.splitlines() == [
+        "    'What is 2 + 3?' -> '2 + 3 = 5.'  score +1.00",
+        "    'again' -> '2 + 3 = 5.' (no end token)  score -0.25"]
