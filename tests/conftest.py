@@ -40,10 +40,13 @@ MODEL_FLAGS = ("--n_layer", "--n_head", "--n_embd", "--block_size")
 TINY = [f for f in QUICK["pretrain.py"] if f.split("=")[0] in MODEL_FLAGS]
 LAYERS = {"unit": 0, "e2e": 1, "cli": 2}  # the order the layers run in
 
-# Gloo can abort a process at interpreter exit, after its work is done and its group
-# destroyed, when the machine is loaded (a worker thread not yet joined; pytorch#28126).
-# A two-process run that dies that way is run once more; any other failure counts.
-GLOO_EXIT_ABORT = "terminate called without an active exception"
+# A two-process run can fail for reasons of the machine, not of the code: gloo can abort
+# a process at interpreter exit, after its work is done and its group destroyed, when the
+# machine is loaded (a worker thread not yet joined; pytorch#28126); and the free port
+# torchrun --standalone picks for the processes' store can be taken by another process
+# before the store binds it (two runs start at once here; pytorch#126510). A run that
+# dies either way is run once more; any other failure counts.
+TORCHRUN_RETRY = ("terminate called without an active exception", "address already in use")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -66,7 +69,8 @@ def run(*args, ok=True, env=None, timeout=300):
     cmd = [sys.executable, *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=environ(env))
-    if p.returncode != 0 and "torch.distributed.run" in args and GLOO_EXIT_ABORT in p.stderr:
+    if (p.returncode != 0 and "torch.distributed.run" in args
+            and any(m in p.stderr.lower() for m in TORCHRUN_RETRY)):
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env=environ(env))
     if ok and p.returncode != 0:
