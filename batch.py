@@ -17,6 +17,8 @@
 - token_windows / ptx_windows: next-token windows of a token stream (pretraining, and
   the pretraining term of PPO-ptx and GRPO).
 - verifiable_score: the world's correctness check as a reward (PPO and GRPO).
+- gold_figures / show_samples: what PPO and GRPO log of a rollout beside the proxy (the
+  world's gold scorer) and the sample lines they print.
 """
 
 from dataclasses import dataclass
