@@ -49,9 +49,9 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
