@@ -344,12 +344,10 @@ def main(cfg):
     raw_model = copy.deepcopy(ref).train()
     for p in ref.parameters():
         p.requires_grad_(False)
-    pad = enc.encode_single_token("<|endoftext|>")
-    stop = None
+    pad, end = enc.encode_single_token("<|endoftext|>"), formats.end_token(enc, chat)
     if cfg.data:
         (seqs, pairs, desirable), (vseqs, vpairs, vdesirable), prompts = own_sets(
             cfg.data, enc, chat, ref.config.block_size, cfg.val_fraction)
-        stop = formats.end_token(enc, chat)
         room = ref.config.block_size - cfg.max_new_tokens  # the KL samples' prompts must fit
         prompts = [p for p in prompts if len(p) <= room][:cfg.kl_prompts]
         if not prompts:
@@ -408,7 +406,7 @@ def main(cfg):
             metrics.update({f"val/{k}": v
                             for k, v in validate(raw_model, vdata, cfg, pad, run.device).items()})
             metrics["objective/kl"] = kl_to_reference(raw_model, ref, enc, prompts, cfg, run.device,
-                                                      stop)
+                                                      end)
             raw_model.train()
         log.step(step - 1, sum(b[0].tokens.numel() for b in batches) * run.world_size,
                  force="objective/kl" in metrics, **metrics)

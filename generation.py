@@ -158,6 +158,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                          f"{temperature}, {top_k}, {top_p}")
+    for name, token in (("stop_token", stop_token), ("pad_token", pad_token)):
+        if token is not None and not isinstance(token, int):  # anything else never matches
+            raise TypeError(f"{name} must be a token id (int) or None, got {type(token).__name__}")
     device = model.lm_head.weight.device
     B, total = len(prompts), P + max_new_tokens
     # one buffer for prompt + generated tokens, left-padded prompts; built on the host

@@ -315,11 +315,10 @@ def main(cfg):
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     sft, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)
-    block, stop = sft.config.block_size, None
+    block, end = sft.config.block_size, formats.end_token(enc, chat)
     if cfg.data:
         train, val, prompts = own_rankings(cfg.data, enc, chat, block, cfg.val_fraction)
         vals = {os.path.basename(cfg.data): val}
-        stop = formats.end_token(enc, chat)
         prompts = [p for p in prompts if len(p) + cfg.max_new_tokens <= block][:cfg.norm_prompts]
         if not prompts:
             raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: no training prompt of "
@@ -361,7 +360,8 @@ def main(cfg):
     pad = enc.encode_single_token("<|endoftext|>")
     # the SFT model's answers to training prompts, whose rewards set the normalisation
     norm_pairs = sample_responses(sft, enc, prompts, cfg.max_new_tokens, cfg.norm_temperature,
-                                  cfg.seed, run.device, stop=stop)
+                                  cfg.seed, run.device, stop=end)
+    ended = sum(r[-1:] == [end] for _, r in norm_pairs) / len(norm_pairs)
     for m in range(len(done), cfg.members):
         raw = train_member(m, sft, train, val, enc, cfg, run, state, save, stop)
         state = None
@@ -370,8 +370,8 @@ def main(cfg):
         norms.append([1 / r.std().clamp(min=1e-6).item(),
                       -(r.mean() / r.std().clamp(min=1e-6)).item()])
         done.append(raw.state_dict())
-        print0(f"member {m}: rewards of {len(r)} SFT samples had mean {r.mean():.3f}, "
-               f"std {r.std():.3f}; normalised")
+        print0(f"member {m}: rewards of {len(r)} SFT samples ({ended:.0%} ended) had mean "
+               f"{r.mean():.3f}, std {r.std():.3f}; normalised")
         distributed.on_rank0(run, lambda: save(cfg.max_steps, None, None))
 
     def final():  # the held-out evaluation of the reward model as PPO and eval will load it

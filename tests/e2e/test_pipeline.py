@@ -14,11 +14,11 @@ import dpo
 import eval as evaluation
 import reward
 import sft
-from batch import collate
+from batch import collate, reward_scores, sample_responses
 from data import world as data_world
 from data.tokenizer import load_tokenizer
-from records import load_rankings
-from reward_model import load_reward_model
+from records import load_rankings, read_jsonl, stage_model
+from reward_model import load_reward_model, member_scores
 
 STAGES = ["data/prepare.py", "pretrain.py", "sft.py", "data/label.py", "reward.py", "ppo.py",
           "dpo.py", "eval.py"]
@@ -166,6 +166,34 @@ def bayes_and_accuracy(rm, path, enc, pad):
             right.append(float(margin > 0))
             expected.append(0.5 if margin == 0 else p if margin > 0 else 1 - p)
     return [sum(x) / len(x) for x in (bayes, right, expected)] + [len(right)]
+
+
+def test_reward_normalised_on_sft_answers_that_end_as_ppos_do(pipeline, tmp_path, monkeypatch):
+    """The gain and bias make the rewards of the SFT model's answers to training prompts
+    mean 0 and std 1. Those answers stop at the world's end token, as PPO's do (they once
+    ran on past it to the length limit): the sampling call is checked, and the gain and
+    bias are recomputed here from answers sampled again."""
+    stops = []
+
+    def sample_and_record(*args, **kwargs):
+        stops.append(kwargs.get("stop"))
+        return sample_responses(*args, **kwargs)
+    monkeypatch.setattr(reward, "sample_responses", sample_and_record)
+    main_of(reward, [*QUICK["reward.py"], f"--data_dir={pipeline.data}",
+                     f"--init_from={pipeline.out}/sft", f"--out_dir={tmp_path}"])
+    enc = load_tokenizer(pipeline.data / "tokenizer.tiktoken")
+    end, pad = (enc.encode_single_token(t) for t in ("<|end|>", "<|endoftext|>"))
+    assert stops == [end]
+    rm, ck = load_reward_model(tmp_path / "ckpt.pt", "python reward.py", enc)
+    cfg = ck["config"]
+    sft = stage_model(f"{pipeline.out}/sft", "python sft.py", str(pipeline.data), "cpu")[0]
+    prompts = [r["prompt"] for r in read_jsonl(pipeline.data / "prompts_train.jsonl",
+                                               {"prompt": str})][:cfg["norm_prompts"]]
+    pairs = sample_responses(sft, enc, prompts, cfg["max_new_tokens"], cfg["norm_temperature"],
+                             cfg["seed"], "cpu")
+    r = reward_scores(lambda b: member_scores(rm.members[0], b, cfg["pooling"]), pairs, pad, "cpu")
+    assert ck["norms"][0] == pytest.approx([1 / r.std().item(), -(r.mean() / r.std()).item()],
+                                           rel=1e-5)
 
 
 def test_reward_ensemble_and_its_log(pipeline, tmp_path):

@@ -409,6 +409,9 @@ def test_generate_argument_errors():
         model.generate([], 5)
     with pytest.raises(ValueError):
         model.generate([[1, 2], []], 5)
+    # a stop token that is not a token id would never match: refused, not run to the end
+    with pytest.raises(TypeError, match="stop_token"):
+        model.generate([[1, 2]], 5, stop_token=object())
 
 
 def test_generate_restores_training_mode():
