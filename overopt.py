@@ -9,7 +9,8 @@ measured, not modelled: the embedded world's gold scorer grades every answer exa
 
 Two ways to move away from SFT, both against the reward model in out/reward:
   - PPO (ppo.py) with fixed KL coefficients --betas; β = 0 leaves nothing holding it back
-  - best-of-n from SFT for each n in --best_of; its KL is log n − (n−1)/n exactly
+  - best-of-n from SFT for each n in --best_of; its KL is taken as log n − (n−1)/n, an
+    upper bound (Beirami et al. 2024)
 Every resulting policy answers the held-out prompts at temperature 1; the same answers
 give the gold score, the proxy reward and the KL sample. The PPO logs add each run's path
 on its training rollouts (gold/score beside objective/score at every iteration).
