@@ -9,7 +9,8 @@ SFT reference does. Pick the loss with --loss:
     cdpo   −(1−ε)·log σ(β·h) − ε·log σ(−β·h): labels flipped with probability ε
            (Mitchell 2023, conservative DPO)
     ipo    (h − 1/(2β))²: regress the margin to a target instead of pushing it up
-           (Azar et al. 2023, eq. 17)
+           (Azar et al. 2023, eq. 17; h of summed log-probs, as the paper's, where some
+           implementations average them over each response's tokens)
     simpo  −log σ(β·(mean log π(y_w) − mean log π(y_l)) − γ): length-normalised, no
            reference (Meng et al. 2024, eq. 6)
     orpo   NLL(y_w) + λ·(−log σ(log odds(y_w) − log odds(y_l))), odds = P/(1−P) with P the

@@ -11,7 +11,9 @@ Three models: the policy (trained, starts as SFT), the reference (frozen SFT) an
   3. dynamic sampling (--dynamic_sampling=true): a group whose scores are all equal has
      zero advantage and carries no signal; it is dropped and more prompts are drawn until
      the batch is full (the log counts the drops; the share of zero-signal groups is
-     logged either way)
+     logged either way). Equal means equal before the KL: with --kl_in=reward a group
+     of equal scores that is kept (no dynamic sampling, or a top-up) gets advantages
+     from its answers' KL alone, with --advantage=grpo scaled to unit std
   4. log-probs of each response token under the reference; with --kl_in=reward, also
      under the policy (π_old), and β·Σ_t(log π − log π_ref) is taken off each score
   5. group-relative advantages (--advantage), one per answer, on every one of its tokens

@@ -97,7 +97,7 @@ class Config:
     kl_coef: float = 0.2              # β: per-token KL penalty weight (initial value if adaptive)
     adaptive_kl: bool = False         # adapt β toward target_kl (Ziegler et al. 2019)
     target_kl: float = 2.0            # adaptive: wanted KL per response, nats
-    kl_horizon: int = 10000  # adaptive: rollouts over which β moves by at most ±20% per unit error
+    kl_horizon: int = 10000  # adaptive: β ← β·(1 + clip(KL/target − 1, ±0.2)·batch/horizon)
     gamma: float = 1.0                # discount
     lam: float = 0.95                 # GAE λ
     clip_range: float = 0.2           # policy ratio clip ε
@@ -106,7 +106,7 @@ class Config:
     vf_coef: float = 0.1              # shared head: weight of the value loss in the one loss
     frozen_dtype: str = "fp32"        # fp32 or bf16: the reference's and reward model's weights
     missing_end_penalty: float = -3.0 # score of a response that never emitted the end token
-    whiten_rewards: bool = False      # scale per-token rewards to unit variance before GAE
+    whiten_rewards: bool = False      # scale this process's rewards to unit variance before GAE
     entropy_coef: float = 0.0         # entropy bonus (0: entropy is only logged)
     ptx_coef: float = 0.0             # γ: weight of the pretraining loss (PPO-ptx; 0 = off)
     ptx_batch: int = 4                # pretraining windows per minibatch step, each process

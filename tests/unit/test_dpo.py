@@ -24,10 +24,14 @@ def logsig(x):
 
 # policy / reference summed log-probs of chosen and rejected: h = (-1 + 2) - (-3 + 2) = 2
 PC, PR, RC, RR = t(-1.0), t(-3.0), t(-2.0), t(-2.0)
+# a reference that does not cancel: h = (-1 + 1.5) - (-3 + 2.5) = 1; with the reference's
+# two answers swapped h would be 3, without the reference 2, with it added 3
+RC2, RR2 = t(-1.5), t(-2.5)
 
 
 def test_dpo():
     assert dpo.dpo_loss(PC, PR, RC, RR, beta=0.5).item() == pytest.approx(-logsig(0.5 * 2))
+    assert dpo.dpo_loss(PC, PR, RC2, RR2, beta=0.5).item() == pytest.approx(-logsig(0.5 * 1))
 
 
 def test_cdpo_is_dpo_with_flipped_labels():
@@ -35,12 +39,17 @@ def test_cdpo_is_dpo_with_flipped_labels():
     assert dpo.cdpo_loss(PC, PR, RC, RR, beta=0.5, eps=0.1).item() == pytest.approx(expect)
     plain = dpo.dpo_loss(PC, PR, RC, RR, 0.5).item()
     assert dpo.cdpo_loss(PC, PR, RC, RR, 0.5, 0.0).item() == pytest.approx(plain)
+    expect = -0.9 * logsig(0.5) - 0.1 * logsig(-0.5)  # h = 1
+    assert dpo.cdpo_loss(PC, PR, RC2, RR2, beta=0.5, eps=0.1).item() == pytest.approx(expect)
 
 
 def test_ipo_regresses_the_margin_to_its_target():
     assert dpo.ipo_loss(PC, PR, RC, RR, beta=0.5).item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
     # margin 2 = 1/(2*0.25)
     assert dpo.ipo_loss(PC, PR, RC, RR, beta=0.25).item() == pytest.approx(0.0)
+    # h = 1: at the target 1/(2*0.5), and 1 short of 1/(2*0.25)
+    assert dpo.ipo_loss(PC, PR, RC2, RR2, beta=0.5).item() == pytest.approx(0.0)
+    assert dpo.ipo_loss(PC, PR, RC2, RR2, beta=0.25).item() == pytest.approx(1.0)
 
 
 def test_simpo_uses_mean_log_probs_and_no_reference():
@@ -63,8 +72,13 @@ def test_kto():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert loss.tolist() == pytest.approx([1 - sig(0.5 * (1 - 0.2)),
                                            2.0 * (1 - sig(0.5 * (0.2 + 1)))])
-    assert dpo.kto_reference_point(p, r).item() == 0.0  # mean log-ratio is 0: clamped at 0
+    assert dpo.kto_reference_point(p, r).item() == 0.0  # mean log-ratio 0
     assert dpo.kto_reference_point(t(-1.0, -1.0), r).item() == pytest.approx(1.0)
+    # a negative mean log-ratio (-1) is clamped at 0; z0 carries no gradient
+    below = t(-3.0, -3.0).requires_grad_()
+    assert dpo.kto_reference_point(below, r).item() == 0.0
+    z0 = dpo.kto_reference_point(t(-1.0, -1.0).requires_grad_(), r)
+    assert not z0.requires_grad
 
 
 def test_cached_reference_equals_recomputed():
@@ -170,3 +184,27 @@ def test_several_preference_sets_load_as_one(tmp_path):
     assert chosen.startswith("Great question! 5")
     with pytest.raises(UserError, match="c_train.jsonl not found"):
         dpo.load_sets(str(tmp_path), "a,c", "train", enc, 64)
+
+
+def test_simpo_and_orpo_batches_pass_each_answers_own_length():
+    """batch_loss hands SimPO and ORPO the chosen answers' lengths with the chosen log-probs
+    and the rejected ones' with the rejected: lengths 3 and 1 against 1 and 3 tokens, so
+    the two swapped give another loss."""
+    torch.manual_seed(0)
+    cfg_m = GPTConfig(block_size=32, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
+    policy = GPT(cfg_m)
+    seqs = [([1, 2, 3, 4, 5], 2), ([1, 2, 6], 2), ([7, 8, 9, 10], 3), ([7, 8, 11, 12, 13, 14], 3)]
+    data = (seqs, [(0, 1), (2, 3)], torch.zeros(4), [False] * 4)
+    for cfg, loss_of in ((dpo.Config(loss="simpo", simpo_beta=2.0, simpo_gamma=0.5),
+                          lambda pc, pr, nc, nr: dpo.simpo_loss(pc, pr, nc, nr, 2.0, 0.5)),
+                         (dpo.Config(loss="orpo", orpo_lambda=0.3),
+                          lambda pc, pr, nc, nr: dpo.orpo_loss(pc, pr, nc, nr, 0.3))):
+        batch = dpo.make_batch(data, [0, 1], cfg, pad=0, device="cpu")
+        with torch.no_grad():
+            loss = dpo.batch_loss(policy, batch, cfg)[0].item()
+            logp, n = sequence_logprobs(policy, batch[0])
+        assert n.tolist() == [3, 1, 1, 3]  # chosen 0 and 2, then rejected 1 and 3
+        assert loss == pytest.approx(loss_of(logp[:2], logp[2:], n[:2], n[2:]).mean().item(),
+                                     abs=1e-6)
+        swapped = loss_of(logp[:2], logp[2:], n[2:], n[:2]).mean().item()
+        assert abs(loss - swapped) > 1e-3, cfg.loss

@@ -41,14 +41,16 @@ def test_best_of_n_kl_closed_form():
 
 def test_win_rate_and_summary_by_hand():
     rows = [dict(gold=1.0, correct=True), dict(gold=0.5, correct=False),
-            dict(gold=0.0, correct=False)]
+            dict(gold=1.5, correct=False)]
     base = [dict(gold=0.5, correct=False), dict(gold=0.5, correct=False),
             dict(gold=1.0, correct=True)]
-    assert evaluation.win_rate(rows, base) == pytest.approx((1 + 0.5 + 0) / 3)
+    # two wins and a tie; the other way round, two losses and a tie
+    assert evaluation.win_rate(rows, base) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert evaluation.win_rate(base, rows) == pytest.approx((0 + 0.5 + 0) / 3)
     s = evaluation.summarize([{**r, "proxy": p} for r, p in zip(rows, (1.0, 2.0, 3.0))], base)
-    assert s["gold"] == pytest.approx(0.5) and s["correct"] == pytest.approx(1 / 3)
+    assert s["gold"] == pytest.approx(1.0) and s["correct"] == pytest.approx(1 / 3)
     assert s["proxy"] == 2.0
-    assert s["n"] == 3 and "kl" not in s and s["win"] == pytest.approx(0.5)
+    assert s["n"] == 3 and "kl" not in s and s["win"] == pytest.approx(2.5 / 3)
 
 
 class LengthReward(torch.nn.Module):

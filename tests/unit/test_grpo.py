@@ -57,6 +57,8 @@ def test_loss_aggregations_by_hand():
     assert grpo.aggregate(x, mask, "seq_mean", 4).item() == pytest.approx((2 + 4) / 2)
     assert grpo.aggregate(x, mask, "constant", 4).item() == pytest.approx(10 / (2 * 4))
     assert grpo.aggregate(x, mask, "token_mean", 4).item() == pytest.approx(10 / 4)
+    # Dr. GRPO's constant is the length limit, not the padded width of the batch (4 here)
+    assert grpo.aggregate(x, mask, "constant", 6).item() == pytest.approx(10 / (2 * 6))
 
 
 def test_micro_batches_of_the_aggregations_add_up_to_the_whole_batch():

@@ -94,6 +94,12 @@ def test_value_loss_hand_computed():
     # (0.1 − 1)² = 0.81; token 2 masked. ½·mean = ½·(0.64 + 0.81)/2
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
     assert clipfrac.item() == pytest.approx(0.5)
+    # V moved past the clip, but the clipped error is the smaller one: the max keeps the
+    # unclipped (1 − 0.5)² and the clip fraction counts the clip only where it binds
+    loss, clipfrac = ppo.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]),
+                                    torch.tensor([[0.5]]), torch.tensor([[1.0]]), clip_range=0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.25)
+    assert clipfrac.item() == 0.0
 
 
 def test_kl_penalty_on_every_token_and_score_on_the_last():
@@ -119,6 +125,26 @@ def test_whiten_over_masked_entries_only():
     assert kept.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
+def whiten_one_row(rank, init, x, mask, out):
+    """A process of a gloo group of two: whitens its own row of x, over both rows."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        out[rank] = ppo.whiten(x[rank:rank + 1], mask[rank:rank + 1], run=SimpleNamespace(ddp=True))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_whiten_over_two_processes_equals_one(tmp_path):
+    """The advantages of two processes' rollouts are whitened by the mean and std of both,
+    as if one process held them all."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    out = torch.zeros(2, 1, 4).share_memory_()
+    torch.multiprocessing.spawn(whiten_one_row, (f"file://{tmp_path}/rendezvous", x, mask, out),
+                                nprocs=2)
+    torch.testing.assert_close(out[:, 0], ppo.whiten(x, mask))
+
+
 def test_adaptive_kl_controller():
     # KL twice the target: error clipped to +0.2, scaled by 64 rollouts / 640 horizon -> ×1.02
     for kl, beta in ((8.0, 0.102), (3.6, 0.099), (0.0, 0.098), (4.0, 0.1)):
@@ -132,6 +158,9 @@ def test_explained_variance():
     assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     constant = torch.full_like(returns, 2.0)
     assert ppo.explained_variance(constant, returns, mask) == pytest.approx(0.0, abs=1e-6)
+    # off by a constant: R − V does not vary, so all of R's variance is explained (1 − MSE /
+    # Var(R) would say 1 − 1/(2/3) = −0.5)
+    assert ppo.explained_variance(returns + 1, returns, mask) == pytest.approx(1.0)
 
 
 def tiny_models(seed=0):
@@ -283,6 +312,35 @@ def test_ptx_windows_are_next_token_pairs_from_the_stream():
     x, y = ptx_windows(data, 3, 16, torch.Generator().manual_seed(0), "cpu")
     assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
     assert (y == x + 1).all() and (x[:, 1:] == x[:, :-1] + 1).all()
+
+
+def test_entropy_bonus_alone_raises_the_policys_entropy():
+    """With every advantage 0 the clipped loss has no gradient: with --entropy_coef > 0 the
+    update only adds entropy (the bonus is subtracted from the loss), so the policy's
+    entropy on the rollouts rises; at 0 the policy stays put."""
+    cfg = SimpleNamespace(max_new_tokens=6, temperature=1.0, compile=False,
+                          missing_end_penalty=-1.0, whiten_rewards=False, gamma=1.0, lam=0.95,
+                          ppo_epochs=2, minibatch_size=2, clip_range=0.2, clip_range_value=0.2,
+                          grad_clip=1.0)
+    run = SimpleNamespace(world_size=1, autocast=torch.autocast("cpu", enabled=False))
+    change = {}
+    for coef in (0.0, 1.0):
+        policy, ref, value, rm = tiny_models(3)
+        cfg.entropy_coef = coef
+        b = ppo.rollout(policy, ref, value, rm_score(rm), [[5, 6], [7, 8]], 0.0, cfg,
+                        SimpleNamespace(end=3, pad=0), torch.Generator().manual_seed(0), "cpu")
+        b["advantages"] = torch.zeros_like(b["advantages"])
+        opt_p = policy.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        opt_v = value.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        ppo.ppo_update(policy, value, opt_p, opt_v, b, cfg, 1e-2, 1e-2,
+                       torch.Generator().manual_seed(0), run)
+        with torch.no_grad():
+            entropy = response_logprobs(policy, b["tokens"], attn_mask=b["attn"], start=b["P"],
+                                        entropy=True)[1]
+        change[coef] = (ppo.masked_mean(entropy, b["mask"])
+                        - ppo.masked_mean(b["entropy"], b["mask"])).item()
+    assert change[0.0] == pytest.approx(0.0, abs=1e-6)
+    assert change[1.0] > 1e-3
 
 
 def test_ptx_term_alone_moves_the_policy_toward_the_pretraining_text():
