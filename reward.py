@@ -203,7 +203,8 @@ def evaluate(score_fn, rankings, pad, device):
     right = (margin > 0).float().tolist()
     out = dict(accuracy=sum(right) / len(right), pairs=len(right))
     resp = [x for rk in rankings for x in rk["rec"].get("responses", [{}])]
-    if not all("gold" in x and "utility" in x and "style" in x for x in resp):
+    if not (all("gold" in x and "utility" in x and "style" in x for x in resp)
+            and all("task" in rk["rec"] for rk in rankings)):
         return out  # not the world's records (your own pairs): the accuracy only
 
     gold = torch.tensor([float(x["gold"]) for x in resp])
@@ -211,7 +212,9 @@ def evaluate(score_fn, rankings, pad, device):
     words = torch.tensor([float(len(x["text"].split())) for x in resp])
     pre = torch.tensor([float(world.has_preamble(x["text"])) for x in resp])
     p = torch.sigmoid(util[chosen] - util[rejected])  # raters' P(chosen wins)
-    is_correct = gold > 0.75  # the gold score counts the answer as right only above this
+    is_correct = [world.grade(world.Task.from_dict(rk["rec"]["task"]), x["text"],
+                              x.get("ended", True))["correct"]
+                  for rk in rankings for x in rk["rec"]["responses"]]
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")

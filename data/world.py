@@ -189,7 +189,7 @@ def task_of_prompt(text):
     text = " ".join(text.split())
     for kind, templates in TEMPLATES.items():
         for t in templates:
-            slot = r"(\d+(?: \d+)*)" if kind == "sort" else (
+            slot = r"(\d(?: \d)*)" if kind == "sort" else (
                 r"(\d+)" if KIND_FAMILY[kind] in NUMBER_FAMILIES else r"([A-Za-z ]+?)")
             pattern = re.escape(t).replace(r"\{0\}", slot).replace(r"\{1\}", slot)
             m = re.fullmatch(pattern, text)
@@ -263,8 +263,11 @@ FORMAT_RE = {
 
 
 def extract_answer(task, text):
-    """The response's final answer for this kind of task, or None."""
-    k = task.kind
+    """The response's final answer for this kind of task, or None. The question itself,
+    restated in the response, is no answer: its numbers and words are left out. Lists,
+    spellings and capitals count whole only (no "99" for 9, no "Tunis" in "Tunisia", no
+    "e-c" in "double-check")."""
+    k, text = task.kind, text.replace(task.prompt, " ")
     if k in ("add", "sub", "count"):
         m = re.findall(r"-?\d+", text)
         return m[-1] if m else None
@@ -272,13 +275,14 @@ def extract_answer(task, text):
         m = re.findall(rf"(-?\d+) is {k}", text) or re.findall(r"-?\d+", text)
         return m[-1] if m else None
     if k == "sort":
-        m = re.findall(r"\d(?: \d)+", text)
+        m = re.findall(r"(?<!\d)\d(?: \d)+(?!\d)", text)
         return m[-1] if m else None
     if k == "reverse":
-        m = re.findall(r"[a-z](?:-[a-z])+", text)
+        m = re.findall(r"\b[a-z](?:-[a-z])+\b", text)
         return m[-1] if m else None
     if k == "capital":
-        found = [(text.rfind(c), c) for c in CAPITALS.values() if c in text]
+        found = [(m.start(), c) for c in CAPITALS.values()
+                 for m in re.finditer(rf"\b{re.escape(c)}\b", text)]
         return max(found)[1] if found else None
     if k == "opposite":
         m = re.findall(r"'([a-z]+)'", text)

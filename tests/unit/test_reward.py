@@ -9,6 +9,7 @@ import torch
 
 import reward
 from batch import collate
+from data import world
 from model import GPT, GPTConfig, ScalarGPT
 from reward_model import RewardMember, RewardModel, member_scores, pool_scores
 
@@ -127,19 +128,28 @@ def test_likelihood_term_by_hand():
 
 def test_evaluate_against_the_raters_by_hand():
     """Expected accuracy (the raters' probability of the order the model prefers) and the
-    Bayes-optimal accuracy, overall and per family, on two made-up rankings."""
+    Bayes-optimal accuracy, overall and per family, on two made-up rankings; the accuracy
+    on pairs whose answers differ in correctness, by the gold scorer's check (a right
+    answer said verbosely scores below a wrong one said plainly, and is still right)."""
+    add = world.Task("add", (38, 47), "What is 38 + 47?")
+    capital = world.Task("capital", ("Peru",), "What is the capital of Peru?")
 
-    def response(text, utility, gold=1.5, style="ideal"):
-        return dict(text=text, ended=True, gold=gold, utility=utility, style=style)
+    def response(task, text, utility, style="ideal"):
+        return dict(text=text, ended=True, gold=world.gold(task, text, True), utility=utility,
+                    style=style)
 
+    verbose = "You asked: What is 38 + 47? I think 38 + 47 = 85. Please double-check this."
     rankings = [  # the sequences only set the batch shape; the scores come from `fixed`
         dict(seqs=[[1, 2], [1, 3], [1, 4]], prompt_len=1, pairs=[(0, 1), (0, 2), (1, 2)],
-             rec=dict(family="arithmetic", responses=[response("a", 2.0), response("b", 1.0),
-                                                      response("c", 0.0)])),
+             rec=dict(family="arithmetic", task=add.to_dict(), responses=[
+                 response(add, "38 + 47 = 85.", 2.0), response(add, verbose, 1.0, "verbose"),
+                 response(add, "38 + 47 = 84.", 0.0, "wrong")])),
         dict(seqs=[[5, 6], [5, 7]], prompt_len=1, pairs=[(1, 0)],
-             rec=dict(family="facts", responses=[response("d", 0.5),
-                                                 response("e", 0.5, gold=0.0)])),
+             rec=dict(family="facts", task=capital.to_dict(), responses=[
+                 response(capital, "The capital of Peru is Lima.", 0.5),
+                 response(capital, "The capital of Peru is Quito.", 0.5, "wrong")])),
     ]
+    assert rankings[0]["rec"]["responses"][1]["gold"] < rankings[0]["rec"]["responses"][2]["gold"]
     # prefers b over a, a over c, b over c; ties d and e
     scores = torch.tensor([0.0, 1.0, -1.0, 3.0, 3.0])
 
@@ -161,6 +171,10 @@ def test_evaluate_against_the_raters_by_hand():
                                              bayes_optimal=pytest.approx(0.5))
     assert res["expected_accuracy"] == pytest.approx((sum(arith_expected) + 0.5) / 4)
     assert res["bayes_optimal"] == pytest.approx((sum(arith_bayes) + 0.5) / 4)
+    # correctness differs in (a,c), (b,c) and (e,d): right, right, a tie; (a,b) both right
+    assert res["accuracy_correctness_differs"] == pytest.approx(2 / 3)
+    assert res["accuracy_style_only"] == 0.0
+    assert res["correctness_differs_by_family"] == {"arithmetic": 1.0, "facts": 0.0}
 
 
 def test_ceiling_fit_recovers_the_raters_when_it_sees_their_features():

@@ -62,6 +62,34 @@ def test_spelling_and_facts_extraction():
     assert not W.grade(s, "0 0 0 0 0", True)["repetition"]  # equal digits are not repetition
 
 
+@pytest.mark.parametrize("t,text,correct", [
+    # a filler's hyphenated word after the right spelling is no spelling; nor is one glued
+    # to more letters
+    (task("reverse", "planet"), "I think t-e-n-a-l-p Please double-check this.", True),
+    (task("reverse", "planet"), "t-e-n-a-l-ps", False),
+    (task("reverse", "planet"), "xt-e-n-a-l-p", False),
+    # a list counts whole, digit by digit: 99 is not 9
+    (task("sort", 9, 4, 7, 1), "1 4 7 9", True),
+    (task("sort", 9, 4, 7, 1), "1 4 7 99", False),
+    (task("sort", 9, 4, 7, 1), "11 4 7 9", False),
+    # the question restated is no answer, though its last number is the right one
+    (task("smaller", 73, 58), "Which is smaller, 73 or 58?", False),
+    (task("smaller", 73, 58), "You asked: Which is smaller, 73 or 58? 58", True),
+    (task("sub", 34, 17), "What is 34 - 17?", False),
+    (task("add", 0, 17), "What is 0 + 17? 0 + 17 = 17.", True),
+    # a capital inside a longer name is not named
+    (task("capital", "Tunisia"), "I don't know the capital of Tunisia.", False),
+    (task("capital", "Peru"), "The capital of Peru is Limassol.", False),
+])
+def test_answers_count_whole_and_never_from_the_question(t, text, correct):
+    assert W.grade(t, text, True)["correct"] is correct
+
+
+def test_typed_sorting_prompts_are_world_tasks_only_with_single_digits():
+    assert W.task_of_prompt("Sort these numbers: 3 1 2").args == (3, 1, 2)
+    assert W.task_of_prompt("Sort these numbers: 12 3 45") is None  # answers are digit lists
+
+
 def test_rater_pair_marginals_are_bradley_terry():
     """Plackett-Luce rankings by Gumbel sorting: every pair's marginal is sigmoid(u_a - u_b)."""
     rng = random.Random(0)
