@@ -222,8 +222,8 @@ def main(cfg):
         if cfg.hack_steps:  # β = 0: nothing holds the policy near SFT
             http("POST", url + "/api/settings", {"beta": 0})
             start = len(hist)
-            for _ in range(0, cfg.hack_steps, 10):
-                http("POST", url + "/api/step", {"steps": min(10, cfg.hack_steps)})
+            for done in range(0, cfg.hack_steps, 10):
+                http("POST", url + "/api/step", {"steps": min(10, cfg.hack_steps - done)})
                 browser.wait(lambda: not http("GET", url + "/api/state")["job"]["running"],
                              timeout=600, what="the PPO steps")
             s = http("GET", url + "/api/state")
