@@ -106,14 +106,18 @@ def hh_turns(dialogue, where, name):
 
 
 def load_hh(path):
-    """HH-RLHF pairs: [(prompt messages, chosen, rejected)], counts."""
-    out, counts = [], {"read": 0, "identical": 0, "prompts_differ": 0}
+    """HH-RLHF pairs: [(prompt messages, chosen, rejected)], counts. A pair whose final
+    answer is empty on either side is skipped and counted, as one whose answers are the
+    same (an empty answer is refused where a preference file states its answers)."""
+    out, counts = [], {"read": 0, "identical": 0, "prompts_differ": 0, "empty_answer": 0}
     for lineno, rec in json_lines(path):
         where = f"{path}:{lineno}"
         chosen = hh_turns(field(rec, "chosen", str, where), where, "chosen")
         rejected = hh_turns(field(rec, "rejected", str, where), where, "rejected")
         counts["read"] += 1
-        if chosen[:-1] != rejected[:-1]:
+        if not (chosen[-1]["content"] and rejected[-1]["content"]):
+            counts["empty_answer"] += 1
+        elif chosen[:-1] != rejected[:-1]:
             counts["prompts_differ"] += 1
         elif chosen[-1]["content"] == rejected[-1]["content"]:
             counts["identical"] += 1

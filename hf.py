@@ -133,6 +133,12 @@ def gpt2_config(path):
     act = c.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         raise UserError(f"{path}: activation_function {act!r} is not one GPT-2 uses")
+    # variants this model does not run: they would load and give other logits
+    for name, supported in (("scale_attn_weights", True), ("tie_word_embeddings", True),
+                            ("scale_attn_by_inverse_layer_idx", False)):
+        if c.get(name, supported) != supported:
+            raise UserError(f"{path}: {name} {c[name]!r} is not supported (GPT-2's is "
+                            f"{supported})")
     try:
         return GPTConfig(block_size=int(c.get("n_positions", 1024)),
                          vocab_size=int(c.get("vocab_size", 50257)),

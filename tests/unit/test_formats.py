@@ -18,6 +18,8 @@ HH = [
     {"chosen": f"{H}Why?{A}Because.", "rejected": f"{H}Why?{A}Because."},
     # the dialogues differ before the last turn: skipped, counted
     {"chosen": f"{H}A{A}B{H}C{A}D", "rejected": f"{H}A{A}X{H}C{A}E"},
+    # an empty final answer (the assistant's tag and nothing after it): skipped, counted
+    {"chosen": f"{H}Why?{A}Because.", "rejected": f"{H}Why?\n\nAssistant:"},
 ]
 
 
@@ -31,8 +33,9 @@ def write(path, records, gz=False):
 def test_hh_pairs_and_counts(tmp_path, gz):
     path = write(tmp_path / ("hh.jsonl.gz" if gz else "hh.jsonl"), HH, gz)
     pairs, counts = formats.load_hh(path)
-    assert counts == {"read": 3, "identical": 1, "prompts_differ": 1}
-    assert formats.describe(counts) == "read 3, skipped 1 identical, 1 prompts differ"
+    assert counts == {"read": 4, "identical": 1, "prompts_differ": 1, "empty_answer": 1}
+    assert formats.describe(counts) == ("read 4, skipped 1 identical, 1 prompts differ, "
+                                        "1 empty answer")
     prompt, chosen, rejected = pairs[0]
     assert prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": "How do I bake bread?"}]
@@ -84,9 +87,9 @@ def test_rl_prompts_from_a_comparison_file(tmp_path):
     assert prompts == [[{"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "How do I bake bread?"}]]
-    assert counts["read"] == 4 and counts["repeated_prompts"] == 1
-    assert formats.describe(counts) == ("read 4, skipped 1 identical, 1 prompts differ, "
-                                        "1 repeated prompts")
+    assert counts["read"] == 5 and counts["repeated_prompts"] == 1
+    assert formats.describe(counts) == ("read 5, skipped 1 identical, 1 prompts differ, "
+                                        "1 empty answer, 1 repeated prompts")
     pref = write(tmp_path / "p.jsonl", [{"prompt": "Go", "chosen": "a", "rejected": "b"},
                                         {"prompt": "Stop", "chosen": "a", "rejected": "b"}])
     assert formats.load_rl_prompts(pref)[0] == [[{"role": "user", "content": "Go"}],

@@ -164,6 +164,12 @@ def test_mismatched_weights_are_refused(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(UserError, match="is not gpt2"):
         hf.from_pretrained(str(d))
+    # GPT-2 variants that would load and compute other logits
+    for flag, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                        ("tie_word_embeddings", False)):
+        (d / "config.json").write_text(json.dumps({**cfg, flag: value}))
+        with pytest.raises(UserError, match=f"config.json: {flag} {value} is not supported"):
+            hf.from_pretrained(str(d))
     (d / "config.json").write_text("{")
     with pytest.raises(UserError, match="config.json: not valid JSON"):
         hf.from_pretrained(str(d))
