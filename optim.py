@@ -34,21 +34,24 @@ class NonFiniteGuard:
     state as they were; under DDP every rank sees the same all-reduced figures, so all
     of them skip together). After `limit` skipped updates in a row the run stops with a
     clear error, before anything else is written, so the last checkpoint on disk is the
-    last good one."""
+    last good one. `model` names which model's update it is when one loop steps two (PPO's
+    policy and value model): each has its own run of skips, so the other's good updates do
+    not hide it."""
 
     def __init__(self, limit=10, ckpt_path=""):
-        self.limit, self.ckpt_path, self.skipped, self.in_a_row = limit, ckpt_path, 0, 0
+        self.limit, self.ckpt_path, self.skipped, self.in_a_row = limit, ckpt_path, 0, {}
 
-    def ok(self, grad_norm, step, loss=0.0):
+    def ok(self, grad_norm, step, loss=0.0, model=""):
         """True if the update may be applied; counts and reports the ones that may not."""
         if math.isfinite(grad_norm) and math.isfinite(loss):
-            self.in_a_row = 0
+            self.in_a_row[model] = 0
             return True
         self.skipped += 1
-        self.in_a_row += 1
-        print0(f"warning: step {step}: non-finite loss or gradient, update skipped "
+        self.in_a_row[model] = self.in_a_row.get(model, 0) + 1
+        of = f" of the {model}" if model else ""
+        print0(f"warning: step {step}: non-finite loss or gradient{of}, update skipped "
                f"({self.skipped} so far)")
-        if self.in_a_row >= self.limit:
+        if self.in_a_row[model] >= self.limit:
             kept = (f"{self.ckpt_path} holds the last good weights; "
                     if os.path.exists(self.ckpt_path) else "")
             raise UserError(f"{self.limit} non-finite updates in a row, at step {step}: "

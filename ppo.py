@@ -359,7 +359,7 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                 opt_policy.param_groups[-1]["lr"] = value_lr
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                        cfg.grad_clip or math.inf).item()
-            if guard.ok(grad_norm, it):
+            if guard.ok(grad_norm, it, model="policy"):
                 opt_policy.step()
             opt_policy.zero_grad(set_to_none=True)
             if value_model is not None:  # the value model: clipped value loss, its own step
@@ -371,7 +371,7 @@ def ppo_update(policy, value_model, opt_policy, opt_value, batch, cfg, lr, value
                 optim.set_lr(opt_value, value_lr)
                 grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(),
                                                            cfg.grad_clip or math.inf).item()
-                if guard.ok(grad_norm, it):
+                if guard.ok(grad_norm, it, model="value model"):
                     opt_value.step()
                 opt_value.zero_grad(set_to_none=True)
             for k, v in (("loss/policy", pg_loss), ("loss/value", vf_loss),

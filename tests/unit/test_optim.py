@@ -50,6 +50,19 @@ def test_non_finite_guard_skips_counts_and_stops(tmp_path, capsys):
         guard.ok(math.nan, 7)
 
 
+def test_non_finite_guard_counts_each_models_run_of_skips(capsys):
+    """PPO steps the policy and the value model in turn: the value model's good updates do
+    not reset the policy's run of skips."""
+    guard = optim.NonFiniteGuard(limit=3)
+    for step in range(2):
+        assert not guard.ok(math.nan, step, model="policy")
+        assert guard.ok(1.0, step, model="value model")
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "warning: step 0: non-finite loss or gradient of the policy, update skipped (1 so far)")
+    with pytest.raises(UserError, match="3 non-finite updates in a row, at step 2"):
+        guard.ok(math.nan, 2, model="policy")
+
+
 def odd_quintic(s, steps):
     """orthogonalise on one singular value s (already divided by the norm), by hand."""
     a, b, c = 3.4445, -4.7750, 2.0315
