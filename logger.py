@@ -17,7 +17,9 @@ def append_jsonl(path, record):
 class Logger:
     """A console line every `interval` steps (loss, tokens/s, ETA) and every logged
     figure in out_dir/log.jsonl, one JSON object per line; the first line of a run (and
-    of each resume) is {"config": ...}. Only the master process writes."""
+    of each resume) is {"config": ...}. A resumed run (start_step > 0) first drops the
+    lines of steps from start_step on: a run killed after its last checkpoint had logged
+    steps that the resumed run logs again. Only the master process writes."""
 
     def __init__(self, out_dir, cfg, total_steps, interval, master, start_step=0, append=False):
         self.total, self.interval, self.master, self.start = (total_steps, interval, master,
@@ -28,7 +30,28 @@ class Logger:
             os.makedirs(out_dir, exist_ok=True)
             if start_step == 0 and not append and os.path.exists(self.path):
                 os.remove(self.path)
+            elif start_step > 0 and not append and os.path.exists(self.path):
+                self.drop_steps_from(start_step)
         self.write({"config": dataclasses.asdict(cfg), "start_step": start_step})
+
+    def drop_steps_from(self, start_step):
+        """Rewrite the log without the step lines of start_step on (and without a last line
+        cut short by the kill), through a temporary file and a rename."""
+        kept = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not (isinstance(rec, dict) and rec.get("step", -1) >= start_step):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        try:
+            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:
+            raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
 
     def write(self, record):
         if self.master:

@@ -25,12 +25,17 @@ def test_logger_writes_config_interval_forced_and_last_steps(tmp_path, capsys):
     assert [r["loss"] for r in recs[1:]] == [0.0, 1.0, 2.0, 4.0]
     assert all({"tok_per_s", "elapsed_s", "other"} <= set(r) for r in recs[1:])
     assert capsys.readouterr().out.count("step ") == 4
-    # a resumed run appends; a fresh one replaces the old log
+    # a resumed run appends, after dropping the steps it will log again (the run was killed
+    # after step 4, its last checkpoint at step 3) and a last line the kill cut short
+    with open(tmp_path / "out" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
     resumed = Logger(tmp_path / "out", Cfg(), 5, 2, True, start_step=3)
+    assert [r.get("step") for r in lines(tmp_path / "out" / "log.jsonl")] == [None, 0, 1, 2, None]
     resumed.step(3, 10, loss=1.0)  # off the interval: nothing
     resumed.step(4, 10, show=["loss"], loss=1.0, other=2.0)  # the console shows `show` only
-    assert len(lines(tmp_path / "out" / "log.jsonl")) == 7
-    assert lines(tmp_path / "out" / "log.jsonl")[5] == {"config": {"steps": 5}, "start_step": 3}
+    recs = lines(tmp_path / "out" / "log.jsonl")
+    assert [r.get("step") for r in recs] == [None, 0, 1, 2, None, 4]
+    assert recs[4] == {"config": {"steps": 5}, "start_step": 3} and recs[5]["other"] == 2.0
     (console,) = capsys.readouterr().out.splitlines()
     assert console.startswith("step     4/5 | loss 1 | ") and "other" not in console
     Logger(tmp_path / "out", Cfg(), 5, 2, True)
