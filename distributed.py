@@ -118,12 +118,14 @@ def on_rank0(run, write):
 
 
 def all_reduce_mean(x, run):
-    """Average a float over ranks (for logged figures; gradients are DDP's business)."""
+    """Average a float, or each float of a list in one collective, over ranks (for logged
+    figures; gradients are DDP's business)."""
     if not run.ddp:
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64, device=run.device)
+    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=run.device)
     dist.all_reduce(t)
-    return t.item() / run.world_size
+    out = (t / run.world_size).tolist()
+    return out if isinstance(x, list) else out[0]
 
 
 def wrap(model, run, compile=False):

@@ -393,7 +393,9 @@ def main(cfg):
             loss += micro_loss.item() * w
             for k, v in diagnostics.items():  # the diagnostics, weighted as the loss
                 metrics[k] = metrics.get(k, 0.0) + v * w
-        loss = distributed.all_reduce_mean(loss, run)
+        # the loss and the diagnostics averaged over the ranks, as one step's figures
+        loss, *averaged = distributed.all_reduce_mean([loss, *metrics.values()], run)
+        metrics = dict(zip(metrics, averaged))
         # clip; step unless the loss or the gradient is not finite; zero
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if guard.ok(grad_norm, step, loss):

@@ -107,7 +107,8 @@ def test_dpo_two_processes_match_one(pipeline, two, tmp_path):
     one = read_log(tmp_path / "one" / "log.jsonl")
     log = read_log(two["test_dpo_two_processes_match_one"].result() / "log.jsonl")
     assert len(one) == 3
-    assert_same_curve(one, log, keys=("loss", "val/loss"))
+    # the diagnostics too: each rank's, averaged
+    assert_same_curve(one, log, keys=("loss", "val/loss", "rewards/margin", "rewards/accuracy"))
 
 
 def test_ppo_two_processes(two):

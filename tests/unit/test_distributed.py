@@ -44,6 +44,7 @@ def test_rank_chunks_split_the_global_batch():
 def test_all_reduce_mean_and_grad_sync_without_ddp():
     run = rank(0, 1)
     assert distributed.all_reduce_mean(2.5, run) == 2.5
+    assert distributed.all_reduce_mean([2.5, 1.0], run) == [2.5, 1.0]
     with distributed.grad_sync(object(), run, last=False):  # a plain context: no no_sync
         pass
 
