@@ -193,15 +193,22 @@ class StopSignal:
     instead of killing it: `requested(run)` becomes true after the step under way, the
     loop saves a checkpoint and calls `exit`; `checkpoint` does both for a loop. Under
     DDP the ranks agree (one all-reduce per step), so they stop at the same step. A
-    second signal kills at once."""
+    second signal kills at once. `release()` after the loop gives the signals back to
+    the handlers before it, for the work after the loop (or a driver's: cai.py goes on
+    after sft.py's loop), where no loop would read the request."""
 
     def __init__(self, resume_hint=None):
         self.signum = None
         # how the user continues a stopped run (a driver that runs a stage's loop in its
         # own process, as cai.py runs sft.py's, names its own way)
         self.resume_hint = resume_hint or "--resume=true continues"
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in self.before:
             signal.signal(sig, self._handle)
+
+    def release(self):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # asked twice: the default behaviour

@@ -377,6 +377,8 @@ def main(cfg):
                f"{r.mean():.3f}, std {r.std():.3f}; normalised")
         distributed.on_rank0(run, lambda: save(cfg.max_steps, None, None))
 
+    stop.release()  # a signal during the evaluation below stops it at once
+
     def final():  # the held-out evaluation of the reward model as PPO and eval will load it
         rm = load_reward_model(ckpt_path, "python reward.py", enc, run.device)[0]
         results = {name: evaluate(rm, v, pad, run.device) for name, v in vals.items()}

@@ -199,6 +199,7 @@ def main(cfg, resume_hint=None):
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
                             "sft", raw_model, cfg, step, optimizer, enc,
                             val_loss=val_l, **carried)))  # also on SIGTERM
+    stop.release()
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -1,6 +1,7 @@
 """distributed.py without a process group: how a global batch is shared out over ranks
 and micro-steps, and the data order every rank and every resume agree on."""
 
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,20 @@ def test_all_reduce_mean_and_grad_sync_without_ddp():
     assert distributed.all_reduce_mean([2.5, 1.0], run) == [2.5, 1.0]
     with distributed.grad_sync(object(), run, last=False):  # a plain context: no no_sync
         pass
+
+
+def test_stop_signal_takes_the_signals_and_gives_them_back():
+    """While a loop runs, SIGTERM and SIGINT only ask it to stop; after release() they
+    reach the handlers from before (Ctrl-C raises KeyboardInterrupt again)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = distributed.StopSignal()
+        assert all(signal.getsignal(s) == stop._handle for s in before)
+        stop.release()
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_setup_on_cpu():
