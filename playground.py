@@ -338,7 +338,7 @@ class Playground:
         raw = reward_scores(lambda b: member_scores(member, b, "last"), norm_pairs,
                             self.tok.pad, dev)
         std = raw.std().clamp(min=1e-6).item()
-        rm = RewardModel([member], [[1 / std, -raw.mean().item() / std]]).eval()
+        rm = RewardModel([member], [[1 / std, -raw.mean().item() / std]]).to(dev).eval()
         job.message = "measuring"
         val = load_rankings(os.path.join(cfg.data_dir, "prefs_val.jsonl"), self.enc, block)[:128]
         held = evaluate(rm, val, self.tok.pad, dev)
@@ -405,8 +405,9 @@ class Playground:
                 return reward_scores(rm, list(zip(prompts, responses)), self.tok.pad, dev)
 
             # steps 1-4 of ppo.py: sample, score, per-token KL penalty, values and GAE
-            batch = ppo.rollout(self.policy, self.sft, self.value, score_fn, prompts, self.beta,
-                                pcfg, self.tok, g, dev)
+            with self.run.autocast:  # as the update (bf16 on CUDA), so the first ratio is 1
+                batch = ppo.rollout(self.policy, self.sft, self.value, score_fn, prompts,
+                                    self.beta, pcfg, self.tok, g, dev)
             batch["advantages"] = ppo.whiten(batch["advantages"], batch["mask"])
             # step 5: the clipped-ratio updates of policy and value model
             stats = ppo.ppo_update(self.policy, self.value, self.opt_policy, self.opt_value, batch,
@@ -519,9 +520,10 @@ def api(pg, method, path, body):
         return pg.state()
     if path == "/api/train":
         with_raters = field(body, "raters", bool, False)
-        if not with_raters and pg.counts["A"] + pg.counts["B"] < 2:
+        if (not with_raters or not pg.cfg.raters) and pg.counts["A"] + pg.counts["B"] < 2:
             raise ApiError(400, "label at least 2 pairs with A or B first, or include the "
-                                "simulated raters' labels")
+                                "simulated raters' labels" + (" (--raters=0 leaves none)"
+                                                              if with_raters else ""))
         pg.start("reward model", pg.cfg.rm_steps,
                  lambda job: pg.train_reward_model(job, with_raters))
         return pg.state()
@@ -531,14 +533,17 @@ def api(pg, method, path, body):
             raise ApiError(400, f"steps={n}: expected 1 to 100")
         if pg.rm is None:
             raise ApiError(409, "train a reward model first (view 2)")
+        if pg.cfg.ppo_batch > len(pg.prompts):
+            raise ApiError(409, f"--ppo_batch={pg.cfg.ppo_batch} is more than the "
+                                f"{len(pg.prompts)} training prompts; restart with a smaller one")
         pg.start("PPO", n, lambda job: pg.ppo_steps(job, n))
         return pg.state()
     if path == "/api/settings":
         beta = field(body, "beta", (int, float))
         if not 0 <= beta <= 10:
             raise ApiError(400, f"beta={beta}: expected a number from 0 to 10")
-        busy(pg)
-        with pg.lock:
+        with pg.lock:  # checked under the lock, so no job can start in between
+            busy(pg)
             pg.beta = float(beta)
             pg.version += 1
         return pg.state()
@@ -575,10 +580,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         try:
             n = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(n) or b"{}") if n <= 1 << 20 else None
+            body = json.loads(self.rfile.read(n) or b"{}") if 0 <= n <= 1 << 20 else None
             if not isinstance(body, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             return self.send_json(400, {"error": "the request body should be a JSON object"})
         self.answer("POST", body)
 

@@ -162,6 +162,10 @@ def test_train_then_step_then_compare(server):
     assert rm["rater_rankings"] == 8 and rm["labels"] == 0 and 0 <= rm["val_accuracy"] <= 1
     assert {r["style"] for r in rm["scored"]} == set(playground.SHOWCASE_STYLES)
     assert all(isinstance(r["reward"], float) for r in rm["scored"])
+    pg.cfg.ppo_batch = len(pg.prompts) + 1  # more rollouts a step than there are prompts
+    status, err = call(base, "/api/step", {"steps": 1})
+    assert status == 409 and f"{len(pg.prompts)} training prompts" in err["error"]
+    pg.cfg.ppo_batch = 4
     call(base, "/api/settings", {"beta": 0})
     status, s = call(base, "/api/step", {"steps": 2})
     assert status == 200
@@ -204,6 +208,7 @@ def test_a_job_refuses_a_second_one_and_settings_until_it_ends_and_can_be_cancel
     ("POST", "/api/nothing", {}, 404, "no such route"),
     ("POST", "/api/label", b"{not json", 400, "JSON object"),
     ("POST", "/api/label", b"[1, 2]", 400, "JSON object"),
+    ("POST", "/api/label", b"[" * 100_000, 400, "JSON object"),  # too deep to read
     ("POST", "/api/label", {"pair": "1", "choice": "A"}, 400, "'pair' should be an integer"),
     ("POST", "/api/label", {"pair": 1, "choice": "C"}, 400, "expected A, B, tie or skip"),
     ("POST", "/api/train", {}, 400, "label at least 2 pairs"),
