@@ -97,6 +97,12 @@ def main(cfg):
                                    cfg.max_new_tokens, cfg.temperature, cfg.seed, run.device)
     answers = [decode_response(enc, response) for _, response in samples]
     rankings = label(records, answers, cfg.K, raters, random.Random(cfg.seed))
+    if len(rankings) < 2:  # nothing to write: no training and validation set
+        raise UserError(f"{len(rankings)} of {n} prompts had two different answers among "
+                        f"their K={cfg.K}"
+                        + (" (--temperature=0 gives one answer K times)" if cfg.temperature == 0
+                           else "") + "; at least 2 are needed: raise --K, --temperature or "
+                                      "--n_prompts")
     n_val = max(1, len(rankings) // 11)
     for name, part in ((f"{cfg.name}_train", rankings[:-n_val]),
                        (f"{cfg.name}_val", rankings[-n_val:])):

@@ -375,6 +375,19 @@ def test_damaged_meta_json(capsys, world, stages, tmp_path):
     assert sorted(p.name for p in bad.iterdir()) == before  # no rankings written
 
 
+def test_labelling_round_with_nothing_to_rank(capsys, world, stages, tmp_path):
+    """Greedy answers are K copies of one answer: no prompt has two to rank, and no empty
+    sets are written."""
+    from data import label
+    w = copy_world(world, tmp_path / "w")
+    before = sorted(p.name for p in w.iterdir())
+    assert_user_error_in_process(capsys, label, f"--data_dir={w}", f"--policy={stages}/sft",
+                                 "--temperature=0", "--n_prompts=4", "--name=greedy",
+                                 needles=["0 of 4 prompts had two different answers",
+                                          "--temperature=0 gives one answer K times"])
+    assert sorted(p.name for p in w.iterdir()) == before
+
+
 def test_out_dir_that_cannot_be_made(capsys, world, stages, tmp_path):
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "sft"
