@@ -121,7 +121,7 @@ def read_log(path, n_pairs):
     def check(ev):
         if ev["event"] not in ("label", "undo") or ev["event"] == "label" and (
                 not isinstance(ev.get("pair"), int) or not 0 <= ev["pair"] < n_pairs
-                or ev.get("choice") not in CHOICES.values()):
+                or ev.get("choice") not in CHOICES.values() or ev.get("left") not in (0, 1)):
             raise ValueError
     events, note = records.read_log(path, check)
     labels = []

@@ -138,6 +138,13 @@ def test_a_log_damaged_before_its_end_is_refused(files, capsys):
             main_of(labeler, [f"--pairs={pairs}", f"--log={log}"])
     err = capsys.readouterr().err
     assert f"{log}:1: not a line of this log" in err and err.count("\n") == 1
+    # a label without the side its first answer was shown on, before the last line
+    log.write_text('{"event": "label", "pair": 0, "choice": "A"}\n'
+                   '{"event": "label", "pair": 0, "choice": "A", "left": 0}\n')
+    with pytest.raises(SystemExit):
+        with labeler.user_errors():
+            main_of(labeler, [f"--pairs={pairs}", f"--log={log}"])
+    assert f"{log}:1: not a line of this log" in capsys.readouterr().err
 
 
 def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path, capsys):
