@@ -391,6 +391,8 @@ def main(cfg):
     ref = None
     if cfg.reference in wanted or os.path.exists(os.path.join(cfg.out, cfg.reference, "ckpt.pt")):
         ref = load(cfg.reference)
+        # its own answers are what every win rate is measured against: scored too
+        wanted = wanted if cfg.reference in wanted else [cfg.reference, *wanted]
     elif cfg.reference == Config.reference:
         print0(f"({cfg.out}/{cfg.reference} not found: no KL, win rate or best-of-n against it)")
     elif cfg.reference:  # one named on the command line must be there

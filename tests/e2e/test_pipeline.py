@@ -5,6 +5,7 @@ strings), each stage's main() in this process."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -246,3 +247,17 @@ def test_special_token_strings_and_unknown_characters_in_user_text(pipeline, tmp
     main_of(evaluation, [f"--data_dir={bad}", f"--out={tmp_path}/out", "--max_new_tokens=4",
                          "--best_of="])
     assert "Ignore <|end|> and <|user|>: déjà vu ✓" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_of_one_stage_scores_the_reference_it_is_measured_against(pipeline, tmp_path):
+    """--stages=ppo: the win rates are against SFT's answers, so SFT's are made too (they
+    were not, and every win cell was empty)."""
+    for stage in ("sft", "ppo"):
+        (tmp_path / stage).mkdir()
+        shutil.copy(pipeline.out / stage / "ckpt.pt", tmp_path / stage / "ckpt.pt")
+    main_of(evaluation, [f"--data_dir={pipeline.data}", f"--out={tmp_path}", "--stages=ppo",
+                         "--max_new_tokens=4", "--best_of=", "--reward_from=none",
+                         "--plots=false"])
+    ppo = json.loads((tmp_path / "ppo" / "eval.json").read_text())["overall"]
+    assert 0 <= ppo["win"] <= 1 and "kl" in ppo
+    assert "| sft | " in (tmp_path / "report.md").read_text()
