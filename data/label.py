@@ -71,10 +71,18 @@ def label(records, answers, K, raters, rng):
     return out
 
 
+# data/prepare.py's sets (NAME_train.jsonl, NAME_val.jsonl): a round must not write over them
+WORLD_SETS = ("sft", "prefs", "prompts")
+
+
 def check_set_name(name):
-    """--name: a set's name becomes part of a file name in data_dir."""
+    """--name: a set's name becomes part of a file name in data_dir, and is not one of the
+    world's own sets."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise UserError(f"--name={name!r}: a set's name is letters, digits and _ only")
+    if name in WORLD_SETS:
+        raise UserError(f"--name={name}: {name}_train.jsonl is one of the world's own files "
+                        f"(data/prepare.py's); choose another name")
 
 
 def main(cfg):

@@ -388,6 +388,19 @@ def test_labelling_round_with_nothing_to_rank(capsys, world, stages, tmp_path):
     assert sorted(p.name for p in w.iterdir()) == before
 
 
+@pytest.mark.parametrize("name", ["sft", "prefs", "prompts", "a/b"])
+def test_a_labelling_round_never_writes_over_the_worlds_sets(capsys, world, stages, tmp_path,
+                                                             name):
+    from data import label
+    w = copy_world(world, tmp_path / "w")
+    before = {p.name: p.read_bytes() for p in w.iterdir()}
+    line = assert_user_error_in_process(capsys, label, f"--data_dir={w}", f"--policy={stages}/sft",
+                                        "--n_prompts=4", f"--name={name}",
+                                        needles=["--name=", name])
+    assert ("world's own files" in line) == (name != "a/b")
+    assert {p.name: p.read_bytes() for p in w.iterdir()} == before
+
+
 def test_out_dir_that_cannot_be_made(capsys, world, stages, tmp_path):
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "sft"
