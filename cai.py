@@ -50,7 +50,7 @@ import checkpoint
 import distributed
 import sft
 from batch import collate, sample_responses, sequence_logprobs
-from cli import parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, user_errors
 from data import constitution as C
 from data import world
 from data.label import check_set_name
@@ -256,13 +256,18 @@ def main(cfg):
     figures = dict(revision=agreement(revision_set), judge=agreement(judge_set),
                    raters=agreement(rater_set), unread_critiques=unread,
                    drafts=len(drafts), config=asdict(cfg))
+    written = []
     for name, part in ((cfg.name, revision_set), (f"{cfg.name}_judge", judge_set),
                        (f"{cfg.name}_raters", rater_set)):
         if len(part) >= 2:
             write_set(cfg.data_dir, name, part)
+            written.append(f"{cfg.data_dir}/{name}_*")
         else:
             print(f"warning: {name} not written: {len(part)} pair(s); more --n_prompts, or a "
                   f"critic that has learnt the operations (more --critic_steps)")
+    if not written:
+        raise UserError(f"no set of labels had 2 pairs or more ({len(drafts)} drafts): raise "
+                        f"--n_prompts or --critic_steps")
     checkpoint.atomic_write(os.path.join(cfg.out_dir, "agreement.json"),
                             lambda f: f.write(json.dumps(figures, indent=1).encode()))
     print(f"\n{len(drafts)} drafts; {unread} critique replies unread or too long")
@@ -273,8 +278,7 @@ def main(cfg):
         a = figures[key]
         print(f"| {label} | {a['pairs']} | {a['gold_differs']} | {a['with_gold']:.1%} | "
               f"{a['with_raters']:.1%} | {a['raters_with_gold']:.1%} |")
-    print(f"\nwritten: {cfg.data_dir}/{cfg.name}_*, {cfg.name}_judge_*, {cfg.name}_raters_*; "
-          f"{cfg.out_dir}/agreement.json")
+    print(f"\nwritten: {', '.join(written)}; {cfg.out_dir}/agreement.json")
     distributed.teardown(run)
 
 
