@@ -227,10 +227,10 @@ def write_world(cfg, wc, tmp):
         return world.task_stream(rng, "train", n, wc)
 
     sft = [world.sft_record(rng, t, cfg.imperfect, cfg.habit)
-           for t in tasks(cfg.n_sft + cfg.n_sft // 10)]
+           for t in tasks(cfg.n_sft + max(1, cfg.n_sft // 10))]
     raters = world.RaterConfig(k=cfg.rater_k, b_len=cfg.rater_b_len, b_style=cfg.rater_b_style)
     prefs = [world.preference_record(rng, t, cfg.K, raters)
-             for t in tasks(cfg.n_prefs + cfg.n_prefs // 10)]
+             for t in tasks(cfg.n_prefs + max(1, cfg.n_prefs // 10))]
     write_jsonl(tmp / "sft_train.jsonl", sft[:cfg.n_sft])
     write_jsonl(tmp / "sft_val.jsonl", sft[cfg.n_sft:])
     write_jsonl(tmp / "prefs_train.jsonl", prefs[:cfg.n_prefs])

@@ -195,3 +195,13 @@ def test_prepare_task_ranges_reach_every_file(tmp_path):
     assert max(max(t.args) for t in tasks if t.kind == "add") > 29  # the wider range is used
     assert max(max(t.args) for t in tasks if t.kind == "larger") > 99
     assert all(max(t.args) <= 99 for t in tasks if t.kind in ("add", "sub"))
+
+
+def test_prepare_holds_out_at_least_one_record_of_each_set(tmp_path):
+    """A tenth of fewer than 10 demonstrations or rankings is none: one is held out, so
+    sft.py and reward.py have a validation set."""
+    main_of(prepare, [f"--out_dir={tmp_path}/w", "--n_docs=200", "--vocab_size=300", "--n_sft=3",
+                      "--n_prefs=2", "--n_rl=10", "--n_eval=3"])
+    counts = {f: len(records(tmp_path / "w", f"{f}.jsonl"))
+              for f in ("sft_train", "sft_val", "prefs_train", "prefs_val")}
+    assert counts == {"sft_train": 3, "sft_val": 1, "prefs_train": 2, "prefs_val": 1}
