@@ -78,11 +78,18 @@ def ppo_run(cfg, seed, beta):
     """Run ppo.py for one (seed, β) unless it already finished; returns its folder."""
     out = os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}")
     ckpt = os.path.join(out, "ckpt.pt")
-    if os.path.exists(ckpt) and checkpoint.load(ckpt).get("step") == cfg.iterations:
-        print0(f"PPO β={beta:g} seed {seed}: finished earlier, reusing {out}")
-        return out
-    cmd = [sys.executable, "ppo.py", *run_flags(cfg, seed, beta, out, os.path.exists(ckpt)),
-           *cfg.ppo_flags.split()]
+    flags = [*run_flags(cfg, seed, beta, out, os.path.exists(ckpt)), *cfg.ppo_flags.split()]
+    if os.path.exists(ckpt):  # reused or continued only if made with the same settings
+        ck = checkpoint.load(ckpt)
+        want = dataclasses.asdict(parse_config(ppo.Config, flags))
+        differ = sorted(k for k in want if k != "resume" and ck.get("config", {}).get(k) != want[k])
+        if differ:
+            raise UserError(f"{out} holds a PPO run with other settings ({', '.join(differ)}): "
+                            f"choose another --out_dir or remove it")
+        if ck.get("step") == cfg.iterations:
+            print0(f"PPO β={beta:g} seed {seed}: finished earlier, reusing {out}")
+            return out
+    cmd = [sys.executable, "ppo.py", *flags]
     print0(f"PPO β={beta:g} seed {seed}: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, f"seed{seed}_beta{beta:g}.out"), "w") as f:

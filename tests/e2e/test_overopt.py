@@ -9,9 +9,10 @@ from conftest import ROOT, close, main_of
 
 import eval as evaluation
 import overopt
+from cli import UserError
 
 # the points of this run: (method, KL, proxy, gold), golden figures but for best-of-n's KL,
-# which is exact: log n − (n−1)/n
+# which is the bound log n − (n−1)/n
 POINTS = [("PPO β=0", -0.011223024792141385, 1.138629886839125, -0.0022222222222222222),
           ("best-of-n n=1", 0.0, 0.19237211015489367, -0.0011111111111111111),
           ("best-of-n n=2", math.log(2) - 0.5, 0.6428182390001085, -0.0011111111111111111)]
@@ -33,7 +34,7 @@ def test_overopt_end_to_end(pipeline, tmp_path, capsys, monkeypatch):
     assert [g[0] for g in got] == [p[0] for p in POINTS]
     for g, p in zip(got, POINTS):
         assert g[1:] == (close(p[1], "objective/kl"), close(p[2]), close(p[3])), g
-    # best-of-n's KL is exact: log n − (n−1)/n
+    # best-of-n's KL is the bound log n − (n−1)/n
     assert res["points"][1]["kl"] == 0
     assert res["points"][2]["kl"] == pytest.approx(math.log(2) - 0.5, rel=1e-12)
     assert all(p["sqrt_kl"] == math.sqrt(max(p["kl"], 0)) for p in res["points"])
@@ -45,6 +46,11 @@ def test_overopt_end_to_end(pipeline, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     main_of(overopt, args)
     assert "finished earlier" in capsys.readouterr().out
+    # the same folder with other PPO settings: refused, not reused with the old figures
+    other = [*args[:-1], args[-1] + " --ptx_coef=0.5"]
+    with pytest.raises(UserError, match=r"seed1_beta0 holds a PPO run with other settings "
+                                        r"\(ptx_coef\)"):
+        main_of(overopt, other)
     for stage in ("sft", "reward"):
         (tmp_path / stage).symlink_to(pipeline.out / stage)
     main_of(evaluation, [f"--data_dir={pipeline.data}", f"--out={tmp_path}",
