@@ -209,12 +209,13 @@ def evaluate(score_fn, rankings, pad, device):
 
     gold = torch.tensor([float(x["gold"]) for x in resp])
     util = torch.tensor([float(x["utility"]) for x in resp])
-    words = torch.tensor([float(len(x["text"].split())) for x in resp])
-    pre = torch.tensor([float(world.has_preamble(x["text"])) for x in resp])
+    # the gold scorer's view of each answer: its words, preamble and correctness
+    grades = [world.grade(world.Task.from_dict(rk["rec"]["task"]), x["text"], x.get("ended", True))
+              for rk in rankings for x in rk["rec"]["responses"]]
+    words = torch.tensor([float(g["words"]) for g in grades])
+    pre = torch.tensor([float(g["preamble"]) for g in grades])
+    is_correct = [g["correct"] for g in grades]
     p = torch.sigmoid(util[chosen] - util[rejected])  # raters' P(chosen wins)
-    is_correct = [world.grade(world.Task.from_dict(rk["rec"]["task"]), x["text"],
-                              x.get("ended", True))["correct"]
-                  for rk in rankings for x in rk["rec"]["responses"]]
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
