@@ -168,13 +168,17 @@ def restore(path, model, optimizer, ckpt):
                         f"resume with the flags it was started with") from None
 
 
-def resume(path, stage, model, optimizer, check=None):
+def resume(path, stage, model, optimizer, same=None):
     """Restore model and optimizer from a run of this stage (own_run, restore); returns
-    (step, ckpt). check(ckpt), if given, runs first: it raises UserError for a checkpoint
-    that does not fit this run's other flags."""
+    (step, ckpt). same, if given, maps flags to this run's values: flags that define what
+    the run optimises (the reward, the advantage), which a resumed run may not change; a
+    checkpoint written with another value is refused in one line naming the flag."""
     ckpt = own_run(path, stage)
-    if check is not None:
-        check(ckpt)
+    config = ckpt.get("config") or {}
+    for flag, value in (same or {}).items():
+        if flag in config and config[flag] != value:
+            raise UserError(f"{path}: written with --{flag}={config[flag]}, not {value}; "
+                            f"resume with --{flag}={config[flag]} or start a new --out_dir")
     restore(path, model, optimizer, ckpt)
     # the global generator (dropout); data order and sampling have their own seeds
     if "rng" in ckpt:

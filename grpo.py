@@ -339,7 +339,8 @@ def main(cfg):
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("grpo",))  # this run's folder until it ends
     if cfg.resume:
-        it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer)
+        it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer, same=dict(
+            reward=cfg.reward, advantage=cfg.advantage, loss_agg=cfg.loss_agg, kl_in=cfg.kl_in))
     train_policy = distributed.wrap(policy, run, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"GRPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} "

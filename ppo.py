@@ -454,11 +454,8 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("ppo",))  # this run's folder until it ends
     if cfg.resume:
-        def same_value_head(ck):
-            was = ck["config"].get("value_head", "separate")
-            if was != cfg.value_head:
-                raise UserError(f"{ckpt_path}: written with --value_head={was}; resume with it")
-        it, ckpt = checkpoint.resume(ckpt_path, "ppo", lm, opt_policy, check=same_value_head)
+        it, ckpt = checkpoint.resume(ckpt_path, "ppo", lm, opt_policy,
+                                     same=dict(value_head=cfg.value_head, reward=cfg.reward))
         if value_model is None:
             policy.head.load_state_dict(ckpt["value_head"])
         else:

@@ -130,15 +130,8 @@ def main(cfg):
                                          run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("pretrain",))  # this run's folder until it ends
-
-    def same_optimizer(ckpt):  # the optimizers' states do not fit each other
-        theirs = ckpt.get("config", {}).get("optimizer", "adamw")  # adamw: before the flag
-        if theirs != cfg.optimizer:
-            raise UserError(f"{ckpt_path} was trained with --optimizer={theirs}; resume it "
-                            f"with --optimizer={theirs}, not {cfg.optimizer}")
-
-    step = checkpoint.resume(ckpt_path, "pretrain", raw_model, optimizer,
-                             check=same_optimizer)[0] if cfg.resume else 0
+    step = checkpoint.resume(ckpt_path, "pretrain", raw_model, optimizer,  # states differ
+                             same=dict(optimizer=cfg.optimizer))[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "
            f"{cfg.batch_size} x {cfg.block_size} tokens; "

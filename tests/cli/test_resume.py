@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, TINY, environ, main_of, read_log, run, selected, stage_module
+from conftest import (ROOT, TINY, assert_user_error_in_process, environ, main_of, read_log,
+                      run, selected, stage_module)
 
 import ppo
 
@@ -178,13 +179,27 @@ def test_dpo_resume_after_kills(pipeline, interrupted, tmp_path):
     resume_after_kills("dpo", pipeline, interrupted, tmp_path)
 
 
-def test_grpo_resume_after_kills(pipeline, interrupted, tmp_path):
+def refused_with_other(capsys, stage, pipeline, tmp_path, flag, needles):
+    """A resume of the finished run with another value of a flag that defines what it
+    optimises: refused in one line, the checkpoint untouched."""
+    script, flags, *_ = scenarios(pipeline)[stage]
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    assert_user_error_in_process(capsys, stage_module(script), *flags, f"--out_dir={tmp_path}",
+                                 "--resume=true", flag, needles=needles)
+    assert (tmp_path / "ckpt.pt").read_bytes() == saved
+
+
+def test_grpo_resume_after_kills(capsys, pipeline, interrupted, tmp_path):
     resume_after_kills("grpo", pipeline, interrupted, tmp_path)
+    refused_with_other(capsys, "grpo", pipeline, tmp_path, "--advantage=rloo",
+                       ["ckpt.pt: written with --advantage=grpo, not rloo"])
 
 
-def test_ppo_resume_after_kills(pipeline, interrupted, tmp_path):
+def test_ppo_resume_after_kills(capsys, pipeline, interrupted, tmp_path):
     """The uninterrupted run's log shows β moving by adaptive_kl_step after every iteration."""
     resume_after_kills("ppo", pipeline, interrupted, tmp_path)
+    refused_with_other(capsys, "ppo", pipeline, tmp_path, "--reward=verifiable",
+                       ["ckpt.pt: written with --reward=model, not verifiable"])
     log = read_log(tmp_path / "log.jsonl")
     cfg = ppo.Config()  # target_kl, kl_horizon and kl_coef at their defaults
     assert log[0]["objective/beta"] == cfg.kl_coef and len(log) == 40

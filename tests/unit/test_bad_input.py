@@ -265,7 +265,7 @@ def test_pretrain_resumes_only_with_its_own_optimizer(capsys, world, stages, tmp
     saved = (out / "ckpt.pt").read_bytes()
     assert_user_error_in_process(capsys, pretrain, f"--data_dir={world}", f"--out_dir={out}",
                                  "--resume=true", "--optimizer=adamw",
-                                 needles=["ckpt.pt was trained with --optimizer=muon",
+                                 needles=["ckpt.pt: written with --optimizer=muon",
                                           "not adamw"])
     assert (out / "ckpt.pt").read_bytes() == saved
 

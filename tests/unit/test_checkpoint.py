@@ -191,3 +191,25 @@ def test_a_run_folder_of_the_same_stage_or_a_dpo_loss_may_be_written_over(tmp_pa
         checkpoint.RunLock(str(tmp_path / "run_sft"), run, ("ppo",))
     assert checkpoint.stage_of(tmp_path / "run_sft" / "ckpt.pt") == "sft"
     assert checkpoint.stage_of(tmp_path / "nothing" / "ckpt.pt") is None
+
+
+def test_resume_refuses_a_changed_defining_flag(tmp_path):
+    """checkpoint.resume(same=...): a flag written with another value is refused in one line
+    naming it, before anything is restored; a flag the checkpoint does not record (written
+    before the flag existed) is not judged."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, dict(stage="grpo", model=model.state_dict(), step=7,
+                               optimizer=opt.state_dict(), config=dict(advantage="rloo")))
+    other = torch.nn.Linear(2, 2)
+    before = other.weight.detach().clone()
+    with pytest.raises(UserError, match=r"ckpt.pt: written with --advantage=rloo, not grpo; "
+                                        r"resume with --advantage=rloo or start a new --out_dir"):
+        checkpoint.resume(path, "grpo", other, torch.optim.AdamW(other.parameters()),
+                          same=dict(advantage="grpo"))
+    assert torch.equal(other.weight, before)
+    step, _ = checkpoint.resume(path, "grpo", other, torch.optim.AdamW(other.parameters()),
+                                same=dict(advantage="rloo", loss_agg="constant"))
+    assert step == 7 and torch.equal(other.weight, model.weight)
