@@ -25,8 +25,9 @@ The default is the case where one round is known to hack: the plain-head reward 
 
 Each stage runs as its own process, printed before it runs; a stage whose output is
 there already is not run again, and one stopped half-way continues from its checkpoint
-(--resume=true), so a stopped run continues where it was. Writes
-out_dir/rounds.json and prints the table.
+(--resume=true), so a stopped run continues where it was (out_dir/iterate.json holds the
+settings; a folder made with others is refused). Writes out_dir/rounds.json and prints
+the table.
 """
 
 import json
@@ -124,6 +125,29 @@ def measure(cfg, enc, tasks, policy_dir, rm_dir, next_set, sft, run):
                 raters_bayes_on_policy=acc.get("bayes_optimal"))
 
 
+# what a round's stages are made with; --rounds, --eval_prompts and --device may change
+# between a stopped run and its continuation, these may not
+SETTINGS = "data_dir init_from n_prompts K likelihood reward_steps kl_coef ppo_iterations seed"
+
+
+def claim(cfg):
+    """out_dir for this run: a new folder, or one an earlier iterate.py run with the same
+    SETTINGS made (whose finished stages are reused); anything else refused in one line."""
+    path, want = os.path.join(cfg.out_dir, "iterate.json"), {
+        k: getattr(cfg, k) for k in SETTINGS.split()}
+    if os.path.exists(path):
+        with open(path) as f:
+            had = json.load(f)
+        differ = [f"--{k}={had.get(k)}" for k in want if had.get(k) != want[k]]
+        if differ:
+            raise UserError(f"{cfg.out_dir} holds an iterate.py run made with "
+                            f"{', '.join(differ)}: use those, another --out_dir, or remove it")
+    elif os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        raise UserError(f"{cfg.out_dir} is not empty and no iterate.py run is in it "
+                        f"({path} missing): choose another --out_dir")
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(want, indent=1).encode()))
+
+
 def main(cfg):
     run = distributed.setup(cfg.seed, cfg.device)
     device = [] if cfg.device == "auto" else [f"--device={cfg.device}"]
@@ -135,6 +159,7 @@ def main(cfg):
     enc = world_tokenizer(w if os.path.isdir(w) else cfg.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
+    claim(cfg)
     if not os.path.isdir(w):  # the rounds' sets go into a copy, not into the world itself
         checkpoint.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
         shutil.copytree(cfg.data_dir, w + ".tmp", dirs_exist_ok=True)

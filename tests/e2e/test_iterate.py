@@ -72,6 +72,17 @@ def test_two_rounds_then_a_second_run_skips_them(pipeline, tmp_path, monkeypatch
     again = run("iterate.py", *args)
     assert again.stdout.count("done already") == 7  # 3 labellings, 2 reward models, 2 PPO runs
     assert json.loads((out / "rounds.json").read_text())["rounds"] == rounds
+    # the folder's rounds are reused only by a run of the same settings; another stage's
+    # folder (or any other that is not empty) is not written into
+    assert_user_error_in_process(capsys, iterate, *args, "--kl_coef=0.2",
+                                 needles=[f"{out} holds an iterate.py run made with "
+                                          "--kl_coef=0.05"])
+    other = tmp_path / "ppo"
+    other.mkdir()
+    (other / "ckpt.pt").write_bytes(b"a PPO run")
+    assert_user_error_in_process(capsys, iterate, *args[:2], f"--out_dir={other}", *SMALL,
+                                 needles=[f"{other} is not empty and no iterate.py run is in it"])
+    assert [f.name for f in other.iterdir()] == ["ckpt.pt"]
 
 
 def test_label_names_its_set_and_refuses_a_name_that_is_not_one(capsys, pipeline, stages,
