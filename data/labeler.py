@@ -254,6 +254,13 @@ def export(cfg, pairs):
 
 
 def main(cfg):
+    if os.path.isdir(cfg.log):
+        raise UserError(f"--log={cfg.log} is a folder: name a file, such as "
+                        f"{os.path.join(cfg.log, 'labels_human.jsonl')}")
+    if cfg.pairs and not os.path.exists(cfg.pairs):
+        raise UserError(f"--pairs={cfg.pairs} not found: a JSONL file of pairs to label (each "
+                        f"line {{\"prompt\", \"responses\": two {{\"text\"}}}}), or leave "
+                        f"--pairs out to sample pairs from --policy")
     path = cfg.pairs or os.path.splitext(cfg.log)[0] + ".pairs.jsonl"
     if cfg.pairs or os.path.exists(path):
         pairs = load_pairs(path)

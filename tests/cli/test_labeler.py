@@ -173,3 +173,17 @@ def test_labels_of_world_answers_train_the_reward_model(pipeline, tmp_path, caps
     with pytest.raises(SystemExit) as e, labeler.user_errors():
         main_of(labeler, [*common, "--export=true"])
     assert e.value.code == 2 and "meta.json: not the meta.json" in capsys.readouterr().err
+
+
+def test_a_missing_pairs_file_and_a_log_that_is_a_folder_are_refused(files, capsys, tmp_path):
+    pairs, log = files
+    for args, needle in (([f"--pairs={tmp_path}/none.jsonl", f"--log={log}"],
+                          f"--pairs={tmp_path}/none.jsonl not found: a JSONL file of pairs"),
+                         ([f"--pairs={pairs}", f"--log={tmp_path}"],
+                          f"--log={tmp_path} is a folder: name a file")):
+        with pytest.raises(SystemExit) as e:
+            with labeler.user_errors():
+                main_of(labeler, args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["pairs.jsonl"]  # nothing written
