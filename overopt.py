@@ -27,6 +27,7 @@ kill continues where it stopped. `python eval.py` then copies the section into
 out/report.md.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -97,6 +98,8 @@ def ppo_run(cfg, seed, beta):
     if rc == 2:  # ppo.py refused a flag or a file: its one line says which; no log kept
         lines = open(f.name).read().splitlines()
         os.remove(f.name)
+        with contextlib.suppress(OSError):  # out_dir too, when nothing else is in it yet
+            os.rmdir(cfg.out_dir)
         said = next((x for x in reversed(lines) if x.startswith("error: ")), f"exit {rc}")
         raise UserError(f"ppo.py (run {os.path.basename(out)}) stopped: {said[7:]}")
     if rc != 0:

@@ -51,6 +51,13 @@ def test_overopt_end_to_end(pipeline, tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match=r"seed1_beta0 holds a PPO run with other settings "
                                         r"\(ptx_coef\)"):
         main_of(overopt, other)
+    # ppo.py's own refusal of a flag stops overopt.py in its one line, leaving no folder
+    fresh = [*args[:3], f"--out_dir={tmp_path}/refused", *args[4:-1],
+             "--ppo_flags=--batch_size=6 --minibatch_size=4 --max_new_tokens=8"]
+    with pytest.raises(UserError, match=r"ppo.py \(run seed1_beta0\) stopped: "
+                                        r"--minibatch_size=4 must split --batch_size=6"):
+        main_of(overopt, fresh)
+    assert not (tmp_path / "refused").exists()
     for stage in ("sft", "reward"):
         (tmp_path / stage).symlink_to(pipeline.out / stage)
     main_of(evaluation, [f"--data_dir={pipeline.data}", f"--out={tmp_path}",
