@@ -8,6 +8,7 @@ mismatch (the stage, the tokenizer's name).
 
 import dataclasses
 import os
+import pickle
 import shutil
 
 import torch
@@ -119,11 +120,16 @@ def load(path, made_by=None):
         raise missing(path, made_by)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe files
+    except pickle.UnpicklingError:  # what weights_only refuses: pickled code, not data
+        raise UserError(f"{path}: not a loadable checkpoint (it holds Python objects beyond "
+                        f"tensors and plain values, which are not loaded: code could run)"
+                        ) from None
+    except Exception as e:  # torch raises many types for a damaged or foreign file
         first = reason(e)
-        if len(first) > 160:  # torch's reasons run long: cut at a word, and say so
-            first = first[:160].rsplit(" ", 1)[0] + " ..."
-        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
+        if len(first) > 100:  # torch's reasons run long: cut at a word, and say so
+            first = first[:100].rsplit(" ", 1)[0] + " ..."
+        raise UserError(f"{path}: not a loadable checkpoint (damaged, cut short, or not written "
+                        f"by torch.save; torch says: {first})") from None
 
 
 def stage_of(path):
