@@ -238,7 +238,9 @@ def token_stream(path, vocab_size, min_tokens):
                         f"damaged; run `python data/prepare.py` again")
     if size // 2 < min_tokens:
         raise UserError(f"{path} holds {size // 2} tokens, fewer than the {min_tokens} needed "
-                        f"(one window of the context and its next token)")
+                        f"(one window of the context and its next token): write more with "
+                        f"`python data/prepare.py --n_docs=N` (val.bin gets 1 in 20), or use a "
+                        f"shorter window")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     top = int(data.max())
     if top >= vocab_size:

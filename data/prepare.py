@@ -150,8 +150,10 @@ def main(cfg):
         raise UserError(f"--K={cfg.K}: a ranking needs at least 2 responses")
     if cfg.K > len(world.STYLES):
         raise UserError(f"--K={cfg.K}: at most {len(world.STYLES)} (one response per style)")
-    if min(cfg.n_docs, cfg.n_sft, cfg.n_prefs, cfg.n_rl, cfg.n_eval) < 1:
-        raise UserError("--n_docs, --n_sft, --n_prefs, --n_rl and --n_eval must be at least 1")
+    if min(cfg.n_sft, cfg.n_prefs, cfg.n_rl, cfg.n_eval) < 1:
+        raise UserError("--n_sft, --n_prefs, --n_rl and --n_eval must be at least 1")
+    if cfg.n_docs < 2:
+        raise UserError(f"--n_docs={cfg.n_docs}: at least 2 (one for train.bin, one for val.bin)")
     if cfg.vocab_size < 256:
         raise UserError(f"--vocab_size={cfg.vocab_size}: must be at least 256 (one token per byte)")
     wc = world.WorldConfig(max_add=cfg.max_add, max_compare=cfg.max_compare,

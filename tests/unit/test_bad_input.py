@@ -197,7 +197,7 @@ BAD_INPUTS = {
         ["train.bin: 7 bytes", "not a whole number of 2-byte tokens"]),
     "token stream too short": (pretrain, lambda w, s, t: [
         world_with_bytes("val.bin", lambda b: b[:20])(w, s, t)],
-        ["val.bin holds 10 tokens", "fewer than"]),
+        ["val.bin holds 10 tokens", "fewer than", "python data/prepare.py --n_docs=N"]),
     "token id beyond the vocabulary": (pretrain, lambda w, s, t: [
         world_with_bytes("train.bin", lambda b: b[:10] + b"\xff\xff" + b[12:])(w, s, t)],
         ["train.bin: token id 65535", "beyond the tokenizer's vocabulary"]),

@@ -177,6 +177,8 @@ def test_prepare_is_deterministic_and_keeps_heldout_out(world, tmp_path):
     (["--max_compare=2"], "--max_compare=2: the range is too small"),
     (["--sort_min=6", "--sort_max=5"], "--sort_min=6 --sort_max=5: need 2 <= sort_min <= sort_max"),
     (["--vocab_size=100"], "--vocab_size=100: must be at least 256"),
+    (["--n_docs=1"], "--n_docs=1: at least 2 (one for train.bin, one for val.bin)"),
+    (["--n_eval=0"], "--n_sft, --n_prefs, --n_rl and --n_eval must be at least 1"),
 ])
 def test_prepare_rejects_task_ranges_it_cannot_fill(capsys, tmp_path, flags, needle):
     assert_user_error_in_process(capsys, prepare, f"--out_dir={tmp_path / 'w'}", *flags,
