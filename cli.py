@@ -169,7 +169,18 @@ def parse_config(cls, argv=None):
         field = renamed.get(name, name)
         values[field] = _convert(name, fields[name].type, text)
         _check_range(name, values[field], text, bounds.get(field))
-    return cls(**values)
+    cfg = cls(**values)
+    cfg._given = frozenset(values)  # the fields set on the command line (refuse_unused)
+    return cfg
+
+
+def refuse_unused(cfg, names, context):
+    """A flag given on the command line that does nothing in this run (one of `names`,
+    fields the run ignores; `context` says why, "with --loss=simpo") is refused in one
+    line rather than ignored without a word."""
+    for name in names:
+        if name in getattr(cfg, "_given", ()):
+            raise UserError(f"--{name}={getattr(cfg, name)} does nothing {context}")
 
 
 def number_list(text, flag, typ=int, minimum=None):

@@ -63,7 +63,7 @@ import formats
 import optim
 from batch import (collate, length_groups, reward_scores, rows_per_pass, sample_responses,
                    sequence_kl, sequence_logprobs)
-from cli import UserError, parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, refuse_unused, user_errors
 from distributed import print0
 from logger import Logger
 from records import load_preference_sets, read_jsonl, stage_model
@@ -311,9 +311,20 @@ def kl_to_reference(policy, ref, enc, prompts, cfg, device, stop=None):
     return sum(kls) / len(kls)
 
 
+# the losses each loss-specific flag is read by (the others ignore it)
+READ_BY = dict(beta=("dpo", "cdpo", "ipo", "kto"), label_smoothing=("cdpo",),
+               simpo_beta=("simpo",), simpo_gamma=("simpo",), orpo_lambda=("orpo",),
+               kto_desirable_weight=("kto",), kto_undesirable_weight=("kto",),
+               length_groups=("dpo", "cdpo", "ipo", "simpo", "orpo"))
+
+
 def refuse_settings_that_train_nothing(cfg):
     """Settings under which the chosen loss is constant (its gradient zero) or undefined,
     and a term asked of a loss it does not go with."""
+    refuse_unused(cfg, [f for f, losses in READ_BY.items() if cfg.loss not in losses],
+                  f"with --loss={cfg.loss}")
+    refuse_unused(cfg, ["prefs"] if cfg.data else ["val_fraction"],
+                  "with --data" if cfg.data else "without --data")
     if cfg.loss in ("dpo", "cdpo", "ipo", "kto") and cfg.beta <= 0:
         why = "divides by β" if cfg.loss == "ipo" else "is then constant and trains nothing"
         raise UserError(f"--beta={cfg.beta}: the {cfg.loss} loss {why}; use β > 0")

@@ -51,7 +51,7 @@ import checkpoint
 import distributed
 import formats
 from batch import reward_scores, sample_responses, sequence_kl
-from cli import UserError, number_list, parse_config, ranges, user_errors
+from cli import UserError, number_list, parse_config, ranges, refuse_unused, user_errors
 from data import world
 from data.tokenizer import decode_response
 from distributed import print0
@@ -298,6 +298,8 @@ def training_curves(out, cfg):
 
 def judged(cfg, run):
     """The report on --data's prompts: every model of --models, scored by --judge_from."""
+    refuse_unused(cfg, ["stages", "best_of", "reward_from", "plots"],
+                  "with --data (the stages compared are --models, judged by --judge_from)")
     folders = [m for m in cfg.models.split(",") if m]
     if not folders or not cfg.judge_from:
         raise UserError("--data needs --models (stage folders, comma-separated) and --judge_from "

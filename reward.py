@@ -52,7 +52,7 @@ import formats
 import optim
 from batch import collate as collate_rows
 from batch import length_groups, reward_scores, sample_responses
-from cli import UserError, parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, refuse_unused, user_errors
 from data import world
 from distributed import print0
 from logger import Logger, append_jsonl
@@ -316,6 +316,8 @@ def main(cfg):
     if cfg.pooling not in ("last", "mean") or cfg.reduce not in ("mean", "min"):
         raise UserError(f"--pooling={cfg.pooling} --reduce={cfg.reduce}: expected pooling "
                         f"last|mean, reduce mean|min")
+    refuse_unused(cfg, ["prefs"] if cfg.data else ["val_fraction"],
+                  "with --data" if cfg.data else "without --data")
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     sft, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",
                                           cfg.data_dir, run.device)

@@ -161,6 +161,22 @@ BAD_INPUTS = {
     "kto weights both 0": (dpo, lambda w, s, t: [
         f"--data_dir={w}", "--loss=kto", "--kto_desirable_weight=0", "--kto_undesirable_weight=0"],
         ["--kto_desirable_weight=0", "trains nothing"]),
+    # a flag the run would ignore without a word
+    "simpo's scale is not --beta": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", "--loss=simpo", "--beta=0.5"],
+        ["--beta=0.5 does nothing with --loss=simpo"]),
+    "kto has no length groups": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", "--loss=kto", "--length_groups=2"],
+        ["--length_groups=2 does nothing with --loss=kto"]),
+    "dpo's held-out share needs --data": (dpo, lambda w, s, t: [
+        f"--data_dir={w}", "--val_fraction=0.2"],
+        ["--val_fraction=0.2 does nothing without --data"]),
+    "reward's --prefs with --data": (reward, lambda w, s, t: [
+        f"--data_dir={w}", f"--data={t}/pairs.jsonl", "--prefs=prefs"],
+        ["--prefs=prefs does nothing with --data"]),
+    "eval's --best_of with --data": (evaluation, lambda w, s, t: [
+        f"--data={t}/prompts.jsonl", f"--models={s}/sft", f"--judge_from={s}/reward",
+        "--best_of=4"], ["--best_of=4 does nothing with --data (the stages compared are --models"]),
     "adaptive KL target 0": (ppo, lambda w, s, t: [
         f"--data_dir={w}", "--adaptive_kl=true", "--target_kl=0"],
         ["--target_kl=0.0", "--adaptive_kl=true", "above 0"]),

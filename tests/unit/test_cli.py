@@ -176,3 +176,13 @@ def test_an_unknown_flag_names_the_flag_it_is_closest_to_if_any():
         with pytest.raises(UserError) as e:
             cli.parse_config(Cfg, [flag])
         assert str(e.value) == f"{flag.split('=')[0]}: unknown flag{hint}; see --help"
+
+
+def test_refuse_unused_judges_only_flags_given():
+    """A flag at its default is not 'given'; given on the command line, even at the
+    default's value, it is, and refused where the run ignores it."""
+    cfg = cli.parse_config(Cfg, ["--steps=3"])
+    cli.refuse_unused(cfg, ["lr"], "here")  # lr not given: nothing to say
+    with pytest.raises(UserError, match=r"^--steps=3 does nothing here$"):
+        cli.refuse_unused(cfg, ["lr", "steps"], "here")
+    cli.refuse_unused(Cfg(steps=3), ["steps"], "here")  # built in code, not from flags
