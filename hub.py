@@ -8,8 +8,9 @@ X-Linked-Etag header, for files stored in Git LFS, such as the weights) or with 
 Git blob hash (the ETag header, SHA-1 of "blob <size>\\0" and the content, for small
 files). A file is written to a temporary name, hashed while it arrives, and moved into
 the cache only when its size and hash match; a broken transfer or a mismatch leaves
-nothing behind and is refused in one line. A second run finds every file in the cache
-and makes no request.
+nothing behind and is refused in one line. The hashes checked are kept beside the files
+(verified.json), and every later run hashes the cached files again against them before
+they are used, without a request; a file that changed since is refused in one line.
 
 The cache is $MINRLHF_CACHE, or ~/.cache/minrlhf, then <repository>/<revision>/. The hub's
 address is https://huggingface.co, or $MINRLHF_HUB_URL (the tests serve files from
@@ -17,6 +18,7 @@ address is https://huggingface.co, or $MINRLHF_HUB_URL (the tests serve files fr
 """
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -73,6 +75,16 @@ def declared_hash(url, name):
                     f"so it cannot be checked; nothing was downloaded")
 
 
+def file_hash(path, kind):
+    """A file's hash as the hub declares it: SHA-256, or Git's blob SHA-1."""
+    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(
+        f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def download(url, path, name, kind, expected):
     """Stream url to path.part, hashing; move it to path when size and hash match."""
     part = path + ".part"
@@ -127,16 +139,36 @@ def fetch(name):
                         f"{', '.join(MODELS)})")
     repo, revision = MODELS[name]
     directory = os.path.join(cache_root(), repo, revision)
-    missing = [f for f in FILES if not os.path.exists(os.path.join(directory, f))]
-    if not missing:
-        return directory
+    record = os.path.join(directory, "verified.json")
     try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{directory}: {e.strerror or e} (set MINRLHF_CACHE to another "
-                        f"folder)") from None
-    for file in missing:
+        with open(record) as f:
+            verified = json.load(f)
+    except (OSError, ValueError):  # none yet (or damaged): every file is checked with the hub
+        verified = {}
+    for file in FILES:
+        path = os.path.join(directory, file)
+        if os.path.exists(path) and file in verified:
+            kind, expected = verified[file]
+            if file_hash(path, kind) != expected:
+                raise UserError(f"{path}: the cached file changed since its {kind} was checked "
+                                f"(not {expected[:16]}... now); remove it to download it again")
+            continue
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{directory}: {e.strerror or e} (set MINRLHF_CACHE to another "
+                            f"folder)") from None
         url = f"{hub_url()}/{repo}/resolve/{revision}/{file}"
         kind, expected = declared_hash(url, f"{name} {file}")
-        download(url, os.path.join(directory, file), f"{name} {file}", kind, expected)
+        if os.path.exists(path):  # cached before its hash was kept: checked against the hub's
+            if file_hash(path, kind) != expected:
+                raise UserError(f"{path}: its {kind} is not the {expected[:16]}... the hub "
+                                f"declares; remove it to download it again")
+        else:
+            download(url, path, f"{name} {file}", kind, expected)
+        verified[file] = [kind, expected]
+        tmp = record + ".part"
+        with open(tmp, "w") as f:
+            json.dump(verified, f, indent=1)
+        os.replace(tmp, record)
     return directory

@@ -5,6 +5,7 @@ truncated file is refused in one line and nothing is left in the cache."""
 
 import hashlib
 import http.server
+import json
 import os
 import threading
 from pathlib import Path
@@ -98,17 +99,31 @@ def cached_files(tmp_path):
 
 def test_good_files_are_cached_verified_and_reused(local_hub, tmp_path):
     model, enc = hf.from_pretrained("gpt2")
-    assert sorted(os.path.basename(f) for f in cached_files(tmp_path)) == sorted(hub.FILES)
+    assert sorted(os.path.basename(f) for f in cached_files(tmp_path)) == sorted(
+        [*hub.FILES, "verified.json"])
     direct, _ = hf.from_pretrained(str(FIXTURE))
     for a, b in zip(model.state_dict().values(), direct.state_dict().values()):
         assert torch.equal(a, b)
     # the weights came through the redirect, after a HEAD for their hash
     assert ("HEAD", f"/{REPO}/resolve/{REV}/model.safetensors") in local_hub.requests
     assert ("GET", "/storage/model.safetensors") in local_hub.requests
-    # a second run makes no request at all
+    # a second run makes no request at all, and hashes the cached files again first
     local_hub.requests.clear()
     hf.from_pretrained("gpt2")
     assert local_hub.requests == []
+    weights = next((tmp_path / "cache").rglob("model.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit changed in the cache
+    with pytest.raises(UserError, match=r"model.safetensors: the cached file changed since its "
+                                        r"sha256 was checked .*; remove it to download it again"):
+        hf.from_pretrained("gpt2")
+    assert local_hub.requests == []
+    # a file cached without a kept hash (an older cache) is checked with the hub's
+    weights.write_bytes(good)
+    (weights.parent / "verified.json").unlink()
+    hf.from_pretrained("gpt2")
+    assert ("GET", "/storage/model.safetensors") not in local_hub.requests
+    assert sorted(json.loads((weights.parent / "verified.json").read_text())) == sorted(hub.FILES)
 
 
 @pytest.mark.parametrize("mode, message", [
