@@ -86,7 +86,8 @@ def critique_chain(critic, enc, tasks, drafts, constitution, cfg, device):
     """Each draft critiqued and revised by every principle in turn, greedily: the final
     revisions, and how many replies could not be read (no "Revision:") or did not fit the
     context (those steps keep the text as it was). A critique that finds the principle
-    followed leaves the text alone, whatever revision follows it."""
+    followed leaves the text alone, whatever revision follows it; a reply cut off by
+    --max_new_tokens (no end token) is not read, its revision perhaps cut too."""
     texts, unread = list(drafts), 0
     block = critic.config.block_size
     for _, principle in constitution:
@@ -97,10 +98,10 @@ def critique_chain(critic, enc, tasks, drafts, constitution, cfg, device):
         replies = sample_responses(critic, enc, [requests[i] for i in fits], cfg.max_new_tokens,
                                    0.0, cfg.seed, device)
         for i, (_, reply) in zip(fits, replies):
-            text = decode_response(enc, reply)[0]
+            text, ended = decode_response(enc, reply)
             if text.startswith(C.FOLLOWS):  # no flaw found: nothing to revise
                 continue
-            revised = C.parse_revision(text)
+            revised = C.parse_revision(text) if ended else None
             if revised is None:
                 unread += 1
             else:

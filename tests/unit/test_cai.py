@@ -69,7 +69,7 @@ def test_a_critic_that_cannot_critique_leaves_the_drafts(world):
 def test_the_chain_revises_only_what_a_critique_finds(world, monkeypatch):
     """By each principle in turn: a reply finding the principle followed leaves the text
     (even with a revision after it), a revision replaces it, a reply with neither is
-    counted as unread."""
+    counted as unread, and so is one cut off before its end token."""
     enc = load_tokenizer(world / "tokenizer.tiktoken")
     constitution = [("pleasantry", "No pleasantry."), ("sign_off", "No sign-off.")]
     replies = {  # (principle text, draft) -> the critic's reply
@@ -78,19 +78,24 @@ def test_the_chain_revises_only_what_a_critique_finds(world, monkeypatch):
         ("No sign-off.", "4 is smaller. Bye."): "garbled",
         ("No pleasantry.", "4 is smaller."): f"{C.FOLLOWS} Revision: 5 is smaller.",
         ("No sign-off.", "4 is smaller."): f"{C.FOLLOWS}",
+        ("No pleasantry.", "Sure! 9 is larger."): "It opens with one. Revision: 9 is",  # cut
+        ("No sign-off.", "Sure! 9 is larger."): f"{C.FOLLOWS}",
     }
 
     def fake(model, enc_, requests, max_new_tokens, temperature, seed, device, batch_size=64):
         out = []
         for r in requests:
             principle = r.split("Critique: ")[1].split(" Question: ")[0]
-            out.append(([], encode_response(enc, replies[principle, r.split(" Answer: ")[1]])))
+            reply = replies[principle, r.split(" Answer: ")[1]]
+            out.append(([], encode_response(enc, reply, ended=not reply.endswith(" is"))))
         return out
 
     monkeypatch.setattr(cai, "sample_responses", fake)
     critic = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=128, n_layer=1, n_head=2,
                            n_embd=16))
-    texts, unread = cai.critique_chain(critic, enc, [TASK, TASK],
-                                       ["Sure! 4 is smaller. Bye.", "4 is smaller."],
+    texts, unread = cai.critique_chain(critic, enc, [TASK, TASK, TASK],
+                                       ["Sure! 4 is smaller. Bye.", "4 is smaller.",
+                                        "Sure! 9 is larger."],
                                        constitution, cai.Config(max_new_tokens=8), "cpu")
-    assert texts == ["4 is smaller. Bye.", "4 is smaller."] and unread == 1
+    assert texts == ["4 is smaller. Bye.", "4 is smaller.", "Sure! 9 is larger."]
+    assert unread == 2
