@@ -1,6 +1,7 @@
 """Answer prompts with any model the project can load: a stage's checkpoint (out/sft,
 out/ppo, ...) in the world's chat format, or a Hugging Face GPT-2 directory (imported
-weights, or one export.py wrote) as plain text or in HH-RLHF's dialogue format.
+weights, or one export.py wrote) as plain text or in HH-RLHF's dialogue format; a world
+model export.py wrote answers in the world's chat format, as its stage does.
 
     python sample.py --from=out/ppo "What is 7 + 5?" "Sort these numbers: 4 1 3"
     python sample.py --from=out/sft --temperature=1.0 --num_samples=4 "Spell 'cat' backwards."
@@ -30,7 +31,7 @@ from records import world_tokenizer
 class Config:
     src: str = "out/sft"           # a stage's folder (ckpt.pt) or a GPT-2 directory; --from
     data_dir: str = "data/world"   # the world's tokenizer (for a stage's checkpoint)
-    format: str = "auto"           # auto (chat for a stage, hh for GPT-2), chat, hh or plain
+    format: str = "auto"           # auto (chat for a world model, hh for GPT-2), chat, hh, plain
     num_samples: int = 1           # answers per prompt
     max_new_tokens: int = 64       # answer length limit
     temperature: float = 0.0       # 0 = greedy
@@ -44,12 +45,20 @@ class Config:
                               non_negative="temperature top_k", above_0="top_p")
 
 
+WORLD_CHAT = {"<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"}  # the world's tokens
+
+
 def load(cfg, device):
     """(model, encode(prompt) -> ids, decode(ids) -> (text, ended), stop token, pad)."""
     gpt2, ckpt = None, None
     if hf.is_gpt2(cfg.src):  # a GPT-2 directory, or a name to download
         model, enc = hf.from_pretrained(cfg.src)
         gpt2 = f"{cfg.src} is a GPT-2 checkpoint"
+        if WORLD_CHAT <= set(enc._special_tokens) and cfg.format in ("auto", "chat"):
+            # a world model export.py wrote: it answers in the world's chat format
+            end, pad = (enc.encode_single_token(t) for t in ("<|end|>", "<|endoftext|>"))
+            return (model.to(device), lambda text: encode_prompt(enc, text),
+                    lambda ids: decode_response(enc, ids, end), end, pad)
     else:
         path = os.path.join(cfg.src, "ckpt.pt")
         ckpt = checkpoint.load(path, checkpoint.ANY_STAGE)

@@ -9,6 +9,7 @@ import pytest
 import hf
 import sample
 from cli import parse_config
+from conftest import main_of
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gpt2-tiny"
 
@@ -56,3 +57,18 @@ def test_a_stage_refuses_the_hh_format(pipeline, capsys):
     test_refusals(capsys, [f"--from={pipeline.out / 'sft'}", f"--data_dir={pipeline.data}",
                            "--format=hh"], ["x"],
                   "a stage's checkpoint answers in the chat format")
+
+
+def test_an_exported_world_model_answers_as_its_stage(pipeline, tmp_path, capsys):
+    """A world model export.py wrote is a GPT-2 directory in the world's chat format: its
+    answers are the stage checkpoint's, word for word (they stopped at GPT-2's end token,
+    in HH's dialogue format, and ran on)."""
+    import export
+    main_of(export, [f"--from={pipeline.out / 'sft'}", f"--to={tmp_path / 'exp'}",
+                     f"--data_dir={pipeline.data}"])
+    capsys.readouterr()
+    prompts = ["What is 2 + 2?", "Sort these numbers: 4 1 3"]
+    stage = run(capsys, [f"--from={pipeline.out / 'sft'}", f"--data_dir={pipeline.data}",
+                         "--max_new_tokens=12"], prompts)
+    exported = run(capsys, [f"--from={tmp_path / 'exp'}", "--max_new_tokens=12"], prompts)
+    assert exported == stage and len(stage) == 4
