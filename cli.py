@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 
 
@@ -20,6 +21,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, malformed record). The
     script prints its message as one line and exits with status 2, no traceback."""
 
+
+# the signal a training loop was asked to stop by (distributed.StopSignal), if any: an
+# error raised after it (a C++ compiler that Ctrl-C stopped as well) is part of stopping
+SIGNALLED = []
 
 # what a script undoes when it stops on a user's mistake: callbacks, run in turn (a run
 # folder that the run made and that holds no checkpoint yet is removed: checkpoint.RunLock)
@@ -49,9 +54,16 @@ def user_errors():
         undo(mark)
         say("interrupted")
         sys.exit(130)
-    except RuntimeError as e:  # under torchrun: a collective whose peer process has gone
-        if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not re.search(r"(closed|reset) by peer",
-                                                                     str(e)):
+    except Exception as e:
+        if SIGNALLED:  # asked to stop, and the work under way failed with it
+            undo(mark)
+            name = signal.Signals(SIGNALLED[-1]).name
+            say(f"stopped by {name} before a checkpoint could be saved ({type(e).__name__} "
+                f"as it stopped); the run's last checkpoint, if any, stands")
+            sys.exit(128 + SIGNALLED[-1])
+        # under torchrun: a collective whose peer process has gone
+        if not isinstance(e, RuntimeError) or int(os.environ.get("WORLD_SIZE", 1)) < 2 or \
+                not re.search(r"(closed|reset) by peer", str(e)):
             raise
         undo(mark)
         say("error: another process of this run stopped first (its own line says why)")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import cli
 from cli import UserError
 
 
@@ -202,11 +203,13 @@ class StopSignal:
         # how the user continues a stopped run (a driver that runs a stage's loop in its
         # own process, as cai.py runs sft.py's, names its own way)
         self.resume_hint = resume_hint or "--resume=true continues"
+        cli.SIGNALLED.clear()  # set by _handle until the loop is over (release, exit)
         self.before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         for sig in self.before:
             signal.signal(sig, self._handle)
 
     def release(self):
+        cli.SIGNALLED.clear()
         for sig, handler in self.before.items():
             signal.signal(sig, handler)
 
@@ -215,6 +218,7 @@ class StopSignal:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signum = signum
+        cli.SIGNALLED.append(signum)
 
     def requested(self, run):
         flag = float(self.signum is not None)
@@ -234,6 +238,7 @@ class StopSignal:
             self.exit(step, ckpt_path)
 
     def exit(self, step, ckpt_path):
+        cli.SIGNALLED.clear()
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped by {name} after step {step}: checkpoint {ckpt_path} saved; "

@@ -1,12 +1,14 @@
 """distributed.py without a process group: how a global batch is shared out over ranks
 and micro-steps, and the data order every rank and every resume agree on."""
 
+import os
 import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import cli
 import distributed
 from cli import UserError
 
@@ -59,6 +61,36 @@ def test_stop_signal_takes_the_signals_and_gives_them_back():
         assert all(signal.getsignal(s) == stop._handle for s in before)
         stop.release()
         assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_an_error_after_a_stop_signal_is_part_of_stopping(capsys):
+    """Ctrl-C reaches the whole process group: a C++ compiler that inductor started dies
+    with it, and the compile raises. After the signal, such an error is one line and the
+    signal's exit status, and the run's undo list runs, as for a UserError; before any
+    signal (or after release()) an error is a bug and propagates."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    undone = []
+    try:
+        stop = distributed.StopSignal()
+        with pytest.raises(RuntimeError, match="a bug"):
+            with cli.user_errors():
+                raise RuntimeError("a bug")
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: only asks the loop to stop
+        with pytest.raises(SystemExit) as e:
+            with cli.user_errors():
+                cli.ON_USER_ERROR.append(lambda: undone.append(1))
+                raise RuntimeError("C++ compile failed: the compiler was killed")
+        assert e.value.code == 128 + signal.SIGTERM and undone == [1]
+        err = capsys.readouterr().err
+        assert err == ("stopped by SIGTERM before a checkpoint could be saved (RuntimeError as it "
+                       "stopped); the run's last checkpoint, if any, stands\n")
+        stop.release()
+        with pytest.raises(RuntimeError, match="a bug"):
+            with cli.user_errors():
+                raise RuntimeError("a bug")
     finally:
         for s, h in before.items():
             signal.signal(s, h)
