@@ -132,7 +132,8 @@ SETTINGS = "data_dir init_from n_prompts K likelihood reward_steps kl_coef ppo_i
 
 def claim(cfg):
     """out_dir for this run: a new folder, or one an earlier iterate.py run with the same
-    SETTINGS made (whose finished stages are reused); anything else refused in one line."""
+    SETTINGS made (whose finished stages are reused); anything else refused in one line.
+    Returns what writes the settings there, once the run's inputs are checked."""
     path, want = os.path.join(cfg.out_dir, "iterate.json"), {
         k: getattr(cfg, k) for k in SETTINGS.split()}
     if os.path.exists(path):
@@ -145,7 +146,8 @@ def claim(cfg):
     elif os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
         raise UserError(f"{cfg.out_dir} is not empty and no iterate.py run is in it "
                         f"({path} missing): choose another --out_dir")
-    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(want, indent=1).encode()))
+    return lambda: checkpoint.atomic_write(path, lambda f: f.write(
+        json.dumps(want, indent=1).encode()))
 
 
 def main(cfg):
@@ -159,11 +161,12 @@ def main(cfg):
     enc = world_tokenizer(w if os.path.isdir(w) else cfg.data_dir)
     sft, _ = checkpoint.load_model(os.path.join(cfg.init_from, "ckpt.pt"), "python sft.py", enc,
                                    device=run.device)
-    claim(cfg)
+    record = claim(cfg)
     if not os.path.isdir(w):  # the rounds' sets go into a copy, not into the world itself
         checkpoint.require(os.path.join(cfg.data_dir, "meta.json"), "python data/prepare.py")
         shutil.copytree(cfg.data_dir, w + ".tmp", dirs_exist_ok=True)
         os.replace(w + ".tmp", w)
+    record()
     tasks = [world.Task.from_dict(r["task"]) for r in read_jsonl(
         os.path.join(w, "eval.jsonl"), {"task": dict})][:cfg.eval_prompts]
     label = lambda r, policy: stage(  # noqa: E731
