@@ -75,10 +75,15 @@ def declared_hash(url, name):
                     f"so it cannot be checked; nothing was downloaded")
 
 
+def hasher(kind, size):
+    """The hash the hub declares for a file of `size` bytes, to be fed its content: SHA-256,
+    or Git's blob SHA-1 (of "blob <size>\\0" and the content)."""
+    return hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {size}\0".encode())
+
+
 def file_hash(path, kind):
-    """A file's hash as the hub declares it: SHA-256, or Git's blob SHA-1."""
-    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(
-        f"blob {os.path.getsize(path)}\0".encode())
+    """A cached file's hash, as hasher gives it."""
+    h = hasher(kind, os.path.getsize(path))
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
@@ -88,15 +93,13 @@ def file_hash(path, kind):
 def download(url, path, name, kind, expected):
     """Stream url to path.part, hashing; move it to path when size and hash match."""
     part = path + ".part"
-    h = hashlib.sha256() if kind == "sha256" else None
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)
-            if kind == "git-sha1":
-                if not total:
-                    raise UserError(f"{name}: {url} sent no Content-Length; the Git hash "
-                                    f"cannot be checked")
-                h = hashlib.sha1(f"blob {total}\0".encode())
+            if kind == "git-sha1" and not total:
+                raise UserError(f"{name}: {url} sent no Content-Length; the Git hash "
+                                f"cannot be checked")
+            h = hasher(kind, total)
             done = 0
             with open(part, "wb") as f:
                 while chunk := response.read(CHUNK):

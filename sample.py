@@ -23,7 +23,7 @@ import checkpoint
 import distributed
 import hf
 from cli import UserError, parse_config, ranges, user_errors
-from data.tokenizer import decode_response, encode_prompt
+from data.tokenizer import SPECIAL_TOKENS, decode_response, encode_prompt
 from records import world_tokenizer
 
 
@@ -45,16 +45,13 @@ class Config:
                               non_negative="temperature top_k", above_0="top_p")
 
 
-WORLD_CHAT = {"<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"}  # the world's tokens
-
-
 def load(cfg, device):
     """(model, encode(prompt) -> ids, decode(ids) -> (text, ended), stop token, pad)."""
     gpt2, ckpt = None, None
     if hf.is_gpt2(cfg.src):  # a GPT-2 directory, or a name to download
         model, enc = hf.from_pretrained(cfg.src)
         gpt2 = f"{cfg.src} is a GPT-2 checkpoint"
-        if WORLD_CHAT <= set(enc._special_tokens) and cfg.format in ("auto", "chat"):
+        if set(SPECIAL_TOKENS) <= set(enc._special_tokens) and cfg.format in ("auto", "chat"):
             # a world model export.py wrote: it answers in the world's chat format
             end, pad = (enc.encode_single_token(t) for t in ("<|end|>", "<|endoftext|>"))
             return (model.to(device), lambda text: encode_prompt(enc, text),
