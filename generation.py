@@ -209,14 +209,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             else:
                 if cache is not None:  # the distinct prompts into the cache
                     distinct = slice(None) if shared is None else first
-                    h = prompt_pass(model, seq[distinct, :end],
-                                    attn_mask=seq_mask[distinct, :end], cache=cache)
-                    logits = model.lm_head(h[:, -1])  # only the last position is needed
+                    h = prompt_pass(model, seq[distinct, :end], attn_mask=seq_mask[distinct, :end],
+                                    cache=cache, keep_from=end - 1)  # only the last is read
+                    logits = model.lm_head(h[:, -1])
                     if shared is not None:  # every row: its prompt's keys, values, logits
                         cache.keep(prompt_of)
                         logits = logits[prompt_of]
                 else:  # everything again, without a cache
-                    h = model.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end])
+                    h = model.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end],
+                                     keep_from=end - 1)
                     logits = model.lm_head(h[:, -1])
                 tok = sample_next_token(logits, temperature, top_k, top_p,
                                         u=None if u is None else u[0])

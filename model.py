@@ -103,11 +103,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None,
+                keep_from: int = 0) -> Tensor:
+        """keep_from > 0: every column's keys and values, but queries (and the output) only
+        from column keep_from on: (B, T − keep_from, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if keep_from:
+            q = q[:, keep_from:]
+            if mask is None:  # still causal: the queries are the last T − keep_from keys
+                mask = attention_mask(torch.ones(1, T, dtype=torch.bool, device=x.device),
+                                      T - keep_from)
+            else:
+                mask = mask[:, :, keep_from:]
+        q = q.view(B, T - keep_from, self.n_head, hs).transpose(1, 2)  # (B, nh, T', hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
@@ -122,7 +132,7 @@ class CausalSelfAttention(nn.Module):
             y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T - keep_from, C)  # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -149,8 +159,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None,
+                keep_from: int = 0) -> Tensor:
+        """keep_from > 0: only the columns from keep_from on come out (their attention still
+        reads every column's keys and values)."""
+        x = (x[:, keep_from:] if keep_from else x) + self.attn(self.ln_1(x), mask, cache,
+                                                               keep_from)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -206,14 +220,21 @@ class GPT(nn.Module):
         return float(6 * N + 12 * L * H * Q * T)
 
     def hidden(self, idx: Tensor, *, attn_mask: Tensor | None = None, pos: Tensor | None = None,
-               cache: KVCache | None = None) -> Tensor:
+               cache: KVCache | None = None, keep_from: int = 0) -> Tensor:
         """Run the trunk: (B, T) token ids -> (B, T, C) final-LayerNormed hidden states.
 
         attn_mask (B, T) bool, True for real tokens: pad keys are hidden from every query and
         positions default to the count of real tokens before (so left padding does not shift
         them). cache: keys/values of earlier positions; the new ones are appended.
+        keep_from: return only the columns from keep_from on, (B, T − keep_from, C). The
+        last block then runs its queries, output projection and MLP on those columns
+        alone: nothing after it reads the others (every earlier block still runs every
+        column, whose keys and values the kept ones attend to). The same figures as
+        hidden(idx)[:, keep_from:], to float rounding.
         """
         B, T = idx.size()
+        if not 0 <= keep_from < T:
+            raise ValueError(f"keep_from={keep_from} must be in [0, {T}) for {T} columns")
         S = T if cache is None else cache.length + T  # number of keys attended over
         if S > self.config.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds block_size {self.config.block_size}")
@@ -232,8 +253,9 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, mask, cache)
+        last = len(self.transformer.h) - 1
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, keep_from if i == last else 0)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
@@ -251,8 +273,8 @@ class GPT(nn.Module):
         if share_prefix and 0 < logits_from < idx.size(1) - 1 and cache is None and pos is None:
             h = self.shared_prefix_hidden(idx, attn_mask, logits_from + 1)
         else:
-            h = self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache)
-            h = h[:, logits_from:] if logits_from else h
+            h = self.hidden(idx, attn_mask=attn_mask, pos=pos, cache=cache,
+                            keep_from=logits_from)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
@@ -273,13 +295,14 @@ class GPT(nn.Module):
         valid = torch.ones_like(idx, dtype=torch.bool) if attn_mask is None else attn_mask
         found = distinct_prefixes(idx, valid, P)
         if found is None:  # nothing shared: the plain forward
-            return self.hidden(idx, attn_mask=attn_mask)[:, P - 1:]
+            return self.hidden(idx, attn_mask=attn_mask, keep_from=P - 1)
         one_row, which = found
         shared = SharedPrefix()
-        h_prefix = self.hidden(idx[one_row, :P], attn_mask=valid[one_row, :P], cache=shared)
+        h_prefix = self.hidden(idx[one_row, :P], attn_mask=valid[one_row, :P], cache=shared,
+                               keep_from=P - 1)  # (distinct prefixes, 1, C)
         shared.which = which  # from here on every row takes its prefix's keys and values
         h_rest = self.hidden(idx[:, P:], attn_mask=valid[:, P:], cache=shared)
-        return torch.cat([h_prefix[:, -1:].index_select(0, which), h_rest], dim=1)
+        return torch.cat([h_prefix.index_select(0, which), h_rest], dim=1)
 
     def decode(self, tok: Tensor, cache: KVCache) -> Tensor:
         """One generation step: each row's newest token (B,), stored at the position
@@ -377,9 +400,10 @@ class ScalarGPT(GPT):
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
 
-    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
-        """(B, T) ids -> (B, T) scalar per position."""
-        return self.score(self.hidden(idx, attn_mask=attn_mask)).squeeze(-1)
+    def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None,
+                keep_from: int = 0) -> Tensor:
+        """(B, T) ids -> (B, T − keep_from) scalar per position, from column keep_from on."""
+        return self.score(self.hidden(idx, attn_mask=attn_mask, keep_from=keep_from)).squeeze(-1)
 
     @classmethod
     def from_lm(cls, gpt: GPT, **kwargs) -> "ScalarGPT":

@@ -222,7 +222,7 @@ def explained_variance(values, returns, mask):
 def response_values(value_model, tokens, attn, P):
     """V(state before each response token) (B, N): the value head read at the position
     that predicts that token."""
-    return value_model(tokens, attn_mask=attn).float()[:, P - 1:-1]
+    return value_model(tokens, attn_mask=attn, keep_from=P - 1).float()[:, :-1]
 
 
 class SharedValueHead(nn.Module):
@@ -241,7 +241,7 @@ class SharedValueHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, targets=None, *, attn_mask=None, logits_from=0):
-        h = self.policy.hidden(idx, attn_mask=attn_mask)[:, logits_from:]
+        h = self.policy.hidden(idx, attn_mask=attn_mask, keep_from=logits_from)
         logits, values = self.policy.lm_head(h), self.head(h).squeeze(-1).float()
         loss = None
         if targets is not None:  # PPO-ptx's windows: the next-token loss alone (0·values

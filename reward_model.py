@@ -54,7 +54,7 @@ class RewardMember(ScalarGPT):
         T = idx.size(1)
         start = max(0, int(prompt_lengths.min()) - 1)  # the first position a score reads
         h = (self.shared_prefix_hidden(idx, attn_mask, start + 1) if 0 < start < T - 1
-             else self.hidden(idx, attn_mask=attn_mask)[:, start:])  # (B, T - start, C)
+             else self.hidden(idx, attn_mask=attn_mask, keep_from=start))  # (B, T - start, C)
         values = self.score(h).squeeze(-1)  # (B, T - start)
         if self.gate is not None:
             logp = token_logprobs(self.lm_head(h), idx[:, start:],

@@ -483,6 +483,39 @@ def test_logits_from_skips_the_first_positions_only():
                                token_logprobs(full, idx)[:, 4:], atol=1e-5, rtol=1e-5)
 
 
+def test_keep_from_runs_the_last_block_on_the_kept_columns_only():
+    """hidden(keep_from=k): the hidden states, and the gradients through them, of
+    hidden()[:, k:], with and without a padding mask and through a cache; the last
+    block's MLP sees only the kept columns, the blocks before it every column."""
+    model = make_model(n_layer=3)
+    idx, mask = left_pad(PROMPTS + [[16, 17, 18, 19, 20, 21, 22]])
+    mlp_rows = []
+    for block in model.transformer.h:
+        block.mlp.register_forward_hook(lambda m, i, o: mlp_rows.append(o.size(1)))
+    for attn_mask in (None, mask):
+        got = []
+        for k in (0, 5):
+            model.zero_grad()
+            mlp_rows.clear()
+            h = model.hidden(idx, attn_mask=attn_mask, keep_from=k)
+            h = h[:, 5 - k:]  # the same columns both ways
+            (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+            got.append((h.detach(), [p.grad.clone() for p in model.parameters()]))
+            assert mlp_rows == [7, 7, 7 - k]
+        torch.testing.assert_close(got[1][0], got[0][0], atol=1e-5, rtol=0)
+        for a, b in zip(got[1][1], got[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # a cache holds every column's keys and values either way
+        caches = [KVCache(3, idx.size(0), 10, "cpu") for _ in range(2)]
+        last = [model.hidden(idx, attn_mask=mask, cache=c, keep_from=k)[:, -1]
+                for c, k in zip(caches, (0, 6))]
+        torch.testing.assert_close(last[1], last[0], atol=1e-5, rtol=0)
+        for layer in range(3):
+            torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="keep_from=7"):
+        model.hidden(idx, keep_from=7)
+
+
 def test_scalar_gpt():
     lm = make_model()
     rm = ScalarGPT.from_lm(lm)
