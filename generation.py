@@ -131,7 +131,8 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None,
              pad_token: int = 0, generator: torch.Generator | None = None,
-             use_cache: bool = True, compile: bool = False) -> tuple[Tensor, Tensor]:
+             use_cache: bool = True, compile: bool = False,
+             logprobs: bool = False) -> tuple[Tensor, ...]:
     """Continue each prompt by up to max_new_tokens tokens (GPT.generate: model is a GPT).
 
     Prompts are left-padded into one batch, so every row's next token is in the last
@@ -146,6 +147,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     compile=True runs the prompt pass and the steps after it through torch.compile
     (compiled_generation): the eager path's tokens (to float rounding), in less time per
     step once compiled (the first calls compile).
+    logprobs=True (temperature > 0): also log π(token) of each generated token and the
+    entropy of the distribution it was drawn from, (B, N) float32 each, 0 outside the mask,
+    read from the logits the draw used, divided by the temperature, before top-k and top-p
+    (the policy's log-probs PPO's ratio needs, without a forward pass of its own; equal
+    to those of a forward pass over the whole sequence, to float rounding).
     """
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompts")
@@ -158,6 +164,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                          f"{temperature}, {top_k}, {top_p}")
+    if logprobs and temperature == 0:
+        raise ValueError("logprobs=True needs temperature > 0 (greedy draws no distribution)")
     for name, token in (("stop_token", stop_token), ("pad_token", pad_token)):
         if token is not None and not isinstance(token, int):  # anything else never matches
             raise TypeError(f"{name} must be a token id (int) or None, got {type(token).__name__}")
@@ -178,6 +186,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if shared is not None:
         first, prompt_of = (x.to(device) for x in shared)
     gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    # logprobs=True: each generated token's log-probability and its step's entropy
+    scored = torch.zeros(B, max_new_tokens, 2, device=device) if logprobs else None
     # the rows still being answered (all of them: a slice, which copies nothing; later
     # their indices into the batch), and which of them have emitted stop_token
     rows: slice | Tensor = slice(None)
@@ -204,8 +214,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                 k, B, 1, generator=generator, device=device, dtype=torch.float64)[:, rows]
             if cache is not None and n > 0:  # the newest token only, the rest cached
                 cache.next_slots(k)
-                tok, live, finished = steps(model, seq[rows, end - 1], cache, k, u, finished,
-                                            temperature, top_k, top_p, stop_token, pad_token)
+                tok, live, finished, sc = steps(model, seq[rows, end - 1], cache, k, u,
+                                                finished, temperature, top_k, top_p,
+                                                stop_token, pad_token, logprobs)
             else:
                 if cache is not None:  # the distinct prompts into the cache
                     distinct = slice(None) if shared is None else first
@@ -219,12 +230,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                     h = model.hidden(seq[rows, :end], attn_mask=seq_mask[rows, :end],
                                      keep_from=end - 1)
                     logits = model.lm_head(h[:, -1])
-                tok = sample_next_token(logits, temperature, top_k, top_p,
-                                        u=None if u is None else u[0])
-                tok, live, finished = ended(tok, finished, stop_token, pad_token)
+                drawn = sample_next_token(logits, temperature, top_k, top_p,
+                                          u=None if u is None else u[0])
+                sc = token_scores(logits, drawn, temperature)[:, None] if logprobs else None
+                tok, live, finished = ended(drawn, finished, stop_token, pad_token)
                 tok, live = tok[:, None], live[:, None]
             seq[rows, end:end + k] = tok
             gen_mask[rows, n:n + k] = live
+            if logprobs:
+                scored[rows, n:n + k] = sc
             n, since_check = n + k, since_check + k
             if stop_token is None or since_check < STOP_CHECK_EVERY.get(device.type, 1):
                 continue
@@ -245,7 +259,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     finally:
         model.train(was_training)
     n = int(gen_mask[:, :n].any(dim=0).sum())  # the steps that gave some row a token
-    return seq[:, P:P + n], gen_mask[:, :n]
+    if not logprobs:
+        return seq[:, P:P + n], gen_mask[:, :n]
+    scored = scored[:, :n] * gen_mask[:, :n, None]
+    return seq[:, P:P + n], gen_mask[:, :n], scored[..., 0], scored[..., 1]
+
+
+def token_scores(logits: Tensor, drawn: Tensor, temperature: float) -> Tensor:
+    """(B, V) logits and the (B,) tokens drawn from them -> (B, 2) float32: log p(drawn)
+    and the entropy, under softmax(logits / temperature) (no top-k or top-p), as
+    model.token_logprobs and model.token_entropy compute them from a forward pass."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.stack([logp.gather(-1, drawn[:, None]).squeeze(-1),
+                        -(logp.exp() * logp).sum(-1)], dim=-1)
 
 
 def ended(tok: Tensor, finished: Tensor, stop_token: int | None,
@@ -261,22 +287,26 @@ def ended(tok: Tensor, finished: Tensor, stop_token: int | None,
 
 def decode_steps(model, tok: Tensor, cache: KVCache, k: int, u: Tensor | None,
                  finished: Tensor, temperature: float, top_k: int, top_p: float,
-                 stop_token: int | None, pad_token: int,
-                 decode=None) -> tuple[Tensor, Tensor, Tensor]:
+                 stop_token: int | None, pad_token: int, logprobs: bool = False,
+                 decode=None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """k generation steps after the first, in the k positions cache.next_slots(k) reserved:
     each GPT.decode (or the given, compiled, form of it), then sample_next_token with that
     step's uniform numbers u[i] (u: (k, B, 1), None when greedy), then ended(). (B,) newest
-    tokens -> tokens (B, k), which of them belong to an answer (B, k), the rows ended."""
+    tokens -> tokens (B, k), which of them belong to an answer (B, k), the rows ended, and
+    with logprobs each drawn token's token_scores (B, k, 2) (else None)."""
     decode = decode or type(model).decode
-    toks, lives = [], []
+    toks, lives, scores = [], [], []
     for i in range(k):
         logits = decode(model, tok, cache)
         drawn = sample_next_token(logits, temperature, top_k, top_p,
                                   u=None if u is None else u[i])
+        if logprobs:
+            scores.append(token_scores(logits, drawn, temperature))
         tok, live, finished = ended(drawn, finished, stop_token, pad_token)
         toks.append(tok)
         lives.append(live)
-    return torch.stack(toks, dim=1), torch.stack(lives, dim=1), finished
+    return (torch.stack(toks, dim=1), torch.stack(lives, dim=1), finished,
+            torch.stack(scores, dim=1) if logprobs else None)
 
 
 @functools.cache

@@ -13,9 +13,9 @@ Each iteration runs the six steps below, numbered the same way in `rollout` and 
      stops at its first end token
   2. the reward model scores prompt + response (normalised as stored); a response that
      never ended scores --missing_end_penalty instead
-  3. log-probs of each response token under policy and reference, logits divided by the
-     same temperature; per-token reward −β·(log π − log π_ref), the score added on the
-     last response token
+  3. log-probs of each response token under policy (read from the logits each token was
+     drawn from) and reference (a forward pass), logits divided by the same temperature;
+     per-token reward −β·(log π − log π_ref), the score added on the last response token
   4. values of the value model; advantages by GAE(γ, λ) in a reversed loop; returns =
      advantages + values; advantages whitened
   5. --ppo_epochs passes over shuffled minibatches: clipped-ratio policy loss and clipped
@@ -269,10 +269,12 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     a dict of tensors."""
     shared = value_model is None
     lm = policy.policy if shared else policy
-    # 1. generate; the mask keeps each response up to and including its first end token
-    response, mask = lm.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                                     stop_token=tok.end, pad_token=tok.pad, generator=generator,
-                                     compile=cfg.compile)
+    # 1. generate; the mask keeps each response up to and including its first end token.
+    # The policy's log-probs and entropies come from the logits the draw used (step 3)
+    response, mask, *drawn = lm.generate(prompts, cfg.max_new_tokens,
+                                         temperature=cfg.temperature, stop_token=tok.end,
+                                         pad_token=tok.pad, generator=generator,
+                                         compile=cfg.compile, logprobs=not shared)
     prompt_tokens, prompt_mask = left_pad(prompts, tok.pad, device)
     P = prompt_tokens.size(1)
     tokens, attn = torch.cat([prompt_tokens, response], 1), torch.cat([prompt_mask, mask], 1)
@@ -284,12 +286,12 @@ def rollout(policy, ref, value_model, score_fn, prompts, beta, cfg, tok, generat
     raw_score = score_fn(prompts, responses).to(device).float()
     scores = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_end_penalty))
 
-    # 3. log-probs under policy and reference (same temperature); per-token rewards
-    if shared:  # the values come out of the same forward pass (step 4)
+    # 3. log-probs under policy (the generation's) and reference (a forward pass, the same
+    # temperature); per-token rewards
+    if shared:  # the values come out of a forward pass of the policy (step 4)
         logp, entropy, values = policy_and_values(policy, tokens, attn, P, cfg.temperature)
     else:
-        logp, entropy = response_logprobs(policy, tokens, attn_mask=attn, start=P,
-                                          temperature=cfg.temperature, entropy=True)
+        logp, entropy = drawn
         values = response_values(value_model, tokens, attn, P)
     ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=P, temperature=cfg.temperature)
     logp, ref_logp = logp * mask, ref_logp * mask

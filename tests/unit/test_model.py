@@ -337,7 +337,7 @@ def test_several_steps_in_one_call_equal_one_at_a_time():
             model.hidden(idx, attn_mask=mask, cache=cache)
             for i in range(0, 3, per_call):
                 cache.next_slots(per_call)
-                t, live, finished = generation.decode_steps(
+                t, live, finished, _ = generation.decode_steps(
                     model, tok, cache, per_call, u[i:i + per_call], finished, 1.0, 0, 1.0,
                     stop_token=stop, pad_token=0)
                 toks.append(t)
@@ -352,6 +352,35 @@ def test_several_steps_in_one_call_equal_one_at_a_time():
     assert torch.equal(a, b) and torch.equal(a_live, b_live) and torch.equal(a_end, b_end)
 
 
+def test_generated_logprobs_are_those_of_a_forward_pass():
+    """generate(logprobs=True): each generated token's log-probability and entropy, read
+    from the draw's own logits, are token_logprobs' and token_entropy's of a forward pass
+    over the prompt and answer at the same temperature, unfiltered by top-k; 0 after a
+    row's end; rows that end leave the batch and the rest keep their figures."""
+    model = make_model()
+    prompts = [p[:k] for p in PROMPTS for k in range(1, min(len(p), 3) + 1)]
+    early = [set(row[:5]) for row in model.generate(prompts, 10, temperature=0)[0].tolist()]
+    stop = max(range(CFG["vocab_size"]), key=lambda t: sum(t in e for e in early))
+    kw = dict(temperature=0.7, top_k=20, stop_token=stop, pad_token=0)
+    tokens, mask, logp, ent = model.generate(
+        prompts, 10, generator=torch.Generator().manual_seed(2), logprobs=True, **kw)
+    plain = model.generate(prompts, 10, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(plain[0], tokens) and torch.equal(plain[1], mask)  # the same draws
+    assert mask.any(dim=1).all() and not mask.all()  # rows ended at different steps
+    assert ((logp < 0) == mask).all() and ((ent > 0) == mask).all()
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            n = int(mask[i].sum())
+            row = torch.tensor([p + tokens[i, :n].tolist()])
+            logits = model(row)[0]
+            torch.testing.assert_close(logp[i, :n], token_logprobs(
+                logits, row, temperature=0.7)[0, len(p) - 1:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(ent[i, :n], token_entropy(
+                logits, temperature=0.7)[0, len(p) - 1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="logprobs=True needs temperature > 0"):
+        model.generate(prompts, 2, temperature=0, logprobs=True)
+
+
 def test_compiled_generation_gives_the_same_answers():
     # generate(compile=True): the prompt pass and the steps after it through torch.compile,
     # four steps a call on a CPU, then one at a time for the last three; one compilation
@@ -362,11 +391,15 @@ def test_compiled_generation_gives_the_same_answers():
     prompts = [p[:k] for p in PROMPTS for k in range(1, min(len(p), 4) + 1)]  # 12 rows
     early = [set(row[:6]) for row in model.generate(prompts, 12, temperature=0)[0].tolist()]
     stop = max(range(CFG["vocab_size"]), key=lambda t: sum(t in e for e in early))
-    (a, a_mask), (b, b_mask) = [
+    # (with logprobs, the form PPO's rollout compiles; the draw is the same either way)
+    (a, a_mask, a_logp, a_ent), (b, b_mask, b_logp, b_ent) = [
         model.generate(prompts, 12, stop_token=stop, pad_token=0, compile=compiled,
-                       generator=torch.Generator().manual_seed(5)) for compiled in (False, True)]
+                       generator=torch.Generator().manual_seed(5), logprobs=True)
+        for compiled in (False, True)]
     assert a_mask.any(dim=1).all() and not a_mask.all()  # rows ended at different steps
     assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
+    torch.testing.assert_close(b_logp, a_logp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b_ent, a_ent, atol=1e-4, rtol=0)
     assert generation.STEPS_PER_CALL["cpu"] == 4  # 11 steps after the prompt pass: 4, 4, 1, 1, 1
     assert generation.compiled_generation("cpu", GPT) is generation.compiled_generation("cpu", GPT)
 
