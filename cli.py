@@ -186,11 +186,11 @@ def parse_config(cls, argv=None):
     return cfg
 
 
-def refuse_unused(cfg, names, context):
+def refuse_unused(cfg, names, context, when=True):
     """A flag given on the command line that does nothing in this run (one of `names`,
-    fields the run ignores; `context` says why, "with --loss=simpo") is refused in one
-    line rather than ignored without a word."""
-    for name in names:
+    fields the run ignores when `when` holds; `context` says why, "with --loss=simpo") is
+    refused in one line rather than ignored without a word."""
+    for name in names if when else ():
         if name in getattr(cfg, "_given", ()):
             raise UserError(f"--{name}={getattr(cfg, name)} does nothing {context}")
 

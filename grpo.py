@@ -92,7 +92,7 @@ import formats
 import optim
 from batch import (gold_figures, left_pad, length_chunks, ptx_windows, response_logprobs,
                    reward_scores, show_samples, verifiable_score)
-from cli import UserError, parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, refuse_unused, user_errors
 from distributed import print0
 from logger import Logger
 from model import freeze
@@ -307,6 +307,11 @@ def check(cfg, run):
                                  ("frozen_dtype", cfg.frozen_dtype, ("fp32", "bf16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value}: expected one of {', '.join(allowed)}")
+    # flags this run would ignore, refused rather than ignored without a word
+    refuse_unused(cfg, ["reward_from"], "with --reward=verifiable", cfg.reward == "verifiable")
+    refuse_unused(cfg, ["ptx_batch", "ptx_len"], "with --ptx_coef=0", cfg.ptx_coef == 0)
+    refuse_unused(cfg, ["max_rounds"], "with --dynamic_sampling=false", not cfg.dynamic_sampling)
+    refuse_unused(cfg, ["kl_in"], "with --beta=0", cfg.beta == 0)
 
 
 def main(cfg):

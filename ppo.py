@@ -67,7 +67,7 @@ import formats
 import optim
 from batch import (drop_pad_columns, gold_figures, left_pad, ptx_windows, response_logprobs,
                    reward_scores, show_samples, verifiable_score)
-from cli import UserError, parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, refuse_unused, user_errors
 from distributed import print0
 from logger import Logger
 from model import IGNORE_INDEX, ScalarGPT, freeze, token_logprobs
@@ -408,6 +408,12 @@ def main(cfg):
         raise UserError(f"--value_head={cfg.value_head}: expected separate or shared")
     if cfg.frozen_dtype not in ("fp32", "bf16"):
         raise UserError(f"--frozen_dtype={cfg.frozen_dtype}: expected fp32 or bf16")
+    # flags this run would ignore, refused rather than ignored without a word
+    refuse_unused(cfg, ["target_kl", "kl_horizon"], "without --adaptive_kl=true",
+                  not cfg.adaptive_kl)
+    refuse_unused(cfg, ["vf_coef"], "with --value_head=separate", cfg.value_head == "separate")
+    refuse_unused(cfg, ["reward_from"], "with --reward=verifiable", cfg.reward == "verifiable")
+    refuse_unused(cfg, ["ptx_batch", "ptx_len"], "with --ptx_coef=0", cfg.ptx_coef == 0)
     formats.refuse_world_only(cfg)
     # a model fine-tuned from GPT-2 carries its tokenizer and chat format
     ref, enc, chat, carried = stage_model(cfg.init_from, "python sft.py",

@@ -14,6 +14,7 @@ from conftest import assert_user_error_in_process, copy_world, main_of
 
 import dpo
 import eval as evaluation
+import grpo
 import ppo
 import pretrain
 import reward
@@ -177,6 +178,26 @@ BAD_INPUTS = {
     "eval's --best_of with --data": (evaluation, lambda w, s, t: [
         f"--data={t}/prompts.jsonl", f"--models={s}/sft", f"--judge_from={s}/reward",
         "--best_of=4"], ["--best_of=4 does nothing with --data (the stages compared are --models"]),
+    "ppo's KL target without the controller": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--target_kl=1"], ["--target_kl=1.0 does nothing without "
+                                              "--adaptive_kl=true"]),
+    "ppo's value weight with a value model": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--vf_coef=0.5"], ["--vf_coef=0.5 does nothing with "
+                                             "--value_head=separate"]),
+    "ppo's reward model with the verifiable reward": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--reward=verifiable", "--reward_from=rm"],
+        ["--reward_from=rm does nothing with --reward=verifiable"]),
+    "ppo's pretraining windows without PPO-ptx": (ppo, lambda w, s, t: [
+        f"--data_dir={w}", "--ptx_len=64"], ["--ptx_len=64 does nothing with --ptx_coef=0"]),
+    "grpo's draws without dynamic sampling": (grpo, lambda w, s, t: [
+        f"--data_dir={w}", "--dynamic_sampling=false", "--max_rounds=3"],
+        ["--max_rounds=3 does nothing with --dynamic_sampling=false"]),
+    "grpo's KL placement without a KL": (grpo, lambda w, s, t: [
+        f"--data_dir={w}", "--beta=0", "--kl_in=reward"],
+        ["--kl_in=reward does nothing with --beta=0"]),
+    "grpo's reward model with the verifiable reward": (grpo, lambda w, s, t: [
+        f"--data_dir={w}", "--reward_from=rm"],
+        ["--reward_from=rm does nothing with --reward=verifiable"]),
     "adaptive KL target 0": (ppo, lambda w, s, t: [
         f"--data_dir={w}", "--adaptive_kl=true", "--target_kl=0"],
         ["--target_kl=0.0", "--adaptive_kl=true", "above 0"]),

@@ -251,7 +251,8 @@ def test_tiny_run_logs_and_writes_a_loadable_checkpoint(pipeline, tmp_path):
     model, ckpt = checkpoint.load_model(tmp_path / "a" / "ckpt.pt", "python grpo.py", enc)
     assert ckpt["stage"] == "grpo" and ckpt["step"] == 3 and ckpt["reward_model"] is not None
     # the other choices, one short run: the verifiable reward of the tiny model is 0
-    main_of(grpo, [*common, f"--out_dir={tmp_path}/b", "--advantage=rloo", "--loss_agg=constant",
+    no_rm = [f for f in common if not f.startswith("--reward_from=")]  # verifiable: no model
+    main_of(grpo, [*no_rm, f"--out_dir={tmp_path}/b", "--advantage=rloo", "--loss_agg=constant",
                    "--kl_in=reward", "--clip_high=0.28", "--ptx_coef=0.5", "--ptx_len=32",
                    "--iterations=2", "--dynamic_sampling=false"])
     log = read_log(tmp_path / "b" / "log.jsonl")
