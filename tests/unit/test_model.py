@@ -151,6 +151,21 @@ def test_sample_next_token_filters():
     assert abs(frac0 - 0.5) < 0.05
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    # the nucleus (Holtzman et al. 2020): the most probable tokens until their mass reaches
+    # top_p, the boundary included. Probabilities 0.5, 0.25, 0.125, 0.125 (exact in
+    # float32): top_p 0.75 is reached by {0, 1} exactly, so token 2 is out; a hair more
+    # takes it in; 0.5 is token 0 alone
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log().expand(4000, 4)
+    for top_p, kept in ((0.5, {0}), (0.74, {0, 1}), (0.75, {0, 1}), (0.76, {0, 1, 2}),
+                        (1.0, {0, 1, 2, 3})):
+        tok = sample_next_token(logits, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert set(tok.tolist()) == kept, top_p
+    # the kept tokens' probabilities renormalised: 2/3 and 1/3 at top_p 0.75
+    tok = sample_next_token(logits, top_p=0.75, generator=torch.Generator().manual_seed(1))
+    assert abs((tok == 0).float().mean().item() - 2 / 3) < 0.03
+
+
 def test_sampled_frequencies_match_the_softmax():
     # inverse-CDF sampling: each token's share over many draws is its probability
     # (0.1, 0.2, 0, 0.3, 0.4 by construction); a zero-probability token is never drawn
