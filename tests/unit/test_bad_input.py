@@ -162,42 +162,13 @@ BAD_INPUTS = {
     "kto weights both 0": (dpo, lambda w, s, t: [
         f"--data_dir={w}", "--loss=kto", "--kto_desirable_weight=0", "--kto_undesirable_weight=0"],
         ["--kto_desirable_weight=0", "trains nothing"]),
-    # a flag the run would ignore without a word
-    "simpo's scale is not --beta": (dpo, lambda w, s, t: [
-        f"--data_dir={w}", "--loss=simpo", "--beta=0.5"],
-        ["--beta=0.5 does nothing with --loss=simpo"]),
-    "kto has no length groups": (dpo, lambda w, s, t: [
-        f"--data_dir={w}", "--loss=kto", "--length_groups=2"],
-        ["--length_groups=2 does nothing with --loss=kto"]),
-    "dpo's held-out share needs --data": (dpo, lambda w, s, t: [
-        f"--data_dir={w}", "--val_fraction=0.2"],
-        ["--val_fraction=0.2 does nothing without --data"]),
+    # a flag the run would ignore without a word (more in IGNORED_FLAGS, below)
     "reward's --prefs with --data": (reward, lambda w, s, t: [
         f"--data_dir={w}", f"--data={t}/pairs.jsonl", "--prefs=prefs"],
         ["--prefs=prefs does nothing with --data"]),
     "eval's --best_of with --data": (evaluation, lambda w, s, t: [
         f"--data={t}/prompts.jsonl", f"--models={s}/sft", f"--judge_from={s}/reward",
         "--best_of=4"], ["--best_of=4 does nothing with --data (the stages compared are --models"]),
-    "ppo's KL target without the controller": (ppo, lambda w, s, t: [
-        f"--data_dir={w}", "--target_kl=1"], ["--target_kl=1.0 does nothing without "
-                                              "--adaptive_kl=true"]),
-    "ppo's value weight with a value model": (ppo, lambda w, s, t: [
-        f"--data_dir={w}", "--vf_coef=0.5"], ["--vf_coef=0.5 does nothing with "
-                                             "--value_head=separate"]),
-    "ppo's reward model with the verifiable reward": (ppo, lambda w, s, t: [
-        f"--data_dir={w}", "--reward=verifiable", "--reward_from=rm"],
-        ["--reward_from=rm does nothing with --reward=verifiable"]),
-    "ppo's pretraining windows without PPO-ptx": (ppo, lambda w, s, t: [
-        f"--data_dir={w}", "--ptx_len=64"], ["--ptx_len=64 does nothing with --ptx_coef=0"]),
-    "grpo's draws without dynamic sampling": (grpo, lambda w, s, t: [
-        f"--data_dir={w}", "--dynamic_sampling=false", "--max_rounds=3"],
-        ["--max_rounds=3 does nothing with --dynamic_sampling=false"]),
-    "grpo's KL placement without a KL": (grpo, lambda w, s, t: [
-        f"--data_dir={w}", "--beta=0", "--kl_in=reward"],
-        ["--kl_in=reward does nothing with --beta=0"]),
-    "grpo's reward model with the verifiable reward": (grpo, lambda w, s, t: [
-        f"--data_dir={w}", "--reward_from=rm"],
-        ["--reward_from=rm does nothing with --reward=verifiable"]),
     "adaptive KL target 0": (ppo, lambda w, s, t: [
         f"--data_dir={w}", "--adaptive_kl=true", "--target_kl=0"],
         ["--target_kl=0.0", "--adaptive_kl=true", "above 0"]),
@@ -244,6 +215,25 @@ BAD_INPUTS = {
         world_with_bytes("train.bin", lambda b: b[:-1])(w, s, t), f"--init_from={s}/sft",
         f"--reward_from={s}/reward", "--ptx_coef=0.5"], ["train.bin", "2-byte tokens"]),
 }
+
+# flags a run would ignore without a word, refused in one line: the stage, the flags after
+# --data_dir, the line
+IGNORED_FLAGS = [
+    (dpo, ["--loss=simpo", "--beta=0.5"], "--beta=0.5 does nothing with --loss=simpo"),
+    (dpo, ["--loss=kto", "--length_groups=2"], "--length_groups=2 does nothing with --loss=kto"),
+    (dpo, ["--val_fraction=0.2"], "--val_fraction=0.2 does nothing without --data"),
+    (ppo, ["--target_kl=1"], "--target_kl=1.0 does nothing without --adaptive_kl=true"),
+    (ppo, ["--vf_coef=0.5"], "--vf_coef=0.5 does nothing with --value_head=separate"),
+    (ppo, ["--reward=verifiable", "--reward_from=rm"],
+     "--reward_from=rm does nothing with --reward=verifiable"),
+    (ppo, ["--ptx_len=64"], "--ptx_len=64 does nothing with --ptx_coef=0"),
+    (grpo, ["--dynamic_sampling=false", "--max_rounds=3"],
+     "--max_rounds=3 does nothing with --dynamic_sampling=false"),
+    (grpo, ["--beta=0", "--kl_in=reward"], "--kl_in=reward does nothing with --beta=0"),
+    (grpo, ["--reward_from=rm"], "--reward_from=rm does nothing with --reward=verifiable"),
+]
+for stage, flags, line in IGNORED_FLAGS:
+    BAD_INPUTS[line] = (stage, lambda w, s, t, flags=flags: [f"--data_dir={w}", *flags], [line])
 
 
 def world_with_bytes(name, edit):
