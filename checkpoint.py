@@ -2,7 +2,8 @@
 
 A checkpoint is a plain dict loaded with weights_only=True (no pickled code runs). It
 holds what rebuilds the model without the code's defaults (the model config), what
-resumes the run (optimizer, step, the global random generator), and what refuses a
+resumes the run (optimizer, step, the global random generator, the counts of updates
+skipped for a non-finite gradient), and what refuses a
 mismatch (the stage, the tokenizer's name).
 """
 
@@ -142,12 +143,14 @@ def stage_of(path):
     return ckpt.get("stage") if isinstance(ckpt, dict) else None
 
 
-def stage_checkpoint(stage, model, cfg, step, optimizer, enc, **extra):
-    """What every stage's checkpoint holds (see the module docstring), plus `extra`."""
+def stage_checkpoint(stage, model, cfg, step, optimizer, enc, guard=None, **extra):
+    """What every stage's checkpoint holds (see the module docstring), plus `extra`;
+    guard: the run's optim.NonFiniteGuard, whose counts of skipped updates it keeps."""
     return dict(stage=stage, model=model.state_dict(),
                 model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),
                 step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
-                rng=torch.get_rng_state(), **extra)
+                rng=torch.get_rng_state(),
+                **({} if guard is None else {"guard": guard.state_dict()}), **extra)
 
 
 def own_run(path, stage):
@@ -163,18 +166,21 @@ def own_run(path, stage):
     return ckpt
 
 
-def restore(path, model, optimizer, ckpt):
-    """The weights and optimizer state of ckpt (read from path) into model and optimizer;
+def restore(path, model, optimizer, ckpt, guard=None):
+    """The weights and optimizer state of ckpt (read from path) into model and optimizer,
+    and its counts of skipped updates into guard (an optim.NonFiniteGuard, if given);
     ones of other shapes (other flags) refused in one line."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if guard is not None and "guard" in ckpt:
+            guard.load_state_dict(ckpt["guard"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this run's model or optimizer ({reason(e)[:120]}): "
                         f"resume with the flags it was started with") from None
 
 
-def resume(path, stage, model, optimizer, same=None):
+def resume(path, stage, model, optimizer, same=None, guard=None):
     """Restore model and optimizer from a run of this stage (own_run, restore); returns
     (step, ckpt). same, if given, maps flags to this run's values: flags that define what
     the run optimises (the reward, the advantage), which a resumed run may not change; a
@@ -185,7 +191,7 @@ def resume(path, stage, model, optimizer, same=None):
         if flag in config and config[flag] != value:
             raise UserError(f"{path}: written with --{flag}={config[flag]}, not {value}; "
                             f"resume with --{flag}={config[flag]} or start a new --out_dir")
-    restore(path, model, optimizer, ckpt)
+    restore(path, model, optimizer, ckpt, guard)
     # the global generator (dropout); data order and sampling have their own seeds
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"])

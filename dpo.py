@@ -385,10 +385,12 @@ def main(cfg):
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(out_dir, run, (cfg.loss, *LOSSES))  # this run's folder until it ends
-    step = checkpoint.resume(ckpt_path, cfg.loss, raw_model, optimizer)[0] if cfg.resume else 0
+    guard = optim.NonFiniteGuard(ckpt_path=ckpt_path)  # its counts resume with the run
+    step = checkpoint.resume(ckpt_path, cfg.loss, raw_model, optimizer,
+                             guard=guard)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     log = Logger(out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    stop = distributed.StopSignal()
 
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
@@ -426,7 +428,7 @@ def main(cfg):
                  force="objective/kl" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            cfg.loss, raw_model, cfg, step, optimizer, enc,
+                            cfg.loss, raw_model, cfg, step, optimizer, enc, guard,
                             **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()

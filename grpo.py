@@ -343,8 +343,9 @@ def main(cfg):
                                             run.device_type)
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("grpo",))  # this run's folder until it ends
+    guard = optim.NonFiniteGuard(ckpt_path=ckpt_path)  # its counts resume with the run
     if cfg.resume:
-        it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer, same=dict(
+        it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer, guard=guard, same=dict(
             reward=cfg.reward, advantage=cfg.advantage, loss_agg=cfg.loss_agg, kl_in=cfg.kl_in))
     train_policy = distributed.wrap(policy, run, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
@@ -362,7 +363,7 @@ def main(cfg):
                                len(rows))
         return s
 
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    stop = distributed.StopSignal()
     for m in (policy, ref):
         m.eval()  # dropout off; gradients still flow through the policy
     while it < cfg.iterations:
@@ -475,7 +476,7 @@ def main(cfg):
             show_samples(enc, [texts[i] for i in idx[:3]], responses, scores.tolist(), tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "grpo", policy, cfg, it, optimizer, enc,
+                            "grpo", policy, cfg, it, optimizer, enc, guard,
                             reward_model=rm_config, **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()

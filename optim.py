@@ -62,6 +62,13 @@ class NonFiniteGuard:
         """What goes into the step's log: the count of skipped updates, once there are any."""
         return {"skipped": self.skipped} if self.skipped else {}
 
+    def state_dict(self):
+        """The counts a checkpoint keeps, so that a resumed run counts on from them."""
+        return {"skipped": self.skipped, "in_a_row": dict(self.in_a_row)}
+
+    def load_state_dict(self, state):
+        self.skipped, self.in_a_row = int(state["skipped"]), dict(state["in_a_row"])
+
 
 # --- Muon --------------------------------------------------------------------------------
 # Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks" (blog post):

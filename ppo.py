@@ -461,8 +461,9 @@ def main(cfg):
     beta, it = cfg.kl_coef, 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("ppo",))  # this run's folder until it ends
+    guard = optim.NonFiniteGuard(ckpt_path=ckpt_path)  # its counts resume with the run
     if cfg.resume:
-        it, ckpt = checkpoint.resume(ckpt_path, "ppo", lm, opt_policy,
+        it, ckpt = checkpoint.resume(ckpt_path, "ppo", lm, opt_policy, guard=guard,
                                      same=dict(value_head=cfg.value_head, reward=cfg.reward))
         if value_model is None:
             policy.head.load_state_dict(ckpt["value_head"])
@@ -479,7 +480,7 @@ def main(cfg):
            f"{cfg.value_head}, frozen models in {cfg.frozen_dtype}, on {run.device} x "
            f"{run.world_size}")
 
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    stop = distributed.StopSignal()
     values_state = lambda: (  # noqa: E731  (the head's optimizer state is opt_policy's)
         dict(value_head=policy.head.state_dict()) if value_model is None else
         dict(value_model=value_model.state_dict(), value_optimizer=opt_value.state_dict()))
@@ -543,8 +544,9 @@ def main(cfg):
                          batch["scores"].tolist(), tok.end)
         stop.checkpoint(run, it, it % cfg.ckpt_interval == 0 or it == cfg.iterations, ckpt_path,
                         lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "ppo", lm, cfg, it, opt_policy, enc, **values_state(), kl_coef=beta,
-                            reward_model=rm_ckpt["config"], **carried)))  # also on SIGTERM
+                            "ppo", lm, cfg, it, opt_policy, enc, guard, **values_state(),
+                            kl_coef=beta, reward_model=rm_ckpt["config"],
+                            **carried)))  # also on SIGTERM
     print0(f"done: checkpoint {ckpt_path}")
     lock.release()
     distributed.teardown(run)

@@ -130,8 +130,10 @@ def main(cfg):
                                          run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("pretrain",))  # this run's folder until it ends
+    guard = optim.NonFiniteGuard(ckpt_path=ckpt_path)  # its counts resume with the run
     step = checkpoint.resume(ckpt_path, "pretrain", raw_model, optimizer,  # states differ
-                             same=dict(optimizer=cfg.optimizer))[0] if cfg.resume else 0
+                             same=dict(optimizer=cfg.optimizer),
+                             guard=guard)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {cfg.max_steps} steps of "
            f"{cfg.batch_size} x {cfg.block_size} tokens; "
@@ -140,7 +142,7 @@ def main(cfg):
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
     peak = distributed.peak_flops(run.device)
     val = float("nan")
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal()
+    stop = distributed.StopSignal()
 
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
@@ -172,7 +174,7 @@ def main(cfg):
         log.step(step - 1, cfg.batch_size * cfg.block_size, force="val_loss" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "pretrain", raw_model, cfg, step, optimizer, enc,
+                            "pretrain", raw_model, cfg, step, optimizer, enc, guard,
                             val_loss=val)))  # also on SIGTERM
     said = (f"val loss {val:.4f}" if not math.isnan(val)  # nan: no step was left to take
             else f"nothing left to do at step {step} of --max_steps={cfg.max_steps}")

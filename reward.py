@@ -255,7 +255,7 @@ def evaluate(score_fn, rankings, pad, device):
 
 def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     """Train ensemble member m (its own seed and data order) from the SFT trunk; `state`
-    is what a resumed run restores, `save(step, model, optimizer)` writes a checkpoint,
+    is what a resumed run restores, `save(step, model, optimizer, guard)` writes a checkpoint,
     `stop` (distributed.StopSignal) says when SIGTERM or Ctrl-C asks to save and stop."""
     pad = enc.encode_single_token("<|endoftext|>")
     seed = cfg.seed + 1000 * m
@@ -264,15 +264,15 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                          (cfg.beta1, cfg.beta2), run.device_type)
     step = 0
-    if state:
-        checkpoint.restore(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, state)
+    guard = optim.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    if state:  # the member in training when the run stopped, and its counts of skips
+        checkpoint.restore(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, state, guard)
         step = state["step"]
         if "rng" in state:
             torch.set_rng_state(state["rng"])
     model = distributed.wrap(raw, run, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
                  append=m > 0)  # one log for all members
-    guard = optim.NonFiniteGuard(ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
         lr = optim.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
@@ -306,7 +306,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
         if step < cfg.max_steps:  # (a finished member is saved by main, with its normalisation)
             stop.checkpoint(run, step, step % cfg.ckpt_interval == 0,
                             os.path.join(cfg.out_dir, "ckpt.pt"),
-                            lambda: save(step, raw, optimizer))  # also on SIGTERM
+                            lambda: save(step, raw, optimizer, guard))  # also on SIGTERM
     return raw.eval()
 
 
@@ -354,10 +354,10 @@ def main(cfg):
         print0(f"resuming {ckpt_path}: {len(done)} member(s) finished"
                + (f", member {len(done)} at step {ck['step']}" if state else ""))
 
-    def save(step, raw, optimizer):
+    def save(step, raw, optimizer, guard=None):
         """On rank 0 (distributed.on_rank0): raw is the member in training, or None once
         every member is finished."""
-        p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc)
+        p = (checkpoint.stage_checkpoint("reward", raw, cfg, step, optimizer, enc, guard)
              if raw is not None else dict(stage="reward", model_config=asdict(sft.config),
                                           config=asdict(cfg), tokenizer=enc.name, step=step))
         checkpoint.save(ckpt_path, {**p, **carried, "members": done, "norms": norms})

@@ -159,7 +159,9 @@ def main(cfg, resume_hint=None):
                                                (cfg.beta1, cfg.beta2), run.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     lock = checkpoint.RunLock(cfg.out_dir, run, ("sft",))  # this run's folder until it ends
-    step = checkpoint.resume(ckpt_path, "sft", raw_model, optimizer)[0] if cfg.resume else 0
+    guard = optim.NonFiniteGuard(ckpt_path=ckpt_path)  # its counts resume with the run
+    step = checkpoint.resume(ckpt_path, "sft", raw_model, optimizer,
+                             guard=guard)[0] if cfg.resume else 0
     model = distributed.wrap(raw_model, run, cfg.compile)
     print0(f"{len(train)} demonstrations, {cfg.max_steps} steps of {cfg.batch_size} "
            f"({cfg.max_steps * cfg.batch_size / len(train):.1f} epochs); "
@@ -167,7 +169,7 @@ def main(cfg, resume_hint=None):
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step)
     val_l = val_loss(model, val, pad, run)
     print0(f"validation loss before SFT: {val_l:.4f}")
-    guard, stop = optim.NonFiniteGuard(ckpt_path=ckpt_path), distributed.StopSignal(resume_hint)
+    stop = distributed.StopSignal(resume_hint)
 
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping
     while step < cfg.max_steps:
@@ -197,7 +199,7 @@ def main(cfg, resume_hint=None):
         log.step(step - 1, tokens, force="val_loss" in metrics, **metrics)
         stop.checkpoint(run, step, step % cfg.ckpt_interval == 0 or step == cfg.max_steps,
                         ckpt_path, lambda: checkpoint.save(ckpt_path, checkpoint.stage_checkpoint(
-                            "sft", raw_model, cfg, step, optimizer, enc,
+                            "sft", raw_model, cfg, step, optimizer, enc, guard,
                             val_loss=val_l, **carried)))  # also on SIGTERM
     stop.release()
     print0(f"done: validation loss {val_l:.4f}; checkpoint {ckpt_path}")

@@ -50,9 +50,15 @@ def stops_and_resumes(pipeline, tmp_path):
                       "ckpt.pt holds the last good weights")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 14 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    # the saves during the skipped steps hold the weights of step 5, unchanged: resuming works
+    # the save after step 13 counts the 9 updates skipped so far, all in a row
+    assert ckpt["guard"] == {"skipped": 9, "in_a_row": {"": 9}}
+    # the saves during the skipped steps hold the weights of step 5, unchanged: resuming works,
+    # and the resumed run counts on from the checkpoint's skips
     run("sft.py", *common, "--max_steps=16", "--resume=true")
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 16
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 16 and ckpt["guard"] == {"skipped": 9, "in_a_row": {"": 0}}
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in log if r.get("step") in (14, 15)] == [9, 9]
 
 
 @pytest.fixture(scope="module")

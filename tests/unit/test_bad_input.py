@@ -233,7 +233,8 @@ IGNORED_FLAGS = [
     (grpo, ["--reward_from=rm"], "--reward_from=rm does nothing with --reward=verifiable"),
 ]
 for stage, flags, line in IGNORED_FLAGS:
-    BAD_INPUTS[line] = (stage, lambda w, s, t, flags=flags: [f"--data_dir={w}", *flags], [line])
+    BAD_INPUTS[f"{stage.__name__}: {line}"] = (
+        stage, lambda w, s, t, flags=flags: [f"--data_dir={w}", *flags], [line])
 
 
 def world_with_bytes(name, edit):
