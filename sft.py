@@ -36,7 +36,7 @@ import formats
 import optim
 from batch import collate as collate_rows
 from batch import length_groups
-from cli import UserError, parse_config, ranges, user_errors
+from cli import UserError, parse_config, ranges, refuse_unused, user_errors
 from data.tokenizer import encode_prompt, encode_response
 from distributed import print0
 from logger import Logger
@@ -142,6 +142,7 @@ def val_loss(model, examples, pad, run):
 def main(cfg, resume_hint=None):
     run = distributed.setup(cfg.seed, cfg.device, cfg.compile)
     distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, run)
+    refuse_unused(cfg, ["val_fraction"], "without --data", not cfg.data)  # the world's split
     # a GPT-2 checkpoint (directory or name) starts in HH's chat format with its tokenizer
     raw_model, enc, chat, carried = stage_model(cfg.init_from, "python pretrain.py", cfg.data_dir,
                                                 run.device)

@@ -222,6 +222,7 @@ IGNORED_FLAGS = [
     (dpo, ["--loss=simpo", "--beta=0.5"], "--beta=0.5 does nothing with --loss=simpo"),
     (dpo, ["--loss=kto", "--length_groups=2"], "--length_groups=2 does nothing with --loss=kto"),
     (dpo, ["--val_fraction=0.2"], "--val_fraction=0.2 does nothing without --data"),
+    (sft, ["--val_fraction=0.2"], "--val_fraction=0.2 does nothing without --data"),
     (ppo, ["--target_kl=1"], "--target_kl=1.0 does nothing without --adaptive_kl=true"),
     (ppo, ["--vf_coef=0.5"], "--vf_coef=0.5 does nothing with --value_head=separate"),
     (ppo, ["--reward=verifiable", "--reward_from=rm"],
