@@ -173,11 +173,11 @@ def restore(path, model, optimizer, ckpt, guard=None):
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if guard is not None and "guard" in ckpt:
-            guard.load_state_dict(ckpt["guard"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this run's model or optimizer ({reason(e)[:120]}): "
                         f"resume with the flags it was started with") from None
+    if guard is not None and "guard" in ckpt:  # plain counts, written by stage_checkpoint
+        guard.load_state_dict(ckpt["guard"])
 
 
 def resume(path, stage, model, optimizer, same=None, guard=None):
