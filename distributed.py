@@ -142,6 +142,14 @@ def wrap(model, run, compile=False):
     return model
 
 
+def run_only(model, compile=False):
+    """torch.compile around a model that is only ever run, never trained: the reference,
+    the reward model, the value model's pass in a rollout. No DDP wrapper (there are no
+    gradients to reduce); the module itself is unchanged, so it is saved and loaded as
+    it is."""
+    return torch.compile(model) if compile else model
+
+
 def grad_sync(model, run, last):
     """Context for one micro-step's forward and backward: under DDP, gradients are
     all-reduced on the last micro-step of an optimizer step only."""

@@ -139,7 +139,7 @@ class Config:
     ckpt_interval: int = 20           # iterations between checkpoints
     seed: int = 1337                  # each process samples from its own seed derived from this
     device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False             # torch.compile the policy's forward and generation step
+    compile: bool = False             # torch.compile policy, reference and generation
     resume: bool = False              # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
@@ -348,6 +348,7 @@ def main(cfg):
         it, _ = checkpoint.resume(ckpt_path, "grpo", policy, optimizer, guard=guard, same=dict(
             reward=cfg.reward, advantage=cfg.advantage, loss_agg=cfg.loss_agg, kl_in=cfg.kl_in))
     train_policy = distributed.wrap(policy, run, cfg.compile)
+    ref_forward = distributed.run_only(ref, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"GRPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} "
            f"answers ({cfg.batch_size // G} prompts x {G}), {cfg.updates} update(s) each, "
@@ -394,8 +395,9 @@ def main(cfg):
         whole = (len(responses), sum(mb.mask.sum() for mb in micro).clamp(min=1))
         with torch.no_grad(), run.autocast:
             for mb in micro:
-                mb.ref_logp = response_logprobs(ref, mb.tokens, attn_mask=mb.attn, start=mb.P,
-                                                temperature=cfg.temperature, share_prefix=True)
+                mb.ref_logp = response_logprobs(ref_forward, mb.tokens, attn_mask=mb.attn,
+                                                start=mb.P, temperature=cfg.temperature,
+                                                share_prefix=True)
                 if cfg.kl_in == "reward":  # the KL is needed now, before the advantages
                     mb.old_logp = response_logprobs(policy, mb.tokens, attn_mask=mb.attn,
                                                     start=mb.P, temperature=cfg.temperature,

@@ -116,7 +116,7 @@ class Config:
     ckpt_interval: int = 20           # iterations between checkpoints
     seed: int = 1337                  # each process samples from its own seed derived from this
     device: str = "auto"              # auto, cpu, cuda, cuda:N or mps
-    compile: bool = False             # torch.compile the trained models' forwards and generation
+    compile: bool = False             # torch.compile the models' forwards and generation
     resume: bool = False              # continue from out_dir/ckpt.pt
 
     RANGES: ClassVar = ranges(
@@ -473,6 +473,10 @@ def main(cfg):
         beta = ckpt["kl_coef"]
     train_policy = distributed.wrap(policy, run, cfg.compile)
     train_value = None if value_model is None else distributed.wrap(value_model, run, cfg.compile)
+    # the rollout's passes of the frozen reference and of the value model, compiled alike
+    ref_forward = distributed.run_only(ref, cfg.compile)
+    value_forward = None if value_model is None else distributed.run_only(value_model,
+                                                                          cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), "
@@ -498,8 +502,8 @@ def main(cfg):
         # steps 1-4
         score_fn = rm_score or verifiable_score(enc, [tasks[i] for i in mine])
         with run.autocast:  # bf16 on CUDA as the update, so the first ratio is exactly 1
-            batch = rollout(policy, ref, value_model, score_fn, [prompts[i] for i in mine], beta,
-                            cfg, tok, g, run.device)
+            batch = rollout(policy, ref_forward, value_forward, score_fn,
+                            [prompts[i] for i in mine], beta, cfg, tok, g, run.device)
         batch["advantages"] = whiten(batch["advantages"], batch["mask"], run=run)
         n_tokens = batch["mask"].sum().item()
         t_rollout = time.time() - t0

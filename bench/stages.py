@@ -184,6 +184,7 @@ def main(cfg):
     only = cfg.only.split(",")
     opt = policy.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
     train_policy = distributed.wrap(policy, run, cfg.compile)  # the policy the training steps run
+    ref_forward = distributed.run_only(ref, cfg.compile)  # PPO's and GRPO's reference, as theirs
 
     def train_step(loss):
         loss.backward()
@@ -264,6 +265,7 @@ def main(cfg):
                           compile=cfg.compile)
         value_model = ScalarGPT(mconf).to(dev)
         train_value = distributed.wrap(value_model, run, cfg.compile)
+        value_forward = distributed.run_only(value_model, cfg.compile)  # as ppo.py
         vopt = value_model.configure_optimizers(0.0, 1e-6, (0.9, 0.95), dev.type)
         tok = SimpleNamespace(end=-1, pad=pad)  # no end token: full-length responses
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -274,8 +276,8 @@ def main(cfg):
 
         def iteration():
             with run.autocast:
-                batch = ppo.rollout(policy, ref, value_model, score, prompts[:B], pcfg.kl_coef,
-                                    pcfg, tok, gen, dev)
+                batch = ppo.rollout(policy, ref_forward, value_forward, score, prompts[:B],
+                                    pcfg.kl_coef, pcfg, tok, gen, dev)
             batch["advantages"] = ppo.whiten(batch["advantages"], batch["mask"])
             ppo.ppo_update(train_policy, train_value, opt, vopt, batch, pcfg, 1e-6, 1e-6, gen, run)
         emit("ppo_iteration", timed(iteration, cfg, dev), B, "episodes_per_s", dev,
@@ -297,7 +299,7 @@ def main(cfg):
             tokens, attn, mask, start = grpo.assemble(rows, responses, pad, dev)
             advantages = grpo.group_advantages(scores, G, gcfg.advantage)
             with torch.no_grad(), run.autocast:
-                ref_logp = response_logprobs(ref, tokens, attn_mask=attn, start=start,
+                ref_logp = response_logprobs(ref_forward, tokens, attn_mask=attn, start=start,
                                              share_prefix=True)
             old_logp = None
             for _ in range(gcfg.updates):  # as grpo.py: π_old from the first forward

@@ -52,6 +52,16 @@ def test_all_reduce_mean_and_grad_sync_without_ddp():
         pass
 
 
+def test_run_only_compiles_a_frozen_model_without_a_ddp_wrapper():
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    assert distributed.run_only(model) is model  # no --compile: the model as it is
+    compiled = distributed.run_only(model, compile=True)
+    # the module itself is what torch.compile runs (nothing compiles until a call), and
+    # its state dict keeps its own keys
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled._orig_mod is model and list(model.state_dict()) == ["weight", "bias"]
+
+
 def test_stop_signal_takes_the_signals_and_gives_them_back():
     """While a loop runs, SIGTERM and SIGINT only ask it to stop; after release() they
     reach the handlers from before (Ctrl-C raises KeyboardInterrupt again)."""
