@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict loaded with weights_only=True (no pickled code runs). It
 holds what rebuilds the model without the code's defaults (the model config), what
-resumes the run (optimizer, step, the global random generator, the counts of updates
-skipped for a non-finite gradient), and what refuses a
+resumes the run (optimizer, step, the global random generators of the CPU and, when a
+run uses one, the GPU, the counts of updates skipped for a non-finite gradient), and
+what refuses a
 mismatch (the stage, the tokenizer's name).
 """
 
@@ -149,8 +150,27 @@ def stage_checkpoint(stage, model, cfg, step, optimizer, enc, guard=None, **extr
     return dict(stage=stage, model=model.state_dict(),
                 model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),
                 step=step, optimizer=optimizer.state_dict(), tokenizer=enc.name,
-                rng=torch.get_rng_state(),
-                **({} if guard is None else {"guard": guard.state_dict()}), **extra)
+                **rng_states(), **({} if guard is None else {"guard": guard.state_dict()}),
+                **extra)
+
+
+def rng_states():
+    """The global generators a resumed run continues (dropout draws from them): the CPU's,
+    and the current GPU's when this process has used one. Every rank seeds them alike
+    (distributed.setup), so rank 0's stand for every rank's."""
+    states = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng(ckpt):
+    """rng_states() of a checkpoint back into this process's generators; a GPU's state is
+    restored when this run has a GPU (a run resumed on a CPU draws its dropout there)."""
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"])
+    if "cuda_rng" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
 
 
 def own_run(path, stage):
@@ -192,9 +212,7 @@ def resume(path, stage, model, optimizer, same=None, guard=None):
             raise UserError(f"{path}: written with --{flag}={config[flag]}, not {value}; "
                             f"resume with --{flag}={config[flag]} or start a new --out_dir")
     restore(path, model, optimizer, ckpt, guard)
-    # the global generator (dropout); data order and sampling have their own seeds
-    if "rng" in ckpt:
-        torch.set_rng_state(ckpt["rng"])
+    restore_rng(ckpt)  # the global generators (dropout); data and sampling have own seeds
     print0(f"resuming {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt
 

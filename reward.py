@@ -268,8 +268,7 @@ def train_member(m, sft, train, val, enc, cfg, run, state, save, stop):
     if state:  # the member in training when the run stopped, and its counts of skips
         checkpoint.restore(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, state, guard)
         step = state["step"]
-        if "rng" in state:
-            torch.set_rng_state(state["rng"])
+        checkpoint.restore_rng(state)
     model = distributed.wrap(raw, run, cfg.compile)
     log = Logger(cfg.out_dir, cfg, cfg.max_steps, cfg.log_interval, run.master, start_step=step,
                  append=m > 0)  # one log for all members

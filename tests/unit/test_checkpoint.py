@@ -132,6 +132,31 @@ def test_resume_restores_model_optimizer_and_generator(tmp_path, capsys):
     assert f"resuming {tmp_path / 'ckpt.pt'} at step 7" in capsys.readouterr().out
 
 
+def test_the_gpu_generator_is_kept_and_restored_when_a_run_has_one(monkeypatch):
+    """A run on a GPU draws its dropout from the GPU's generator: the checkpoint keeps its
+    state beside the CPU's and a resumed run on a GPU gets it back (a GPU faked here);
+    a run that never used a GPU keeps none, and one resumed without a GPU skips it."""
+    cuda = {"available": True, "initialized": False, "state": torch.tensor([1, 2, 3],
+                                                                            dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda["available"])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda["initialized"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cuda["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: cuda.update(state=s.clone()))
+    assert set(checkpoint.rng_states()) == {"rng"}  # CUDA present, never used
+    cuda["initialized"] = True
+    saved = checkpoint.rng_states()
+    assert torch.equal(saved["rng"], torch.get_rng_state())
+    assert torch.equal(saved["cuda_rng"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    cuda["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the generator moves on
+    torch.rand(3)
+    checkpoint.restore_rng(saved)
+    assert torch.equal(cuda["state"], saved["cuda_rng"])
+    assert torch.equal(torch.get_rng_state(), saved["rng"])
+    cuda.update(available=False, state=torch.tensor([7], dtype=torch.uint8))
+    checkpoint.restore_rng(saved)  # resumed on a CPU: the GPU's state is not asked for
+    assert torch.equal(cuda["state"], torch.tensor([7], dtype=torch.uint8))
+
+
 def tiny_run(n_layer=1):
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=n_layer, n_head=1, n_embd=8))
     return model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
