@@ -4,8 +4,7 @@ A checkpoint is a plain dict loaded with weights_only=True (no pickled code runs
 holds what rebuilds the model without the code's defaults (the model config), what
 resumes the run (optimizer, step, the global random generators of the CPU and, when a
 run uses one, the GPU, the counts of updates skipped for a non-finite gradient), and
-what refuses a
-mismatch (the stage, the tokenizer's name).
+what refuses a mismatch (the stage, the tokenizer's name).
 """
 
 import dataclasses
