@@ -40,6 +40,8 @@ class Batch:
     prompt_lengths: Tensor  # (B,) where each response starts
     lengths: Tensor         # (B,) real tokens per row
     mask: Tensor            # (B, T) bool, True on response tokens
+    shortest_prompt: int    # prompt_lengths' minimum, kept on the host: reading it from the
+    # tensor would wait for a GPU, and break a compiled graph
 
     def __len__(self):
         return self.tokens.size(0)
@@ -60,7 +62,8 @@ def collate(seqs, prompt_lengths, pad, device):
         tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     lengths, prompt_lengths = torch.tensor([len(s) for s in seqs]), torch.tensor(prompt_lengths)
     return Batch(tokens.to(device), prompt_lengths.to(device), lengths.to(device),
-                 response_mask(tokens.size(1), prompt_lengths, lengths).to(device))
+                 response_mask(tokens.size(1), prompt_lengths, lengths).to(device),
+                 int(prompt_lengths.min()))
 
 
 def collate_pairs(pairs, pad, device):
@@ -134,7 +137,7 @@ def sequence_logprobs(model, batch):
     """Summed log-probs of each row's response tokens, and their count: (B,), (B,). The
     columns before the shortest prompt's end hold no response token and are skipped, and
     rows that share them (a pair's chosen and rejected answer) run them once."""
-    start = max(1, int(batch.prompt_lengths.min()))
+    start = max(1, batch.shortest_prompt)
     logp = response_logprobs(model, batch.tokens, batch.mask, start=start, share_prefix=True)
     return logp.sum(-1), batch.mask[:, 1:].sum(-1).float()
 
@@ -199,7 +202,7 @@ def sequence_kl(model, ref, pairs, pad, device, batch_size=64):
     out = []
     for i in range(0, len(pairs), batch_size):
         b = collate_pairs(pairs[i:i + batch_size], pad, device)
-        start = max(1, int(b.prompt_lengths.min()))
+        start = max(1, b.shortest_prompt)
         logp, ref_logp = (response_logprobs(model, b.tokens, b.mask, start=start),
                           response_logprobs(ref, b.tokens, b.mask, start=start))
         out += (logp - ref_logp).sum(1).tolist()

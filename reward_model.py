@@ -40,19 +40,23 @@ class RewardMember(ScalarGPT):
             nn.init.constant_(self.gate.bias, 0.3)
 
     def forward(self, idx: Tensor, *, attn_mask: Tensor | None = None,
-                prompt_lengths: Tensor | None = None) -> Tensor:
+                prompt_lengths: Tensor | None = None, shortest: int | None = None) -> Tensor:
         """(B, T) ids -> (B, T) float scalar per position. prompt_lengths (B,) say where
         each response starts (right padding is harmless: a pad position only adds to
         values after the sequence's last token); the likelihood term needs them. Given
         them, the positions before the shortest prompt's last token are not computed
         (they hold 0; no score reads them), and rows that begin with the same prompt (a
-        ranking's answers) run it once (GPT.shared_prefix_hidden)."""
+        ranking's answers) run it once (GPT.shared_prefix_hidden). shortest: the shortest
+        prompt's length when the caller has it on the host (Batch.shortest_prompt), so
+        the model need not read it from prompt_lengths."""
         if prompt_lengths is None:
             if self.gate is not None:
                 raise ValueError("a reward model with the likelihood term needs prompt_lengths")
             return super().forward(idx, attn_mask=attn_mask)
         T = idx.size(1)
-        start = max(0, int(prompt_lengths.min()) - 1)  # the first position a score reads
+        if shortest is None:
+            shortest = int(prompt_lengths.min())
+        start = max(0, shortest - 1)  # the first position a score reads
         h = (self.shared_prefix_hidden(idx, attn_mask, start + 1) if 0 < start < T - 1
              else self.hidden(idx, attn_mask=attn_mask, keep_from=start))  # (B, T - start, C)
         values = self.score(h).squeeze(-1)  # (B, T - start)
@@ -83,7 +87,8 @@ def pool_scores(values: Tensor, lengths: Tensor, prompt_lengths: Tensor,
 
 def member_scores(member, batch: Batch, pooling: str) -> Tensor:
     """One member's raw (unnormalised) score of each row of a Batch, (B,) float32."""
-    values = member(batch.tokens, prompt_lengths=batch.prompt_lengths).float()
+    values = member(batch.tokens, prompt_lengths=batch.prompt_lengths,
+                    shortest=batch.shortest_prompt).float()
     return pool_scores(values, batch.lengths, batch.prompt_lengths, pooling)
 
 

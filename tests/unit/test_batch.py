@@ -18,6 +18,7 @@ def test_collate_mask_and_lengths_by_hand():
     b = B.collate([[1, 2, 3, 4], [5, 6], [7, 8, 9]], [2, 1, 3], pad=0, device="cpu")
     assert b.tokens.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 8, 9, 0]]
     assert b.lengths.tolist() == [4, 2, 3] and b.prompt_lengths.tolist() == [2, 1, 3]
+    assert b.shortest_prompt == 1 and isinstance(b.shortest_prompt, int)  # on the host
     assert b.mask.tolist() == [[False, False, True, True],  # response tokens 3, 4
                                [False, True, False, False],  # response token 6; then padding
                                [False, False, False, False]]  # a prompt with no response

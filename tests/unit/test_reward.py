@@ -113,7 +113,11 @@ def test_likelihood_term_by_hand():
         alone = pool_scores(rm(tokens[1:, :3], prompt_lengths=prompt_lens[1:]), lengths[1:],
                             prompt_lens[1:], "last")
         batch = collate(seqs, plens, 0, "cpu")
-        assert torch.equal(member_scores(rm, batch, "last"), got)  # a Batch: the same call
+        # a Batch: the same call, the shortest prompt's length read from the host
+        assert batch.shortest_prompt == min(plens)
+        assert torch.equal(member_scores(rm, batch, "last"), got)
+        given = rm(tokens, prompt_lengths=prompt_lens, shortest=min(plens))
+        assert torch.equal(given, rm(tokens, prompt_lengths=prompt_lens))
     assert got.tolist() == pytest.approx(expect, abs=1e-5)
     # padded or not, the same reward (float32 sums of a few terms of size ~5: 1e-5)
     assert alone.item() == pytest.approx(got[1].item(), abs=1e-5)
