@@ -144,10 +144,10 @@ def wrap(model, run, compile=False):
 
 def run_only(model, compile=False):
     """torch.compile around a model that is only ever run, never trained: PPO's and
-    GRPO's reference, the value model's pass in PPO's rollout. No DDP wrapper (there are
-    no gradients to reduce); the module itself is unchanged, so it is saved and loaded
-    as it is."""
-    return torch.compile(model) if compile else model
+    GRPO's reference, the value model's pass in PPO's rollout (None, when there is none,
+    passes through). No DDP wrapper (there are no gradients to reduce); the module itself
+    is unchanged, so it is saved and loaded as it is."""
+    return torch.compile(model) if compile and model is not None else model
 
 
 def grad_sync(model, run, last):

@@ -474,9 +474,7 @@ def main(cfg):
     train_policy = distributed.wrap(policy, run, cfg.compile)
     train_value = None if value_model is None else distributed.wrap(value_model, run, cfg.compile)
     # the rollout's passes of the frozen reference and of the value model, compiled alike
-    ref_forward = distributed.run_only(ref, cfg.compile)
-    value_forward = None if value_model is None else distributed.run_only(value_model,
-                                                                          cfg.compile)
+    ref_forward, value_forward = (distributed.run_only(m, cfg.compile) for m in (ref, value_model))
     log = Logger(cfg.out_dir, cfg, cfg.iterations, cfg.log_interval, run.master, start_step=it)
     print0(f"PPO: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} rollouts "
            f"({cfg.ppo_epochs} epochs x {cfg.batch_size // cfg.minibatch_size} minibatches), "

@@ -55,6 +55,7 @@ def test_all_reduce_mean_and_grad_sync_without_ddp():
 def test_run_only_compiles_a_frozen_model_without_a_ddp_wrapper():
     model = torch.nn.Linear(3, 2).requires_grad_(False)
     assert distributed.run_only(model) is model  # no --compile: the model as it is
+    assert distributed.run_only(None, compile=True) is None  # no such model (PPO's shared head)
     compiled = distributed.run_only(model, compile=True)
     # the module itself is what torch.compile runs (nothing compiles until a call), and
     # its state dict keeps its own keys
