@@ -40,8 +40,7 @@ class Batch:
     prompt_lengths: Tensor  # (B,) where each response starts
     lengths: Tensor         # (B,) real tokens per row
     mask: Tensor            # (B, T) bool, True on response tokens
-    shortest_prompt: int    # prompt_lengths' minimum, kept on the host: reading it from the
-    # tensor would wait for a GPU, and break a compiled graph
+    shortest_prompt: int    # min of prompt_lengths, on the host: no wait for a GPU to read it
 
     def __len__(self):
         return self.tokens.size(0)
