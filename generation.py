@@ -9,6 +9,8 @@ Generation: what GPT.generate runs, below the model (this file needs torch alone
 - sample_next_token(): the draw, temperature, top-k and top-p, from given uniform numbers.
 - distinct_prefixes(): the rows that share a prompt, run once by the prompt pass and by
   GPT.shared_prefix_hidden.
+- scaled(), entropy_of(): the temperature and the entropy, the same for a generation
+  step's token_scores() as for model.token_logprobs over a forward pass.
 """
 
 import functools
@@ -269,9 +271,25 @@ def token_scores(logits: Tensor, drawn: Tensor, temperature: float) -> Tensor:
     """(B, V) logits and the (B,) tokens drawn from them -> (B, 2) float32: log p(drawn)
     and the entropy, under softmax(logits / temperature) (no top-k or top-p), as
     model.token_logprobs and model.token_entropy compute them from a forward pass."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.stack([logp.gather(-1, drawn[:, None]).squeeze(-1),
-                        -(logp.exp() * logp).sum(-1)], dim=-1)
+    logp = F.log_softmax(scaled(logits, temperature), dim=-1)
+    return torch.stack([logp.gather(-1, drawn[:, None]).squeeze(-1), entropy_of(logp, None)],
+                       dim=-1)
+
+
+def scaled(logits: Tensor, temperature: float) -> Tensor:
+    """float32 logits divided by the temperature; at temperature 1 no division runs (it
+    would be a full pass over a (B, T, V) tensor for nothing)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def entropy_of(logp: Tensor, mask: Tensor | None) -> Tensor:
+    """(..., V) log-probabilities -> (...) entropies; with mask (B, T) over (B, T-1, V)
+    log-probabilities (token_logprobs' alignment), 0 where mask[:, 1:] is False."""
+    out = -(logp.exp() * logp).sum(dim=-1)
+    if mask is not None:
+        out = out.masked_fill(~mask[:, 1:], 0.0)
+    return out
 
 
 def ended(tok: Tensor, finished: Tensor, stop_token: int | None,

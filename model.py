@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import generation
-from generation import KVCache, distinct_prefixes
+from generation import KVCache, distinct_prefixes, entropy_of, scaled
 
 IGNORE_INDEX = -100  # label value that losses skip
 
@@ -348,13 +348,6 @@ def freeze(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     return model.to(torch.bfloat16) if dtype == "bf16" else model
 
 
-def scaled(logits: Tensor, temperature: float) -> Tensor:
-    """float32 logits divided by the temperature; at temperature 1 no division runs (it
-    would be a full pass over a (B, T, V) tensor for nothing)."""
-    logits = logits.float()
-    return logits if temperature == 1.0 else logits / temperature
-
-
 def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
                    temperature: float = 1.0, entropy: bool = False):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) as (B, T-1) float32.
@@ -374,14 +367,6 @@ def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None,
 def token_entropy(logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Entropy of each next-token distribution, (B, T-1) float32, aligned like token_logprobs."""
     return entropy_of(F.log_softmax(scaled(logits[:, :-1], temperature), dim=-1), mask)
-
-
-def entropy_of(logp: Tensor, mask: Tensor | None) -> Tensor:
-    """(B, T-1, V) log-probabilities -> (B, T-1) entropies, 0 where mask[:, 1:] is False."""
-    out = -(logp.exp() * logp).sum(dim=-1)
-    if mask is not None:
-        out = out.masked_fill(~mask[:, 1:], 0.0)
-    return out
 
 
 class ScalarGPT(GPT):
